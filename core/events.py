@@ -1,0 +1,24 @@
+"""Progress events that ``core.train`` sends to its ``on_event`` callback (the UI and scripts read these).
+
+Every event is a plain dict with a ``type`` key:
+
+- ``{"type": "status", "message": str}``: a phase starts (loading, caching, training, saving).
+- ``{"type": "log", "level": "info"|"warning", "message": str}``
+- ``{"type": "progress", "step", "total_steps", "epoch", "total_epochs", "loss", "lr", "elapsed_s",
+  "eta_s", "it_per_s", "vram_gb", "ram_gb"}``: sent every ``schedule.log_every_n_steps`` optimizer steps;
+  ``loss`` is the mean loss since the previous progress event.
+- ``{"type": "sample", "step", "paths": [str], "prompts": [str]}``: preview images written.
+- ``{"type": "saved", "step", "path", "kind": "adapter"|"state"}``
+- ``{"type": "done", "outputs": [str], "final": str|None, "stopped": bool, "peak_vram_gb": float|None}``
+- ``{"type": "error", "message": str}``: the run failed; ``core.train`` raises after sending it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+EventCallback = Callable[[dict], None]
+
+
+def emit(callback: EventCallback | None, type: str, **fields) -> None:
+    if callback is not None:
+        callback({"type": type, **fields})

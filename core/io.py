@@ -1,0 +1,72 @@
+"""Writing files so that an interrupted run or a full disk never leaves a half-written or clobbered file."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return _atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: Path, data) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def atomic_save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+    return _atomic(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+
+
+def atomic_torch_save(path: Path, obj) -> Path:
+    import torch
+    return _atomic(path, lambda p: torch.save(obj, p))
+
+
+def atomic_save_image(path: Path, image) -> Path:
+    return _atomic(path, lambda p: image.save(p, format="PNG"))
+
+
+def atomic_replace_dir(src: Path, dst: Path) -> None:
+    """Move a fully written folder into place; an older folder of that name is replaced only afterwards."""
+    dst = Path(dst)
+    if dst.exists():
+        old = dst.with_name(dst.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def unused_path(path: Path) -> Path:
+    """``path`` if free, else ``name-1.ext``, ``name-2.ext`` …: a user's file is never overwritten."""
+    path = Path(path)
+    if not path.exists():
+        return path
+    i = 1
+    while True:
+        cand = path.with_name(f"{path.stem}-{i}{path.suffix}")
+        if not cand.exists():
+            return cand
+        i += 1
