@@ -1,0 +1,153 @@
+"""What SD1.5 and SDXL share: a UNet trained with the DDPM noise schedule (epsilon or v-prediction),
+CLIP text encoders, a 4-channel VAE.  The two plug-ins differ in text conditioning, naming and metadata."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from architectures.base import AdapterTarget, Architecture, Components
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Min-SNR-γ loss weight (Hang et al. 2023): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR+1) for v."""
+    clipped = torch.clamp(snr, max=gamma)
+    # zero-terminal-SNR schedules reach SNR 0; keep ε weights finite there
+    return clipped / (snr + 1) if v_prediction else clipped / snr.clamp(min=1e-8)
+
+
+def snr_of(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    a = alphas_cumprod[timesteps]
+    return a / (1 - a)
+
+
+def _is_target_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
+
+
+def unet_targets(unet: nn.Module, target: str) -> list[tuple[str, nn.Module]]:
+    """(diffusers module path, module) for the UNet layers that get an adapter.
+
+    Like sd-scripts: everything linear inside the transformer blocks ("attn_mlp": attention projections,
+    proj_in/proj_out, feed-forward), or only the attention projections ("attn")."""
+    found = []
+    for block_name, block in unet.named_modules():
+        if type(block).__name__ != "Transformer2DModel":
+            continue
+        for name, module in block.named_modules():
+            if not name or not _is_target_linear(module):
+                continue
+            if target == "attn" and not (".attn1." in f".{name}" or ".attn2." in f".{name}"):
+                continue
+            found.append((f"{block_name}.{name}", module))
+    return found
+
+
+def clip_targets(text_encoder: nn.Module, prefix: str, part: str) -> list[AdapterTarget]:
+    """Attention and MLP linears of a CLIP text encoder, named ``{prefix}_text_model_encoder_layers_…``.
+
+    The ``text_model`` level is written whatever the installed transformers calls the module: ComfyUI
+    drops keys without it (FIELD_NOTES)."""
+    out = []
+    for name, module in text_encoder.named_modules():
+        if not isinstance(module, nn.Linear) or ".layers." not in f".{name}":
+            continue
+        if not (".self_attn." in name or ".mlp." in name):
+            continue
+        rel = name[len("text_model."):] if name.startswith("text_model.") else name
+        out.append(AdapterTarget(f"{prefix}_text_model_{rel.replace('.', '_')}", module, part))
+    return out
+
+
+class SDUNetFamily(Architecture):
+    """Shared behaviour of the DDPM UNet families; subclasses define naming and text conditioning."""
+
+    te_prefixes: tuple[str, ...] = ()
+    pipeline_class_name = ""
+
+    # -- loading ---------------------------------------------------------------------------------------
+    def load(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype) -> Components:
+        from diffusers import DDPMScheduler
+
+        from architectures.sd_loading import load_sd_components
+        parts = load_sd_components(self.id, Path(model_path), config_dir, dtype)
+        return Components(denoiser=parts["unet"], vae=parts["vae"], text_encoders=parts["text_encoders"],
+                          tokenizers=parts["tokenizers"],
+                          noise_scheduler=DDPMScheduler.from_config(parts["scheduler_config"]),
+                          extra={"scheduler_config": parts["scheduler_config"]})
+
+    def configure_objective(self, components: Components, prediction_type: str, zero_terminal_snr: bool) -> None:
+        """The training schedule the user chose; 'auto' keeps what the model's scheduler config says."""
+        from diffusers import DDPMScheduler
+        config = dict(components.extra["scheduler_config"])
+        if prediction_type != "auto":
+            config["prediction_type"] = prediction_type
+        config["rescale_betas_zero_snr"] = zero_terminal_snr
+        components.noise_scheduler = DDPMScheduler.from_config(config)
+
+    def prediction_type(self, components: Components) -> str:
+        return components.noise_scheduler.config.prediction_type
+
+    # -- adapters --------------------------------------------------------------------------------------
+    def unet_key(self, components: Components, diffusers_path: str) -> str:
+        raise NotImplementedError
+
+    def adapter_targets(self, components: Components, target: str, text_encoder: bool) -> list[AdapterTarget]:
+        targets = [AdapterTarget(self.unet_key(components, path), module, "unet")
+                   for path, module in unet_targets(components.denoiser, target)]
+        if text_encoder:
+            for i, (te, prefix) in enumerate(zip(components.text_encoders, self.te_prefixes)):
+                targets += clip_targets(te, prefix, f"te{i + 1}")
+        return targets
+
+    # -- data ------------------------------------------------------------------------------------------
+    def tokenize(self, components: Components, captions: list[str]) -> list[torch.Tensor]:
+        return [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids for tok in components.tokenizers]
+
+    def encode_latents(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+        vae = components.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
+        return latents * vae.config.scaling_factor
+
+    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        vae = components.vae
+        return vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+
+    # -- training objective ----------------------------------------------------------------------------
+    def noisy_input_and_target(self, components, latents, noise, settings):
+        sched = components.noise_scheduler
+        b = latents.shape[0]
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), device=latents.device)
+        noisy = sched.add_noise(latents, noise, timesteps)
+        v_pred = sched.config.prediction_type == "v_prediction"
+        target = sched.get_velocity(latents, noise, timesteps) if v_pred else noise
+        gamma = settings.schedule.min_snr_gamma
+        if gamma > 0:
+            acp = sched.alphas_cumprod.to(latents.device)
+            weight = min_snr_weight(snr_of(acp, timesteps), gamma, v_pred)
+        else:
+            weight = torch.ones(b, device=latents.device)
+        return noisy, timesteps, target, weight
+
+    # -- previews --------------------------------------------------------------------------------------
+    def build_pipeline(self, components: Components):
+        raise NotImplementedError
+
+    def sample(self, components, prompts, settings, size, device, dtype) -> list:
+        from diffusers import EulerDiscreteScheduler
+        pipe = self.build_pipeline(components)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(components.noise_scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        s = settings.sampling
+        images = []
+        clip_skip = settings.model.clip_skip - 1 or None
+        for i, prompt in enumerate(prompts):
+            gen = torch.Generator("cpu").manual_seed(s.seed + i)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = pipe(prompt=prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
+                           guidance_scale=s.guidance_scale, width=size[0], height=size[1], generator=gen,
+                           clip_skip=clip_skip, output_type="pil")
+            images.append(out.images[0])
+        return images

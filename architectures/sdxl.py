@@ -1,0 +1,49 @@
+"""SDXL: CLIP-L + OpenCLIP bigG text encoders, size/crop conditioning, kohya keys with LDM module names."""
+from __future__ import annotations
+
+import torch
+
+from architectures.sd_unet import SDUNetFamily
+
+
+def sdxl_time_ids(original_sizes, crop_coords, target_sizes, device) -> torch.Tensor:
+    """(B, 6): original (h, w), crop (top, left), target (h, w) — SDXL's micro-conditioning."""
+    rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crop_coords, target_sizes)]
+    return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+
+
+class SDXL(SDUNetFamily):
+    id = "sdxl"
+    label = "Stable Diffusion XL"
+    ss_base_model_version = "sdxl_base_v1-0"
+    modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
+    modelspec_implementation = "https://github.com/Stability-AI/generative-models"
+    default_resolution = 1024
+    te_prefixes = ("lora_te1", "lora_te2")
+
+    def unet_key(self, components, diffusers_path: str) -> str:
+        # sd-scripts trains SDXL on the original UNet: keys carry LDM names (input_blocks_4_1_…)
+        from architectures.ldm_keys import unet_module_to_ldm
+        return "lora_unet_" + unet_module_to_ldm(diffusers_path, dict(components.denoiser.config)).replace(".", "_")
+
+    def encode_text(self, components, tokens, clip_skip: int) -> dict:
+        te1, te2 = components.text_encoders
+        # SDXL conditions on the penultimate layer of both encoders; clip_skip N goes N-1 layers further
+        layer = -1 - clip_skip
+        h1 = te1(tokens[0].to(te1.device), output_hidden_states=True).hidden_states[layer]
+        out2 = te2(tokens[1].to(te2.device), output_hidden_states=True)
+        h2 = out2.hidden_states[layer]
+        return {"encoder_hidden_states": torch.cat([h1, h2.to(h1.dtype)], dim=-1), "pooled": out2.text_embeds}
+
+    def predict(self, components, noisy, timesteps, cond, batch) -> torch.Tensor:
+        time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_coords"], batch["target_sizes"], noisy.device)
+        added = {"text_embeds": cond["pooled"], "time_ids": time_ids.to(cond["pooled"].dtype)}
+        return components.denoiser(noisy, timesteps, cond["encoder_hidden_states"], added_cond_kwargs=added).sample
+
+    def build_pipeline(self, components):
+        from diffusers import StableDiffusionXLPipeline
+        te1, te2 = components.text_encoders
+        tok1, tok2 = components.tokenizers
+        return StableDiffusionXLPipeline(vae=components.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
+                                         tokenizer_2=tok2, unet=components.denoiser,
+                                         scheduler=components.noise_scheduler)

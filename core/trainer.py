@@ -1,0 +1,449 @@
+"""The training run: load → cache → adapt → one linear training step in a loop → save.
+
+The trainer talks to the chosen family only through ``architectures.base.Architecture``.  The step is kept
+free of host synchronisation: losses accumulate on the device and are read once per report interval.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import architectures
+from core import dataset as ds_mod
+from core.config import AppConfig, load_config
+from core.events import emit
+from core.export import adapter_metadata, save_adapter, tag_frequency
+from core.io import atomic_save_image, atomic_torch_save, atomic_write_json, unused_path
+from core.optim import build_optimizer, build_scheduler
+from core.plan import make_plan
+from core.settings import Settings, SettingsError, check_consistency
+
+STATE_PREFIX = "state-"
+
+
+@dataclass
+class TrainResult:
+    outputs: list[Path] = field(default_factory=list)
+    final: Path | None = None
+    stopped: bool = False
+    steps: int = 0
+    state_dir: Path | None = None
+    samples: list[Path] = field(default_factory=list)
+
+
+class TrainingStopped(Exception):
+    pass
+
+
+def train(settings: Settings, on_event=None, stop_event: threading.Event | None = None,
+          config: AppConfig | None = None) -> TrainResult:
+    """Train an adapter as ``settings`` say; returns what was saved.  Progress goes to ``on_event``."""
+    try:
+        return _Run(settings, on_event, stop_event or threading.Event(), config or load_config()).run()
+    except Exception as exc:  # the UI shows the message; scripts get the exception
+        emit(on_event, "error", message=str(exc) or type(exc).__name__)
+        raise
+
+
+def model_fingerprint(path: Path) -> str:
+    """Short id of the base model's files (name, sizes, times): cached latents follow the VAE they came from."""
+    import hashlib
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path.parent)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def steps_per_epoch(batches_per_epoch: int, accumulation: int) -> int:
+    return max(1, math.ceil(batches_per_epoch / accumulation))
+
+
+def total_steps_and_epochs(settings: Settings, batches_per_epoch: int) -> tuple[int, int]:
+    per_epoch = steps_per_epoch(batches_per_epoch, settings.schedule.gradient_accumulation_steps)
+    if settings.schedule.max_train_epochs > 0:
+        return settings.schedule.max_train_epochs * per_epoch, settings.schedule.max_train_epochs
+    total = settings.schedule.max_train_steps
+    return total, math.ceil(total / per_epoch)
+
+
+class _Run:
+    def __init__(self, settings: Settings, on_event, stop_event: threading.Event, config: AppConfig):
+        self.s = settings.model_copy(deep=True)
+        self.on_event = on_event
+        self.stop_event = stop_event
+        self.config = config
+        self.result = TrainResult()
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def log(self, message: str, level: str = "info") -> None:
+        emit(self.on_event, "log", level=level, message=message)
+
+    def status(self, message: str) -> None:
+        emit(self.on_event, "status", message=message)
+
+    def resolve_paths(self) -> None:
+        s, c = self.s, self.config
+        self.dataset_root = c.resolve(s.dataset.path, "datasets_dir")
+        self.model_path = c.resolve(s.model.model_path, "models_dir")
+        self.config_dir = c.resolve(s.model.config_path, "models_dir") if s.model.config_path else None
+        self.output_dir = c.resolve(s.saving.output_dir or s.saving.output_name, "outputs_dir")
+
+    # -- the run ---------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        s = self.s
+        problems = check_consistency(s)
+        if problems:
+            raise SettingsError("Cannot start:\n" + "\n".join("  " + p for p in problems))
+        self.resolve_paths()
+        self.arch = architectures.get(s.model.architecture)
+
+        self.status("Reading the dataset")
+        self.items = ds_mod.scan_dataset(s.dataset, self.dataset_root)
+        ds_mod.assign_buckets(self.items, s.dataset)
+        self.log(f"{len(self.items)} images, {sum(i.repeats for i in self.items)} per epoch with repeats, "
+                 f"{len({i.bucket for i in self.items})} bucket(s)")
+
+        from core.hardware import detect_hardware
+        self.profile = detect_hardware()
+        self.plan = make_plan(self.profile, s, self.arch.id)
+        self.log("Plan: " + self.plan.summary())
+
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        self.accelerator = Accelerator(mixed_precision=self.plan.mixed_precision,
+                                       gradient_accumulation_steps=s.schedule.gradient_accumulation_steps,
+                                       cpu=self.plan.device == "cpu")
+        self.device = self.accelerator.device
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = self.plan.tf32
+            torch.backends.cudnn.allow_tf32 = self.plan.tf32
+            torch.cuda.reset_peak_memory_stats()
+        set_seed(s.schedule.seed)
+
+        self.status(f"Loading {self.arch.label} from {self.model_path}")
+        self.components = self.arch.load(self.model_path, self.config_dir, self.plan.weight_dtype)
+        self.arch.configure_objective(self.components, s.model.prediction_type, s.model.zero_terminal_snr)
+        c = self.components
+        for module in [c.denoiser, c.vae, *c.text_encoders]:
+            module.requires_grad_(False)
+        c.denoiser.to(self.device)
+        # the VAE runs in fp32: SD VAEs overflow in fp16 and it is only used for caching and previews
+        c.vae.to(self.device, torch.float32)
+
+        self.prepare_data()
+        self.prepare_text()
+        self.prepare_network()
+        return self.train_loop()
+
+    def prepare_data(self) -> None:
+        s = self.s
+        self.status("Caching latents" if s.dataset.cache_latents != "off" else "Preparing images")
+        c = self.components
+
+        @torch.no_grad()
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            return self.arch.encode_latents(c, pixels).float().cpu()
+
+        cache_tag = f"{self.arch.id}-{model_fingerprint(self.model_path)}"
+        self.latent_cache = ds_mod.LatentCache(s.dataset.cache_latents, encode, cache_tag)
+        self.latent_cache.fill(self.items, s.dataset.flip_aug, s.schedule.train_batch_size,
+                               progress=lambda done, total: self.status(f"Caching latents {done}/{total}"))
+        self.sampler = ds_mod.BucketBatchSampler(self.items, s.schedule.train_batch_size, s.schedule.seed)
+        self.data = ds_mod.TrainingDataset(self.items, s.dataset, self.latent_cache, s.schedule.seed)
+        if s.dataset.cache_latents != "off" and not self.wants_previews():
+            c.vae.to("cpu")
+
+    def wants_previews(self) -> bool:
+        return self.s.sampling.sample_every_n_steps > 0 and bool(self.prompts())
+
+    def prompts(self) -> list[str]:
+        return [p.strip() for p in self.s.sampling.prompts.splitlines() if p.strip()]
+
+    @torch.no_grad()
+    def encode_captions(self, captions: list[str]) -> dict:
+        c = self.components
+        return self.arch.encode_text(c, self.arch.tokenize(c, captions), self.s.model.clip_skip)
+
+    def prepare_text(self) -> None:
+        c = self.components
+        for te in c.text_encoders:
+            te.to(self.device, self.plan.weight_dtype)
+        self.text_cache: dict[str, dict] | None = None
+        if not self.plan.cache_text_encoder_outputs:
+            return
+        self.status("Caching text-encoder outputs")
+        captions = sorted({i.caption for i in self.items} | ({""} if self.s.dataset.caption_dropout_rate > 0 else set()))
+        self.text_cache = {}
+        with self.accelerator.autocast():
+            for start in range(0, len(captions), 16):
+                chunk = captions[start:start + 16]
+                cond = self.encode_captions(chunk)
+                for j, caption in enumerate(chunk):
+                    self.text_cache[caption] = {k: v[j:j + 1].detach() for k, v in cond.items()}
+        if not self.wants_previews():
+            for te in c.text_encoders:
+                te.to("cpu")
+
+    def prepare_network(self) -> None:
+        from core.adapters import build_network
+        s, c = self.s, self.components
+        targets = self.arch.adapter_targets(c, s.network.target, s.network.train_text_encoder)
+        self.network = build_network(targets, s.network.algorithm, s.network.rank, s.network.alpha,
+                                     s.network.dropout)
+        self.network.to(self.device, torch.float32)
+        self.network.apply_to()
+        n_params = sum(p.numel() for p in self.network.parameters())
+        self.log(f"{s.network.algorithm}: {len(self.network.adapters)} layers, {n_params / 1e6:.2f} M trainable "
+                 f"parameters")
+        if self.plan.gradient_checkpointing:
+            c.denoiser.enable_gradient_checkpointing()
+            if s.network.train_text_encoder:
+                for te in c.text_encoders:
+                    te.gradient_checkpointing_enable()
+        c.denoiser.train()
+        for te in c.text_encoders:
+            te.train(s.network.train_text_encoder)
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def batch_conditioning(self, captions: list[str]) -> dict:
+        if self.text_cache is not None:
+            conds = [self.text_cache[cap] for cap in captions]
+            return {k: torch.cat([cd[k] for cd in conds]) for k in conds[0]}
+        if self.s.network.train_text_encoder:
+            return self.arch.encode_text(self.components, self.arch.tokenize(self.components, captions),
+                                         self.s.model.clip_skip)
+        return self.encode_captions(captions)
+
+    def training_step(self, batch: dict) -> torch.Tensor:
+        s, c = self.s, self.components
+        if "latents" in batch:
+            latents = batch["latents"].to(self.device, non_blocking=True)
+        else:
+            with torch.no_grad():
+                latents = self.arch.encode_latents(c, batch["pixels"].to(self.device)).float()
+        with self.accelerator.autocast():
+            cond = self.batch_conditioning(batch["captions"])
+        noise = torch.randn_like(latents)
+        if s.schedule.noise_offset > 0:
+            noise = noise + s.schedule.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
+                                                                   device=latents.device)
+        noisy, timesteps, target, weight = self.arch.noisy_input_and_target(c, latents, noise, s)
+        with self.accelerator.autocast():
+            pred = self.arch.predict(c, noisy.to(self.plan.weight_dtype), timesteps, cond, batch)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * weight).mean()
+
+    def train_loop(self) -> TrainResult:
+        s = self.s
+        acc = self.accelerator
+        params = self.network.param_groups(s.optimizer.learning_rate, s.optimizer.text_encoder_lr)
+        optimizer = build_optimizer(s.optimizer.optimizer_type, params, s.optimizer.learning_rate,
+                                    s.optimizer.weight_decay, self.device)
+        batches = len(self.sampler)
+        self.total_steps, self.total_epochs = total_steps_and_epochs(s, batches)
+        lr_scheduler = build_scheduler(s.optimizer.lr_scheduler, optimizer, s.optimizer.lr_warmup_steps,
+                                       self.total_steps, s.optimizer.lr_scheduler_num_cycles,
+                                       s.optimizer.lr_scheduler_power)
+        self.optimizer, self.lr_scheduler = acc.prepare(optimizer, lr_scheduler)
+
+        self.global_step, start_epoch, skip_batches = 0, 0, 0
+        self.saved_adapters: list[str] = []
+        self.saved_states: list[str] = []
+        self.output_stem = None
+        if s.saving.resume_from:
+            start_epoch, skip_batches = self.load_state(self.config.resolve(s.saving.resume_from, "outputs_dir"))
+        if self.output_stem is None:
+            self.output_stem = unused_path(self.output_dir / f"{s.saving.output_name}.safetensors").stem
+        self.started_at = time.time()
+        self.status(f"Training: {self.total_steps} steps, {self.total_epochs} epoch(s), {batches} batches per epoch")
+
+        loss_sum = torch.zeros((), device=self.device)
+        loss_count = 0
+        t0, step0 = time.time(), self.global_step
+        epoch = start_epoch
+        done = self.global_step >= self.total_steps
+        while not done and epoch < self.total_epochs:
+            self.sampler.set_epoch(epoch)
+            for batch_index, indices in enumerate(self.sampler):
+                if epoch == start_epoch and batch_index < skip_batches:
+                    continue
+                batch = self.data.get_batch(indices, epoch, batch_index)
+                with acc.accumulate(self.network):
+                    loss = self.training_step(batch)
+                    acc.backward(loss)
+                    if acc.sync_gradients and s.optimizer.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.network.parameters(), s.optimizer.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                loss_count += 1
+                if not acc.sync_gradients:
+                    continue
+                self.global_step += 1
+                self.position = (epoch, batch_index + 1)
+                last = self.global_step >= self.total_steps
+                if self.global_step % s.schedule.log_every_n_steps == 0 or last:
+                    self.report(epoch, loss_sum, loss_count, t0, step0)
+                    loss_sum = torch.zeros((), device=self.device)
+                    loss_count = 0
+                if self.wants_previews() and self.global_step % s.sampling.sample_every_n_steps == 0:
+                    self.preview()
+                if not last and s.saving.save_every_n_steps and self.global_step % s.saving.save_every_n_steps == 0:
+                    self.save(final=False)
+                if self.stop_event.is_set():
+                    self.log(f"Stopped at step {self.global_step}; saving")
+                    self.result.stopped = True
+                    return self.finish()
+                if last:
+                    done = True
+                    break
+            epoch += 1
+            if not done and s.saving.save_every_n_epochs and epoch % s.saving.save_every_n_epochs == 0:
+                self.position = (epoch, 0)
+                self.save(final=False)
+        return self.finish()
+
+    def report(self, epoch: int, loss_sum: torch.Tensor, loss_count: int, t0: float, step0: int) -> None:
+        from core.hardware import current_memory_use
+        elapsed = time.time() - t0
+        done = self.global_step - step0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        mem = current_memory_use()
+        emit(self.on_event, "progress", step=self.global_step, total_steps=self.total_steps, epoch=epoch + 1,
+             total_epochs=self.total_epochs, loss=float(loss_sum.item()) / max(1, loss_count),
+             lr=float(self.lr_scheduler.get_last_lr()[0]), elapsed_s=elapsed,
+             eta_s=(self.total_steps - self.global_step) / rate if rate > 0 else None, it_per_s=rate,
+             vram_gb=mem.get("vram_gb"), ram_gb=mem.get("ram_gb"))
+
+    # -- previews --------------------------------------------------------------------------------------
+    def preview(self) -> None:
+        s, c = self.s, self.components
+        prompts = self.prompts()
+        self.status(f"Preview images at step {self.global_step}")
+        width = s.sampling.width or s.dataset.resolution
+        height = s.sampling.height or s.dataset.resolution
+        moved = [m for m in [c.vae, *c.text_encoders] if next(m.parameters()).device != self.device]
+        for m in moved:
+            m.to(self.device)
+        c.denoiser.eval()
+        try:
+            with torch.no_grad():
+                images = self.arch.sample(c, prompts, s, (width, height), self.device, self.plan.weight_dtype)
+        finally:
+            c.denoiser.train()
+            for m in moved:
+                m.to("cpu")
+        paths = []
+        for i, image in enumerate(images):
+            path = self.output_dir / "samples" / f"{self.output_stem}-step{self.global_step:06d}-{i}.png"
+            paths.append(str(atomic_save_image(path, image)))
+        self.result.samples.extend(Path(p) for p in paths)
+        emit(self.on_event, "sample", step=self.global_step, paths=paths, prompts=prompts)
+
+    # -- saving and resuming ---------------------------------------------------------------------------
+    def metadata(self, tensors_hash: str) -> dict:
+        by_folder: dict[str, list[str]] = {}
+        for item in self.items:
+            by_folder.setdefault(item.path.parent.name, []).append(item.caption)
+        res = self.s.dataset.resolution
+        epoch = getattr(self, "position", (0, 0))[0]
+        return adapter_metadata(self.arch, self.s, steps=self.global_step, epoch=epoch,
+                                num_images=len(self.items), tag_freq=tag_frequency(by_folder),
+                                model_name=self.model_path.name, started_at=self.started_at,
+                                mixed_precision=self.plan.mixed_precision, resolution=(res, res),
+                                tensors_hash=tensors_hash)
+
+    def save(self, final: bool) -> Path:
+        s = self.s
+        name = f"{self.output_stem}.safetensors" if final else f"{self.output_stem}-step{self.global_step:06d}.safetensors"
+        path = save_adapter(self.output_dir / name, self.network, self.metadata, s.saving.save_precision)
+        emit(self.on_event, "saved", step=self.global_step, path=str(path), kind="adapter")
+        self.result.outputs.append(path)
+        if not final:
+            self.saved_adapters.append(name)
+            self.prune(self.saved_adapters, lambda n: (self.output_dir / n).unlink(missing_ok=True))
+        if s.saving.save_state:
+            self.save_state()
+        return path
+
+    def prune(self, names: list[str], delete) -> None:
+        keep = self.s.saving.save_last_n
+        while keep and len(names) > keep:
+            delete(names.pop(0))
+
+    def save_state(self) -> None:
+        """Everything needed to continue exactly: adapter weights in fp32, optimizer, scheduler, position, RNG."""
+        from safetensors.torch import save_file
+        name = f"{STATE_PREFIX}{self.global_step:06d}"
+        final_dir = self.output_dir / name
+        tmp = self.output_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(self.network.export_state_dict(torch.float32), str(tmp / "adapter.safetensors"))
+        atomic_torch_save(tmp / "optimizer.pt", self.optimizer.state_dict())
+        atomic_torch_save(tmp / "scheduler.pt", self.lr_scheduler.state_dict())
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        atomic_torch_save(tmp / "rng.pt", rng)
+        epoch, batch_index = getattr(self, "position", (0, 0))
+        atomic_write_json(tmp / "train_state.json", {
+            "global_step": self.global_step, "epoch": epoch, "batch_in_epoch": batch_index,
+            "output_stem": self.output_stem, "saved_adapters": self.saved_adapters,
+            "architecture": self.arch.id, "network": self.s.network.model_dump(mode="json")})
+        from core.io import atomic_replace_dir
+        atomic_replace_dir(tmp, final_dir)
+        if name not in self.saved_states:
+            self.saved_states.append(name)
+        self.result.state_dir = final_dir
+        emit(self.on_event, "saved", step=self.global_step, path=str(final_dir), kind="state")
+        self.prune(self.saved_states, lambda n: shutil.rmtree(self.output_dir / n, ignore_errors=True))
+
+    def load_state(self, state_dir: Path) -> tuple[int, int]:
+        from safetensors.torch import load_file
+        if not (state_dir / "train_state.json").is_file():
+            raise SettingsError(f"saving.resume_from: {state_dir} is not a state folder written by this trainer "
+                                f"(no train_state.json)")
+        info = json.loads((state_dir / "train_state.json").read_text())
+        if info["architecture"] != self.arch.id:
+            raise SettingsError(f"saving.resume_from: that state is from a {info['architecture']} run, this run "
+                                f"is {self.arch.id}")
+        if info["network"] != self.s.network.model_dump(mode="json"):
+            raise SettingsError("saving.resume_from: the network settings differ from the run that wrote the "
+                                f"state ({info['network']})")
+        self.network.load_export_state_dict(load_file(str(state_dir / "adapter.safetensors")))
+        self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True,
+                                                  map_location=self.device))
+        self.lr_scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=True))
+        rng = torch.load(state_dir / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.global_step = info["global_step"]
+        self.output_stem = info["output_stem"]
+        self.saved_adapters = list(info["saved_adapters"])
+        self.log(f"Resumed from {state_dir} at step {self.global_step}")
+        return info["epoch"], info["batch_in_epoch"]
+
+    def finish(self) -> TrainResult:
+        self.status("Saving")
+        final = self.save(final=True)
+        self.result.final = final
+        self.result.steps = self.global_step
+        peak = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None
+        self.network.restore()
+        emit(self.on_event, "done", outputs=[str(p) for p in self.result.outputs], final=str(final),
+             stopped=self.result.stopped, peak_vram_gb=peak)
+        self.status("Stopped" if self.result.stopped else "Finished")
+        return self.result
