@@ -51,7 +51,7 @@ class DatasetSettings(Section):
                               ge=64, le=4096, step=64)
     enable_buckets: bool = setting(True, "Aspect-ratio buckets",
                                    "Group images by aspect ratio instead of centre-cropping them to a square.")
-    min_bucket_reso: int = setting(256, "Smallest bucket side", ge=64, le=4096, step=64,
+    min_bucket_reso: int = setting(256, "Smallest bucket side", ge=32, le=4096, step=64,
                                    show_if={"dataset.enable_buckets": [True]}, advanced=True)
     max_bucket_reso: int = setting(1024, "Largest bucket side", ge=64, le=8192, step=64,
                                    show_if={"dataset.enable_buckets": [True]}, advanced=True)

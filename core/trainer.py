@@ -76,6 +76,20 @@ def total_steps_and_epochs(settings: Settings, batches_per_epoch: int) -> tuple[
     return total, math.ceil(total / per_epoch)
 
 
+def diffusion_loss(arch, components, latents: torch.Tensor, cond: dict, batch: dict, settings: Settings,
+                   weight_dtype: torch.dtype, autocast) -> torch.Tensor:
+    """The training objective for one batch: noise, the family's target and weighting, weighted MSE."""
+    noise = torch.randn_like(latents)
+    if settings.schedule.noise_offset > 0:
+        noise = noise + settings.schedule.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
+                                                                      device=latents.device)
+    noisy, timesteps, target, weight = arch.noisy_input_and_target(components, latents, noise, settings)
+    with autocast():
+        pred = arch.predict(components, noisy.to(weight_dtype), timesteps, cond, batch)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    return (per_sample * weight).mean()
+
+
 class _Run:
     def __init__(self, settings: Settings, on_event, stop_event: threading.Event, config: AppConfig):
         self.s = settings.model_copy(deep=True)
@@ -225,7 +239,7 @@ class _Run:
         return self.encode_captions(captions)
 
     def training_step(self, batch: dict) -> torch.Tensor:
-        s, c = self.s, self.components
+        c = self.components
         if "latents" in batch:
             latents = batch["latents"].to(self.device, non_blocking=True)
         else:
@@ -233,15 +247,8 @@ class _Run:
                 latents = self.arch.encode_latents(c, batch["pixels"].to(self.device)).float()
         with self.accelerator.autocast():
             cond = self.batch_conditioning(batch["captions"])
-        noise = torch.randn_like(latents)
-        if s.schedule.noise_offset > 0:
-            noise = noise + s.schedule.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
-                                                                   device=latents.device)
-        noisy, timesteps, target, weight = self.arch.noisy_input_and_target(c, latents, noise, s)
-        with self.accelerator.autocast():
-            pred = self.arch.predict(c, noisy.to(self.plan.weight_dtype), timesteps, cond, batch)
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return (per_sample * weight).mean()
+        return diffusion_loss(self.arch, c, latents, cond, batch, self.s, self.plan.weight_dtype,
+                              self.accelerator.autocast)
 
     def train_loop(self) -> TrainResult:
         s = self.s
