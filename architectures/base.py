@@ -45,6 +45,9 @@ class Architecture:
     def load(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype) -> Components:
         raise NotImplementedError
 
+    def configure_objective(self, components: Components, settings) -> None:
+        """Apply the user's objective settings (prediction type, schedule shift, …) after loading."""
+
     # -- adapters --------------------------------------------------------------------------------------
     def adapter_targets(self, components: Components, target: str, text_encoder: bool) -> list[AdapterTarget]:
         raise NotImplementedError

@@ -77,13 +77,13 @@ class SDUNetFamily(Architecture):
                           noise_scheduler=DDPMScheduler.from_config(parts["scheduler_config"]),
                           extra={"scheduler_config": parts["scheduler_config"]})
 
-    def configure_objective(self, components: Components, prediction_type: str, zero_terminal_snr: bool) -> None:
+    def configure_objective(self, components: Components, settings) -> None:
         """The training schedule the user chose; 'auto' keeps what the model's scheduler config says."""
         from diffusers import DDPMScheduler
         config = dict(components.extra["scheduler_config"])
-        if prediction_type != "auto":
-            config["prediction_type"] = prediction_type
-        config["rescale_betas_zero_snr"] = zero_terminal_snr
+        if settings.model.prediction_type != "auto":
+            config["prediction_type"] = settings.model.prediction_type
+        config["rescale_betas_zero_snr"] = settings.model.zero_terminal_snr
         components.noise_scheduler = DDPMScheduler.from_config(config)
 
     def prediction_type(self, components: Components) -> str:

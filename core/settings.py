@@ -315,3 +315,12 @@ def check_consistency(settings: Settings) -> list[str]:
     if not settings.saving.output_name.strip() or any(c in settings.saving.output_name for c in "/\\:"):
         problems.append("saving.output_name must be a plain file name (no slashes)")
     return problems
+
+
+def write_training_json(path: str | os.PathLike | None = None) -> Path:
+    """Regenerate training.json from the schema defaults (run after adding or changing a setting:
+    ``.venv/bin/python -c "import core.settings as s; s.write_training_json()"``)."""
+    from core.io import atomic_write_text
+    path = Path(path) if path else default_training_json()
+    atomic_write_text(path, json.dumps(Settings().to_dict(), indent=2) + "\n")
+    return path

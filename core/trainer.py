@@ -146,7 +146,7 @@ class _Run:
 
         self.status(f"Loading {self.arch.label} from {self.model_path}")
         self.components = self.arch.load(self.model_path, self.config_dir, self.plan.weight_dtype)
-        self.arch.configure_objective(self.components, s.model.prediction_type, s.model.zero_terminal_snr)
+        self.arch.configure_objective(self.components, s)
         c = self.components
         for module in [c.denoiser, c.vae, *c.text_encoders]:
             module.requires_grad_(False)
