@@ -1,0 +1,310 @@
+"""The app in a real browser (Playwright + Debian's Chromium): fill the tabs, train a tiny SD1.5 LoRA with the
+real ``core.train``, watch progress and previews arrive, and find the final .safetensors file.
+
+Also writes one screenshot per tab into docs/screenshots/ (1280 px wide) for the README.
+
+Chromium lives at /usr/bin/chromium (``apt-get install chromium``).  Without it the test is skipped, except
+in CI (``CI=true``), where a missing browser is a failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from core.config import AppConfig
+from tests.tiny_models import build_tiny_dataset, build_tiny_sd15
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+TABS = [("dataset", "Dataset"), ("model", "Model"), ("network", "Network"), ("optimizer", "Optimizer"),
+        ("output", "Saving & previews"), ("run", "Run")]
+RUN_TIMEOUT_S = 300
+
+
+def _require_chromium() -> None:
+    if CHROMIUM.exists():
+        return
+    message = f"{CHROMIUM} is missing (apt-get install chromium)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    _require_chromium()
+    from ui.app import launch
+
+    root = tmp_path_factory.mktemp("studio")
+    dirs = {name: root / name for name in ("models", "datasets", "outputs", "presets")}
+    for d in dirs.values():
+        d.mkdir()
+    build_tiny_sd15(dirs["models"] / "tiny-sd15", "diffusers")
+    dataset = build_tiny_dataset(dirs["datasets"] / "squares", n=4)
+    config = AppConfig(host="127.0.0.1", port=0, models_dir=str(dirs["models"]),
+                       datasets_dir=str(dirs["datasets"]), outputs_dir=str(dirs["outputs"]),
+                       presets_dir=str(dirs["presets"]), training_defaults=str(ROOT / "training.json"))
+    demo = launch(config, prevent_thread_lock=True, quiet=True)
+    try:
+        yield {"url": demo.local_url, "demo": demo, "config": config, "dataset": Path(dataset), **dirs}
+    finally:
+        demo.studio_controller.stop()
+        demo.studio_controller.wait(60)
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(studio):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            pg = browser.new_page(viewport={"width": 1280, "height": 900})
+            pg.set_default_timeout(20_000)
+            pg.goto(studio["url"])
+            pg.wait_for_selector("#setting-dataset-path")
+            yield pg
+        finally:
+            browser.close()
+
+
+# -- helpers: set a generated control by its elem_id ----------------------------------------------------
+
+def sid(dotted: str) -> str:
+    section, name = dotted.split(".")
+    return f"#setting-{section}-{name}"
+
+
+def open_tab(page, label: str) -> None:
+    page.get_by_role("tab", name=label, exact=True).click()
+    page.wait_for_timeout(300)
+
+
+def open_advanced(page, tab_id: str) -> None:
+    acc = page.locator(f"#advanced-{tab_id}")
+    if not acc.locator(sid_any_inside()).first.is_visible():
+        acc.get_by_text("Advanced", exact=True).first.click()
+        page.wait_for_timeout(300)
+
+
+def sid_any_inside() -> str:
+    return "[id^='setting-']"
+
+
+def fill(page, dotted: str, value) -> None:
+    """Text boxes and number boxes: type the value and leave the field (Gradio sends it on input/blur)."""
+    box = page.locator(f"{sid(dotted)} input:not([type=range]), {sid(dotted)} textarea").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def check(page, dotted: str, on: bool) -> None:
+    page.locator(f"{sid(dotted)} input[type=checkbox]").set_checked(on)
+
+
+def choose(page, dotted: str, value: str) -> None:
+    """A choice field, whichever widget the generator picked for it (radio buttons or a dropdown)."""
+    if page.locator(f"{sid(dotted)} input[type=radio]").count():
+        page.locator(f"{sid(dotted)} label").filter(has_text=re.compile(rf"^\s*{re.escape(value)}\s*$")).click()
+    else:
+        choose_dropdown(page, dotted, value)
+
+
+def choose_dropdown(page, dotted: str, value: str) -> None:
+    """Open the dropdown and click the listed option (so the list itself is tested)."""
+    box = page.locator(f"{sid(dotted)} input").first
+    box.click()
+    page.get_by_role("option", name=value, exact=True).click()
+    page.wait_for_timeout(200)
+
+
+def is_shown(page, dotted: str) -> bool:
+    return page.locator(sid(dotted)).first.is_visible()
+
+
+def shoot(page, tab_id: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{tab_id}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+# -- the test -------------------------------------------------------------------------------------------
+
+def test_train_a_tiny_lora_in_the_browser(studio, page):
+    # Dataset
+    open_tab(page, "Dataset")
+    fill(page, "dataset.path", studio["dataset"])
+    fill(page, "dataset.resolution", 64)
+    assert is_shown(page, "dataset.bucket_no_upscale")
+    check(page, "dataset.enable_buckets", False)
+    page.wait_for_timeout(500)
+    assert not is_shown(page, "dataset.bucket_no_upscale"), "show_if: bucket options hide with buckets off"
+
+    # Model: options of other families appear live for them only, and leave no gap once hidden again
+    open_tab(page, "Model")
+    _check_live_visibility(page, "model.architecture")
+    choose(page, "model.architecture", "sd15")
+    # the tiny model is listed from the models folder
+    choose_dropdown(page, "model.model_path", "tiny-sd15")
+
+    # Network
+    open_tab(page, "Network")
+    fill(page, "network.rank", 4)
+    fill(page, "network.alpha", 4)
+
+    # Optimizer + schedule
+    open_tab(page, "Optimizer")
+    fill(page, "optimizer.learning_rate", 0.001)
+    assert not is_shown(page, "optimizer.lr_scheduler_num_cycles")
+    fill(page, "schedule.max_train_steps", 4)
+    fill(page, "schedule.train_batch_size", 1)
+    open_advanced(page, "optimizer")
+    fill(page, "schedule.log_every_n_steps", 1)
+
+    # Saving & previews
+    open_tab(page, "Saving & previews")
+    fill(page, "saving.output_name", "browser_lora")
+    fill(page, "sampling.sample_every_n_steps", 2)
+    fill(page, "sampling.prompts", "a red square")
+    fill(page, "sampling.steps", 2)
+
+    # The values reached the server as typed settings: save them as a preset and read the file back.
+    page.locator("#preset-name input").first.fill("browser-test")
+    page.locator("#preset-name input").first.press("Enter")
+    page.locator("#preset-save").click()
+    preset = studio["presets"] / "browser-test.json"
+    deadline = time.time() + 20
+    while not preset.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    saved = json.loads(preset.read_text())
+    assert saved["dataset"]["path"] == str(studio["dataset"])
+    assert saved["dataset"]["resolution"] == 64 and saved["dataset"]["enable_buckets"] is False
+    assert saved["model"]["model_path"] == "tiny-sd15" and saved["network"]["rank"] == 4
+    assert saved["schedule"]["max_train_steps"] == 4 and saved["schedule"]["log_every_n_steps"] == 1
+    assert saved["sampling"]["prompts"] == "a red square" and saved["sampling"]["sample_every_n_steps"] == 2
+
+    # Run
+    open_tab(page, "Run")
+    page.locator("#run-start").click()
+    final = _wait_for_final(page)
+    assert final.suffix == ".safetensors" and final.is_file()
+    assert str(final).startswith(str(studio["outputs"]))
+    assert "Step 4 / 4" in page.locator("#run-progress").inner_text()
+    page.wait_for_function("document.querySelectorAll('#run-gallery img').length > 0", timeout=20_000)
+    assert "Finished" in page.locator("#run-status").inner_text()
+    assert page.locator("#run-start").is_enabled() and not page.locator("#run-stop").is_enabled()
+
+    # Screenshots for the README, each tab with this run's settings.  The Run tab first, while it still
+    # shows the log scrolled to its end (switching tabs re-renders it scrolled to the top).
+    page.wait_for_timeout(2500)
+    log_box = page.locator("#run-log textarea")
+    assert log_box.evaluate("t => t.scrollHeight - t.scrollTop - t.clientHeight") < 30, "the log follows its end"
+    shots = [shoot(page, "run")]
+    for tab_id, label in TABS:
+        if tab_id != "run":
+            open_tab(page, label)
+            page.wait_for_timeout(400)
+            shots.append(shoot(page, tab_id))
+    for shot in shots:
+        assert shot.stat().st_size > 10_000
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_live_visibility(page, governing: str) -> None:
+    """Pick a basic (not advanced) field that ``governing`` shows only for another value; switching to that
+    value shows it, switching back hides it (generated from the schema, not from a list of names)."""
+    from core.settings import Settings, field_ui
+    from ui.schema_ui import governing_fields
+
+    current = Settings().get(governing)
+    for dotted in governing_fields().get(governing, []):
+        ui = field_ui(dotted)
+        if ui["advanced"] or len(ui["show_if"]) != 1 or current in ui["show_if"][governing]:
+            continue
+        other = ui["show_if"][governing][0]
+        assert not is_shown(page, dotted)
+        choose(page, governing, other)
+        page.wait_for_function(f"(() => {{ const e = document.querySelector('{sid(dotted)}');"
+                               f" return e && e.offsetParent !== null; }})()", timeout=10_000)
+        choose(page, governing, current)
+        page.wait_for_timeout(500)
+        assert not is_shown(page, dotted), f"{dotted} stays shown after switching {governing} back"
+        return
+
+
+def _wait_for_final(page) -> Path:
+    """Wait until the Run tab names the final adapter; fail early with the status and log if the run fails."""
+    deadline = time.time() + RUN_TIMEOUT_S
+    while time.time() < deadline:
+        outputs = page.locator("#run-outputs").inner_text()
+        m = re.search(r"Final adapter:\s*(\S+\.safetensors)", outputs)
+        progress = page.locator("#run-progress").inner_text()
+        if m and "Step 4 / 4" in progress:
+            return Path(m.group(1))
+        status = page.locator("#run-status").inner_text()
+        if "Failed" in status or "✗" in status:
+            log = page.locator("#run-log textarea").input_value()
+            pytest.fail(f"the run failed: {status}\n--- log ---\n{log}")
+        time.sleep(0.5)
+    log = page.locator("#run-log textarea").input_value()
+    pytest.fail(f"no final adapter after {RUN_TIMEOUT_S} s; status: "
+                f"{page.locator('#run-status').inner_text()}\n--- log ---\n{log}")
+
+
+def test_load_a_preset_then_stop_a_long_run(studio, page):
+    """A preset file loads into the controls; Stop ends a real run early and it still saves an adapter."""
+    from core.settings import load_settings, save_settings
+
+    s = load_settings(ROOT / "training.json")
+    s.dataset.path = str(studio["dataset"])
+    s.dataset.resolution = 64
+    s.dataset.enable_buckets = False
+    s.model.model_path = "tiny-sd15"
+    s.network.rank = 4
+    s.schedule.max_train_steps = 100_000
+    s.schedule.log_every_n_steps = 1
+    s.saving.output_name = "stopped_lora"
+    s.saving.save_every_n_epochs = 0
+    s.sampling.sample_every_n_steps = 0
+    save_settings(s, studio["presets"] / "long-run.json")
+
+    name_box = page.locator("#preset-name input").first
+    name_box.fill("long-run")
+    name_box.press("Enter")
+    page.locator("#preset-load").click()
+    open_tab(page, "Saving & previews")
+    page.wait_for_function(
+        "document.querySelector('#setting-saving-output_name input').value === 'stopped_lora'")
+    open_tab(page, "Optimizer")
+    assert page.locator(f"{sid('schedule.max_train_steps')} input").input_value() == "100000"
+
+    open_tab(page, "Run")
+    page.locator("#run-start").click()
+    deadline = time.time() + RUN_TIMEOUT_S
+    while time.time() < deadline:
+        if re.search(r"Step [1-9]\d* / 100000", page.locator("#run-progress").inner_text()):
+            break
+        status = page.locator("#run-status").inner_text()
+        assert "Failed" not in status, status
+        time.sleep(0.3)
+    else:
+        pytest.fail("the long run did not start training")
+    assert page.locator("#run-stop").is_enabled() and not page.locator("#run-start").is_enabled()
+    page.locator("#run-stop").click()
+    page.wait_for_function("document.querySelector('#run-status').innerText.includes('Stopped')",
+                           timeout=RUN_TIMEOUT_S * 1000)
+    page.wait_for_function("document.querySelector('#run-outputs').innerText.includes('stopped_lora')",
+                           timeout=20_000)
+    saved = re.findall(r"(\S+stopped_lora\S*\.safetensors)", page.locator("#run-outputs").inner_text())
+    assert saved and all(Path(p).is_file() for p in saved)
+    assert not studio["demo"].studio_controller.running

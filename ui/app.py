@@ -1,0 +1,361 @@
+"""The web app: assembles the generated setting controls, presets and the Run tab.
+
+Holds no training logic: Start turns the control values into the typed ``Settings`` and hands them to
+``core.train`` in a worker thread (ui/run_state.py); a 1-second timer shows the events it sends.
+"""
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from core.config import AppConfig
+from core.settings import Settings, SettingsError, check_consistency, field_ui, iter_fields
+from ui import presets as preset_store
+from ui.run_state import (RunController, Snapshot, loss_frame, memory_text, outputs_text, progress_html,
+                          samples_for_gallery, status_text)
+from ui.schema_ui import (TABS, GeneratedControls, describe_error, list_models, render_advanced,
+                          render_section, settings_to_values, values_to_settings, wire_visibility)
+
+APP_TITLE = "Adapter Training Studio"
+
+CSS = """
+#app-header { align-items: end; }
+#app-title h1 { margin: 0; font-size: 1.6rem; }
+#app-hardware, #app-hardware *, #run-hardware, #run-hardware * { color: var(--body-text-color-subdued); font-size: 0.85rem; }
+#preset-bar { align-items: end; }
+#preset-bar button { align-self: end; }
+.refresh-btn { align-self: end; margin-bottom: 8px; }
+.setting-spacer { min-height: 0 !important; }
+.run-progress .bar { height: 12px; border-radius: 6px; background: var(--neutral-200); overflow: hidden; }
+.dark .run-progress .bar { background: var(--neutral-700); }
+.run-progress .fill { height: 100%; background: var(--color-accent); transition: width .5s; }
+.run-progress.finished .fill { background: #16a34a; }
+.run-progress.failed .fill { background: #dc2626; }
+.run-progress.stopped .fill { background: #d97706; }
+.run-progress .text { margin-top: 4px; font-variant-numeric: tabular-nums; }
+#run-status { font-size: 1.05rem; }
+#run-log textarea { font-family: var(--font-mono); font-size: 0.8rem; }
+"""
+
+
+# Keep the log scrolled to its end while new lines arrive, unless the user scrolled up to read.
+FOLLOW_LOG_JS = """
+() => {
+  if (window.__studioFollowLog) return;
+  window.__studioFollowLog = setInterval(() => {
+    const t = document.querySelector('#run-log textarea');
+    if (!t) return;
+    if (!t.__follow) {
+      t.__follow = {on: true, len: -1};
+      t.addEventListener('scroll', () => {
+        t.__follow.on = t.scrollHeight - t.scrollTop - t.clientHeight < 30;
+      });
+    }
+    if (t.value.length !== t.__follow.len) {
+      t.__follow.len = t.value.length;
+      if (t.__follow.on) t.scrollTop = t.scrollHeight;
+    }
+  }, 500);
+}
+"""
+
+
+# -- hardware (core/hardware.py is optional while it is being written) ----------------------------------
+
+def hardware_summary() -> str:
+    try:
+        from core.hardware import detect_hardware
+        return detect_hardware().summary()
+    except Exception as exc:  # missing module or a detection failure must not stop the app
+        return f"Hardware detection unavailable ({type(exc).__name__})."
+
+
+def memory_use() -> dict:
+    try:
+        from core.hardware import current_memory_use
+        return current_memory_use() or {}
+    except Exception:
+        return {}
+
+
+# -- messages -------------------------------------------------------------------------------------------
+
+def _field_place(dotted: str) -> str:
+    """'Dataset → Resolution' for a dotted name, so an error says where to look."""
+    section = dotted.split(".")[0]
+    for _tab_id, tab_label, sections in TABS:
+        if any(s == section for s, _ in sections):
+            try:
+                return f"{tab_label} → {field_ui(dotted)['label']}"
+            except (KeyError, ValueError):
+                return tab_label
+    return dotted
+
+
+_FIELD_AT_START = re.compile(r"^([a-z_]+\.[a-z0-9_]+)")
+
+
+def errors_markdown(title: str, lines: list[str]) -> str:
+    """Bullet list of problems; a line that starts with a setting's dotted name also says where its control
+    is ('Network → Rank (dim)')."""
+    known = {d for d, _ in iter_fields()}
+    out = [f"✗ **{title}**"]
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        m = _FIELD_AT_START.match(line)
+        if m and m.group(1) in known:
+            out.append(f"- **{_field_place(m.group(1))}**: `{m.group(1)}`{line[m.end():]}")
+        else:
+            out.append(f"- {line}")
+    return "\n".join(out)
+
+
+def settings_error_markdown(exc: Exception, title: str = "Cannot start") -> str:
+    """A SettingsError as a list naming each field; its first line becomes the title when it is a heading."""
+    lines = describe_error(exc).splitlines()
+    if len(lines) > 1 and lines[0].rstrip().endswith(":"):
+        return errors_markdown(lines[0].rstrip(" :"), lines[1:])
+    return errors_markdown(title, lines)
+
+
+# -- app ------------------------------------------------------------------------------------------------
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host if host not in ("", "0.0.0.0") else "127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_app(config: AppConfig, *, controller: RunController | None = None) -> gr.Blocks:
+    controller = controller or RunController(config)
+    models_dir = config.path("models_dir")
+    presets_dir = config.path("presets_dir")
+    defaults, defaults_problem = preset_store.load_defaults(config.path("training_defaults"))
+    start_values = settings_to_values(defaults)
+    hardware = hardware_summary()
+    generated = GeneratedControls()
+
+    def models_fn() -> list[str]:
+        return list_models(models_dir)
+
+    with gr.Blocks(title=APP_TITLE, analytics_enabled=False) as demo:
+        with gr.Row(elem_id="app-header", equal_height=True):
+            with gr.Column(scale=3, min_width=320):
+                gr.Markdown(f"# {APP_TITLE}", elem_id="app-title")
+                gr.Markdown(" · ".join(hardware.splitlines()), elem_id="app-hardware")
+            with gr.Column(scale=4, min_width=420):
+                with gr.Row(elem_id="preset-bar", equal_height=True):
+                    preset_name = gr.Dropdown(
+                        choices=preset_store.list_presets(presets_dir), value=None, allow_custom_value=True,
+                        label="Preset: pick one, or type a new name", elem_id="preset-name",
+                        scale=4, min_width=200)
+                    preset_load = gr.Button("Load", elem_id="preset-load", scale=1, min_width=70, size="md")
+                    preset_save = gr.Button("Save", elem_id="preset-save", scale=1, min_width=70, size="md")
+                    preset_reset = gr.Button("Defaults", elem_id="preset-defaults", scale=1, min_width=90,
+                                             size="md")
+                preset_status = gr.Markdown(f"⚠ {defaults_problem}" if defaults_problem else "",
+                                            elem_id="preset-status")
+
+        run_widgets: dict[str, Any] = {}
+        with gr.Tabs(elem_id="tabs"):
+            for tab_id, tab_label, sections in TABS:
+                with gr.Tab(tab_label, id=tab_id, elem_id=f"tab-{tab_id}"):
+                    advanced: list = []
+                    for section, heading in sections:
+                        if heading and len(sections) > 1:
+                            gr.Markdown(f"### {heading}", elem_classes=["section-heading"])
+                        render_section(section, start_values, generated, models_fn=models_fn,
+                                       advanced_box=advanced)
+                    render_advanced(advanced, start_values, generated, tab_id=tab_id, models_fn=models_fn)
+                    if tab_id == "run":
+                        run_widgets = _run_panel(hardware)
+
+        controls = generated.controls
+        missing = [d for d, _ in iter_fields() if d not in controls]
+        if missing:  # a section that no tab shows: a bug, never silently drop a setting
+            raise RuntimeError(f"settings without a UI control (add their section to ui.schema_ui.TABS): "
+                               f"{', '.join(missing)}")
+        ordered = generated.ordered()
+        names = [d for d, _ in ordered]
+        inputs = [c for _, c in ordered]
+        wire_visibility(controls, generated.groups)
+
+        # model list refresh
+        for key, button in generated.extras.items():
+            if key.startswith("refresh:"):
+                target = controls[key.split(":", 1)[1]]
+                button.click(lambda: gr.update(choices=models_fn()), outputs=target, queue=False)
+
+        # -- presets ------------------------------------------------------------------------------------
+        def save_preset(name, *vals):
+            if not (name or "").strip():
+                return "✗ Type a name for the preset first.", gr.skip()
+            try:
+                settings = values_to_settings(dict(zip(names, vals)))
+                path = preset_store.save_preset(presets_dir, name, settings)
+            except SettingsError as exc:
+                return settings_error_markdown(exc, "Cannot save the preset"), gr.skip()
+            except OSError as exc:
+                return f"✗ Could not save the preset: {exc}", gr.skip()
+            return (f"✓ Saved preset **{path.stem}** ({path})",
+                    gr.update(choices=preset_store.list_presets(presets_dir), value=path.stem))
+
+        def apply(settings: Settings, message: str):
+            values = settings_to_values(settings)
+            return [message] + [values[n] for n in names]
+
+        def load_preset(name):
+            if not (name or "").strip():
+                return ["✗ Choose a preset to load."] + [gr.skip()] * len(names)
+            try:
+                settings = preset_store.load_preset(presets_dir, name)
+            except SettingsError as exc:
+                return [settings_error_markdown(exc, "Cannot load the preset")] + [gr.skip()] * len(names)
+            return apply(settings, f"✓ Loaded preset **{name}**")
+
+        def load_defaults():
+            settings, problem = preset_store.load_defaults(config.path("training_defaults"))
+            return apply(settings, f"⚠ {problem}" if problem else "✓ Defaults restored")
+
+        preset_save.click(save_preset, inputs=[preset_name] + inputs, outputs=[preset_status, preset_name])
+        preset_load.click(load_preset, inputs=[preset_name], outputs=[preset_status] + inputs)
+        preset_reset.click(load_defaults, outputs=[preset_status] + inputs)
+
+        # -- run ----------------------------------------------------------------------------------------
+        w = run_widgets
+
+        def start(*vals):
+            if controller.running:
+                return "✗ A run is already in progress. Stop it first."
+            try:
+                settings = values_to_settings(dict(zip(names, vals)))
+            except SettingsError as exc:
+                return settings_error_markdown(exc)
+            problems = check_consistency(settings)
+            if problems:
+                return errors_markdown("Fix these settings first", problems)
+            ok, message = controller.start(settings)
+            return f"… {message}" if ok else f"✗ {message}"
+
+        def stop():
+            return f"■ {controller.stop()}"
+
+        w["start"].click(start, inputs=inputs, outputs=w["status"], concurrency_limit=None)
+        w["stop"].click(stop, outputs=w["status"], queue=False)
+
+        poll_outputs = [w["status"], w["progress"], w["loss"], w["gallery"], w["log"], w["memory"],
+                        w["outputs"], w["download"], w["start"], w["stop"], w["seen"]]
+
+        def poll(seen: dict | None):
+            if not controller.running:
+                use = memory_use()
+                if use:
+                    controller.state.set_memory(use)
+            snap = controller.state.snapshot()
+            return _poll_updates(demo, snap, seen or {})
+
+        w["timer"].tick(poll, inputs=[w["seen"]], outputs=poll_outputs, show_progress="hidden",
+                        concurrency_limit=None)
+
+        demo.load(None, js=FOLLOW_LOG_JS)
+
+    demo.studio_controls = controls          # dotted name → component (used by tests and scripts)
+    demo.studio_controller = controller
+    demo.studio_groups = generated.groups    # (layout piece, fields): shown while any of its fields is
+    return demo
+
+
+def _run_panel(hardware: str) -> dict[str, Any]:
+    w: dict[str, Any] = {}
+    gr.Markdown("**Hardware**  \n" + "  \n".join(hardware.splitlines()), elem_id="run-hardware")
+    with gr.Row(equal_height=True):
+        w["start"] = gr.Button("▶  Start training", variant="primary", elem_id="run-start", scale=2)
+        w["stop"] = gr.Button("■  Stop", variant="stop", elem_id="run-stop", interactive=False, scale=1)
+    w["status"] = gr.Markdown("○ Ready.", elem_id="run-status")
+    w["progress"] = gr.HTML(progress_html(_idle_snapshot()), elem_id="run-progress", js_on_load=None)
+    with gr.Row():
+        w["loss"] = gr.LinePlot(None, x="step", y="loss", color="series",
+                                title="Loss", x_title="step", y_title="loss", height=300,
+                                elem_id="run-loss", scale=3,
+                                color_map={"loss": "#94a3b8", "smoothed": "#4f46e5"})
+        w["gallery"] = gr.Gallery(label="Previews (newest first)", columns=3, height=300,
+                                  elem_id="run-gallery", scale=2, interactive=False, object_fit="contain")
+    with gr.Row():
+        w["log"] = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, autoscroll=True,
+                              elem_id="run-log", scale=3)
+        with gr.Column(scale=2):
+            w["memory"] = gr.Markdown(memory_text(_idle_snapshot()), elem_id="run-memory")
+            w["outputs"] = gr.Markdown("No files saved yet.", elem_id="run-outputs")
+            w["download"] = gr.File(label="Download the final adapter", visible=False, interactive=False,
+                                    elem_id="run-download")
+    w["timer"] = gr.Timer(1.0)
+    w["seen"] = gr.State({})
+    return w
+
+
+def _idle_snapshot() -> Snapshot:
+    from ui.run_state import RunState
+    return RunState().snapshot()
+
+
+def _allow(demo: gr.Blocks, path: str) -> None:
+    """Let the page show files the trainer wrote (previews, the final adapter) wherever the output is."""
+    parent = str(Path(path).resolve().parent)
+    allowed = list(getattr(demo, "allowed_paths", None) or [])
+    if parent not in allowed:
+        allowed.append(parent)
+        demo.allowed_paths = allowed
+
+
+def _poll_updates(demo: gr.Blocks, s: Snapshot, seen: dict) -> list:
+    """Updates for the Run widgets; parts whose version did not change are skipped."""
+    v = s.versions
+    running = s.running
+    changed = {k for k in v if seen.get(k) != v[k]}
+    skip = gr.skip
+
+    status = status_text(s) if "status" in changed else skip()
+    progress = progress_html(s) if changed & {"progress", "status", "run"} else skip()
+    loss = loss_frame(s) if "losses" in changed else skip()
+    if "samples" in changed:
+        items = samples_for_gallery(s)
+        for p, _ in items:
+            _allow(demo, p)
+        gallery = items
+    else:
+        gallery = skip()
+    log = "\n".join(s.log[-200:]) if "log" in changed else skip()
+    memory = memory_text(s) if "memory" in changed else skip()
+    if "outputs" in changed:
+        outputs = outputs_text(s)
+        if s.final and Path(s.final).is_file() and not running:
+            _allow(demo, s.final)
+            download = gr.update(value=s.final, visible=True)
+        else:
+            download = gr.update(value=None, visible=False)
+    else:
+        outputs = download = skip()
+    if "run" in changed:
+        start_btn = gr.update(interactive=not running)
+        stop_btn = gr.update(interactive=running)
+    else:
+        start_btn = stop_btn = skip()
+    return [status, progress, loss, gallery, log, memory, outputs, download, start_btn, stop_btn, dict(v)]
+
+
+def launch(config: AppConfig, *, prevent_thread_lock: bool = False, quiet: bool = False) -> gr.Blocks:
+    """Build and serve the app as config.json says (port 0: any free port). Returns the running Blocks."""
+    demo = build_app(config)
+    port = config.port or _free_port(config.host)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=config.host, server_port=port, share=config.share,
+                auth=tuple(config.auth) if config.auth else None, prevent_thread_lock=prevent_thread_lock,
+                allowed_paths=[str(config.path("outputs_dir"))], show_error=True, quiet=quiet,
+                theme=gr.themes.Soft(primary_hue="indigo"), css=CSS)
+    return demo

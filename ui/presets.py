@@ -1,0 +1,54 @@
+"""Named presets: the whole settings object as JSON in the presets folder (same shape as training.json)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from core.settings import Settings, SettingsError, load_settings, save_settings
+
+_NAME = re.compile(r"^[\w][\w .+()-]{0,99}$")
+
+
+def list_presets(folder: Path) -> list[str]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted((p.stem for p in folder.glob("*.json") if not p.name.startswith(".")), key=str.lower)
+
+
+def preset_path(folder: Path, name: str) -> Path:
+    name = (name or "").strip()
+    if name.lower().endswith(".json"):
+        name = name[:-5]
+    if not _NAME.match(name):
+        raise SettingsError(f"Preset name {name!r}: use letters, digits, spaces, '.', '-', '_' (no slashes).")
+    return Path(folder) / f"{name}.json"
+
+
+def save_preset(folder: Path, name: str, settings: Settings) -> Path:
+    path = preset_path(folder, name)
+    save_settings(settings, path)
+    return path
+
+
+def load_preset(folder: Path, name: str) -> Settings:
+    """Raises SettingsError naming each invalid field (or a missing/unreadable file)."""
+    path = preset_path(folder, name)
+    if not path.is_file():
+        raise SettingsError(f"No preset named {name!r} in {Path(folder)}")
+    try:
+        return load_settings(path)
+    except SettingsError as exc:
+        raise SettingsError(f"Preset {name!r}: {exc}") from None
+
+
+def load_defaults(path: Path) -> tuple[Settings, str | None]:
+    """The start-up settings from the training defaults file; the schema defaults (and a message saying why)
+    when that file is missing or invalid."""
+    path = Path(path)
+    if not path.is_file():
+        return Settings(), None
+    try:
+        return load_settings(path), None
+    except SettingsError as exc:
+        return Settings(), f"{path.name} was not used: {exc}"

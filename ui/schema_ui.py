@@ -1,0 +1,330 @@
+"""Settings schema → Gradio controls.
+
+Nothing here knows about individual settings: every control is generated from a field declaration in
+``core.settings`` (its type, default, ge/le range and the ``json_schema_extra["ui"]`` metadata).  A field
+added to the schema gets a control automatically; ``tests/test_ui_sync.py`` fails if one is missing.
+
+Conventions:
+- every control has ``elem_id = "setting-<section>-<name>"`` (see :func:`elem_id`);
+- ``widget``: "textarea" → multi-line Textbox, "path" → Textbox, "model" → Dropdown of the models folder
+  (custom values allowed), otherwise the type decides: Literal choices → Radio (≤ 3 short choices) or
+  Dropdown, bool → Checkbox, float in 0…1 → Slider, int/float → Number with the field's range;
+- ``advanced`` fields go into a closed "Advanced" accordion of their tab;
+- ``show_if`` fields are hidden, live, while their condition does not hold (:func:`visible_fields`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import gradio as gr
+
+from core.settings import (Settings, SettingsError, field_range, field_ui, iter_fields, settings_from_dict)
+
+# Which settings sections each tab shows, with a heading per section (None: no heading).
+# The Run tab also holds the run controls (see ui/app.py).
+TABS: list[tuple[str, str, list[tuple[str, str | None]]]] = [
+    # (tab id, tab label, [(section, heading)])
+    ("dataset", "Dataset", [("dataset", None)]),
+    ("model", "Model", [("model", None)]),
+    ("network", "Network", [("network", None)]),
+    ("optimizer", "Optimizer", [("optimizer", "Optimizer"), ("schedule", "Steps & schedule")]),
+    ("output", "Saving & previews", [("saving", "Saving"), ("sampling", "Preview images")]),
+    ("run", "Run", [("memory", "Memory & speed")]),
+]
+
+WIDE_WIDGETS = {"textarea", "path", "model"}
+CONTROLS_PER_ROW = 3
+
+
+def elem_id(dotted: str) -> str:
+    section, name = dotted.split(".")
+    return f"setting-{section}-{name}"
+
+
+def dotted_from_elem_id(eid: str) -> str | None:
+    if not eid or not eid.startswith("setting-"):
+        return None
+    section, _, name = eid[len("setting-"):].partition("-")
+    return f"{section}.{name}"
+
+
+def field_infos() -> dict[str, Any]:
+    return dict(iter_fields())
+
+
+def _annotation_kind(info) -> str:
+    ann = info.annotation
+    if ann is bool:
+        return "bool"
+    if ann is int:
+        return "int"
+    if ann is float:
+        return "float"
+    return "str"
+
+
+# -- visibility (show_if) -------------------------------------------------------------------------------
+
+def governing_fields() -> dict[str, list[str]]:
+    """governing field → the fields whose show_if names it."""
+    out: dict[str, list[str]] = {}
+    for dotted, _ in iter_fields():
+        for other in field_ui(dotted)["show_if"]:
+            out.setdefault(other, []).append(dotted)
+    return out
+
+
+def field_visible(dotted: str, values: Mapping[str, Any]) -> bool:
+    """Whether a control is shown for the current (possibly not yet valid) control values.
+
+    Same rule as ``Settings.applies``: every show_if condition holds.  A governing value that is missing
+    from ``values`` counts as not matching.
+    """
+    return all(values.get(other) in allowed for other, allowed in field_ui(dotted)["show_if"].items())
+
+
+def visible_fields(values: Mapping[str, Any]) -> dict[str, bool]:
+    """dotted name → visible, for every field, from control values keyed by dotted name."""
+    return {dotted: field_visible(dotted, values) for dotted, _ in iter_fields()}
+
+
+# -- values: controls ↔ settings ------------------------------------------------------------------------
+
+def settings_to_values(settings: Settings) -> dict[str, Any]:
+    """dotted name → the value its control shows."""
+    return {dotted: settings.get(dotted) for dotted, _ in iter_fields()}
+
+
+def values_to_dict(values: Mapping[str, Any]) -> dict:
+    """Control values keyed by dotted name → the nested dict ``settings_from_dict`` takes.
+
+    Only what a control hands back differently from the schema's types is normalised here (an emptied
+    text box gives None → ""; a whole float from a Number stays a number).  Everything else, ranges
+    included, is validated by the schema, so errors name the field.
+    """
+    infos = field_infos()
+    data: dict[str, dict] = {}
+    for dotted, value in values.items():
+        section, name = dotted.split(".")
+        kind = _annotation_kind(infos[dotted])
+        if kind == "str" and value is None:
+            value = ""
+        elif kind == "int" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        data.setdefault(section, {})[name] = value
+    return data
+
+
+def values_to_settings(values: Mapping[str, Any]) -> Settings:
+    """Raises SettingsError (naming each bad field) when a value is invalid."""
+    return settings_from_dict(values_to_dict(values))
+
+
+# -- model folder ---------------------------------------------------------------------------------------
+
+def list_models(models_dir: Path) -> list[str]:
+    """Base models in the models folder, as paths relative to it: diffusers folders (with model_index.json)
+    and .safetensors checkpoints, up to two levels deep."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        return []
+    found: set[str] = set()
+    for depth_glob in ("*", "*/*"):
+        for p in models_dir.glob(depth_glob):
+            if p.name.startswith("."):
+                continue
+            if p.is_dir() and (p / "model_index.json").is_file():
+                found.add(p.relative_to(models_dir).as_posix())
+            elif p.is_file() and p.suffix.lower() == ".safetensors":
+                rel = p.relative_to(models_dir)
+                # skip files that are part of a diffusers folder (unet/diffusion_pytorch_model.safetensors)
+                if not (p.parent / "config.json").exists() and not (p.parent.parent / "model_index.json").exists():
+                    found.add(rel.as_posix())
+    return sorted(found, key=str.lower)
+
+
+# -- generation -----------------------------------------------------------------------------------------
+
+class FieldNumber(gr.Number):
+    """A Number that leaves range checking to the settings schema, so that an out-of-range value is reported
+    with the field's name instead of Gradio's anonymous "Value 0 is less than minimum value 1"."""
+    is_template = True
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        return self.round_to_precision(payload, self.precision)
+
+
+def _float_step(default: float) -> float:
+    if default and default > 0:
+        return min(1.0, 10 ** math.floor(math.log10(default)))
+    return 0.01
+
+
+def _range_text(lo, hi, kind: str) -> str:
+    def fmt(v):
+        if v is None:
+            return ""
+        if kind == "int" or float(v).is_integer():
+            v = int(v)
+            return f"{v:,}".replace(",", " ") if abs(v) >= 100000 else str(v)
+        return f"{v:g}"
+    if lo is None and hi is None:
+        return ""
+    return f"{fmt(lo)} … {fmt(hi)}"
+
+
+def make_control(dotted: str, info, value: Any, *, visible: bool = True,
+                 models: Iterable[str] = ()) -> gr.components.Component:
+    """One control for one schema field (not yet wired to anything)."""
+    ui = field_ui(dotted)
+    kind = _annotation_kind(info)
+    lo, hi = field_range(info)
+    label = ui["label"]
+    help_text = ui["help"] or None
+    common = dict(label=label, elem_id=elem_id(dotted), visible=visible, elem_classes=["setting"])
+    widget = ui["widget"]
+    choices = ui["choices"]
+
+    if widget == "model":
+        models = list(models)
+        return gr.Dropdown(choices=models, value=value, allow_custom_value=True, filterable=True,
+                           info=help_text, scale=8, **common)
+    if widget in ("textarea", "path") or (kind == "str" and not choices):
+        lines = 4 if widget == "textarea" else 1
+        return gr.Textbox(value=value, lines=lines, max_lines=12 if lines > 1 else 1, info=help_text,
+                          placeholder=_placeholder(dotted, widget), **common)
+    if choices:
+        short = len(choices) <= 3 and all(len(str(c)) <= 12 for c in choices)
+        if short:
+            return gr.Radio(choices=list(choices), value=value, info=help_text, **common)
+        return gr.Dropdown(choices=list(choices), value=value, info=help_text, filterable=False, **common)
+    if kind == "bool":
+        return gr.Checkbox(value=value, info=help_text, **common)
+    if kind == "float" and lo == 0.0 and hi == 1.0:
+        return gr.Slider(minimum=0.0, maximum=1.0, step=ui["step"] or 0.01, value=value, info=help_text,
+                         **common)
+    rng = _range_text(lo, hi, kind)
+    info_text = " ".join(t for t in (help_text, f"({rng})" if rng else "") if t) or None
+    if kind == "int":
+        return FieldNumber(value=value, precision=0, minimum=lo, maximum=hi, step=ui["step"] or 1,
+                           info=info_text, **common)
+    return FieldNumber(value=value, minimum=lo, maximum=hi, step=ui["step"] or _float_step(info.default),
+                       info=info_text, **common)
+
+
+def _placeholder(dotted: str, widget: str | None) -> str | None:
+    if widget == "textarea":
+        return "one per line"
+    if widget == "path":
+        return "/path/to/folder"
+    return None
+
+
+@dataclass
+class GeneratedControls:
+    """What :func:`render_section` produced: controls keyed by dotted name, in schema order."""
+    controls: dict[str, gr.components.Component] = field(default_factory=dict)
+    extras: dict[str, gr.components.Component] = field(default_factory=dict)   # e.g. refresh buttons
+    # Layout pieces shown while any of their fields is shown (rows, a model field's refresh button), so a
+    # hidden option leaves no empty row behind.
+    groups: list[tuple[Any, list[str]]] = field(default_factory=list)
+
+    def ordered(self) -> list[tuple[str, gr.components.Component]]:
+        order = [d for d, _ in iter_fields()]
+        return sorted(self.controls.items(), key=lambda kv: order.index(kv[0]))
+
+
+def _layout(fields: list[tuple[str, Any]], values: Mapping[str, Any], visible: Mapping[str, bool],
+            out: GeneratedControls, models_fn: Callable[[], list[str]]) -> None:
+    """Lay fields out: wide widgets on their own row, the rest packed a few per row."""
+    row: list[tuple[str, Any]] = []
+
+    def flush():
+        if not row:
+            return
+        names = [d for d, _ in row]
+        with gr.Row(equal_height=False, visible=any(visible[d] for d in names)) as r:
+            for d, inf in row:
+                out.controls[d] = make_control(d, inf, values[d], visible=visible[d])
+            for _ in range(CONTROLS_PER_ROW - len(row)):   # keep column widths equal across rows
+                gr.Column(min_width=160, elem_classes=["setting-spacer"])
+        out.groups.append((r, names))
+        row.clear()
+
+    for dotted, info in fields:
+        widget = field_ui(dotted)["widget"]
+        if widget in WIDE_WIDGETS:
+            flush()
+            with gr.Row(equal_height=False, visible=visible[dotted]) as r:
+                out.controls[dotted] = make_control(dotted, info, values[dotted], visible=visible[dotted],
+                                                    models=models_fn() if widget == "model" else ())
+                if widget == "model":
+                    section, name = dotted.split(".")
+                    button = gr.Button("↻ Refresh", size="md", scale=0, min_width=110, visible=visible[dotted],
+                                       elem_id=f"refresh-{section}-{name}", elem_classes=["refresh-btn"])
+                    out.extras[f"refresh:{dotted}"] = button
+                    out.groups.append((button, [dotted]))
+            out.groups.append((r, [dotted]))
+        else:
+            row.append((dotted, info))
+            if len(row) == CONTROLS_PER_ROW:
+                flush()
+    flush()
+
+
+def render_section(section: str, values: Mapping[str, Any], out: GeneratedControls, *,
+                   models_fn: Callable[[], list[str]] = lambda: [], advanced_box: list | None = None) -> None:
+    """Render the basic fields of a section here; its advanced fields are collected into ``advanced_box``
+    (rendered later, in the tab's Advanced accordion) or rendered here when no box is given."""
+    fields = [(d, inf) for d, inf in iter_fields() if d.split(".")[0] == section]
+    visible = visible_fields(values)
+    basic = [(d, inf) for d, inf in fields if not field_ui(d)["advanced"]]
+    advanced = [(d, inf) for d, inf in fields if field_ui(d)["advanced"]]
+    _layout(basic, values, visible, out, models_fn)
+    if advanced_box is None:
+        _layout(advanced, values, visible, out, models_fn)
+    else:
+        advanced_box.extend(advanced)
+
+
+def render_advanced(fields: list[tuple[str, Any]], values: Mapping[str, Any], out: GeneratedControls, *,
+                    tab_id: str, models_fn: Callable[[], list[str]] = lambda: []) -> None:
+    if not fields:
+        return
+    with gr.Accordion("Advanced", open=False, elem_id=f"advanced-{tab_id}"):
+        _layout(fields, values, visible_fields(values), out, models_fn)
+
+
+def wire_visibility(controls: Mapping[str, gr.components.Component],
+                    groups: Iterable[tuple[Any, list[str]]] = ()) -> list:
+    """Hide/show dependent controls whenever a governing value changes (also when a preset is loaded).
+
+    ``groups`` are (layout piece, fields) pairs shown while any of their fields is shown.  Returns, per
+    governing field, the (component, fields) targets it updates (for tests)."""
+    groups = list(groups)
+    wired = []
+    for governing, dependents in governing_fields().items():
+        targets = [(controls[d], [d]) for d in dependents]
+        targets += [(comp, fields) for comp, fields in groups if any(f in dependents for f in fields)]
+        names = sorted({g for _, fields in targets for f in fields for g in field_ui(f)["show_if"]})
+        inputs = [controls[n] for n in names]
+
+        def update(*vals, _names=names, _targets=targets):
+            current = dict(zip(_names, vals))
+            return [gr.update(visible=any(field_visible(f, current) for f in fields)) for _, fields in _targets]
+
+        controls[governing].change(update, inputs=inputs, outputs=[comp for comp, _ in targets],
+                                   queue=False, show_progress="hidden")
+        wired.append((governing, targets))
+    return wired
+
+
+def describe_error(exc: Exception) -> str:
+    if isinstance(exc, SettingsError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
