@@ -12,7 +12,6 @@ import torch
 from core.io import atomic_save_safetensors
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
-NETWORK_MODULE = {"lora": "networks.lora"}
 
 
 def tensor_data_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -44,12 +43,17 @@ def adapter_metadata(arch, settings, *, steps: int, epoch: int, num_images: int,
     title = settings.saving.output_name
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     te_lr = o.text_encoder_lr or o.learning_rate
+    from core.adapters.network import AdapterOptions, network_args, network_module
+    options = AdapterOptions.from_settings(n)
+    alpha = n.alpha if n.alpha else n.rank
     md = {
-        "ss_network_module": NETWORK_MODULE[n.algorithm],
+        # "networks.lora" for plain LoRA, "lycoris.kohya" for the LyCORIS algorithms (and LoRA with DoRA)
+        "ss_network_module": network_module(n.algorithm, options),
         "ss_network_dim": str(n.rank),
-        "ss_network_alpha": str(n.alpha if n.alpha else n.rank),
+        # the alpha the file's keys carry (rs-LoRA writes alpha·√rank so that alpha/rank is the scale)
+        "ss_network_alpha": str(alpha * n.rank ** 0.5 if options.rs_lora else alpha),
         "ss_network_dropout": str(n.dropout),
-        "ss_network_args": json.dumps({"algo": n.algorithm, "target": n.target}),
+        "ss_network_args": json.dumps(network_args(n)),
         "ss_base_model_version": arch.ss_base_model_version,
         "ss_v2": "False",
         "ss_output_name": title,
@@ -100,3 +104,19 @@ def save_adapter(path: Path, network, metadata_fn, save_precision: str) -> Path:
     tensors = network.export_state_dict(SAVE_DTYPES[save_precision])
     metadata = metadata_fn(tensor_data_sha256(tensors))
     return atomic_save_safetensors(path, tensors, metadata)
+
+
+def save_adapter_files(path: Path, network, metadata_fn, save_precision: str, export=None) -> list[Path]:
+    """Write the adapter file(s) atomically; returns their paths, the main file first.
+
+    ``export(state_dict) -> {suffix: tensors}`` is the family's hook (``Architecture.export_adapter``): ``""``
+    is ``path`` itself, another suffix is written beside it as ``<stem><suffix>.safetensors``.
+    ``metadata_fn(tensors_hash, suffix)`` builds each file's metadata."""
+    tensors = network.export_state_dict(SAVE_DTYPES[save_precision])
+    files = export(tensors) if export is not None else {"": tensors}
+    out = []
+    for suffix in sorted(files, key=lambda s: s != ""):
+        target = path if not suffix else path.with_name(f"{path.stem}{suffix}{path.suffix}")
+        t = files[suffix]
+        out.append(atomic_save_safetensors(target, t, metadata_fn(tensor_data_sha256(t), suffix)))
+    return out

@@ -1,7 +1,10 @@
-"""LoRA, kohya style: the base layer stays in place and its forward gains ``up(down(x)) * alpha / rank``.
+"""LoRA (kohya) and LoCon (LyCORIS): the base layer stays in place and its forward gains
+``up(down(x)) * alpha / rank``.
 
-Keeping the base module (instead of replacing it with a wrapper) keeps the model's own state-dict keys
-and module tree intact, so the same model can be compared with, or handed to, diffusers unchanged.
+LoRA adapts Linear layers and 1x1 convolutions; LoCon also adapts k×k convolutions (``down`` is a k×k conv
+with the layer's stride and padding, ``up`` a 1x1 conv), optionally Tucker-decomposed (``down`` 1x1,
+``lora_mid`` k×k, ``up`` 1x1).  Keys: ``lora_down.weight``, ``lora_up.weight``, ``lora_mid.weight``,
+``alpha`` (+ ``dora_scale``) — the format every loader reads.
 """
 from __future__ import annotations
 
@@ -10,135 +13,100 @@ import math
 import torch
 from torch import nn
 
-from architectures.base import AdapterTarget
+from core.adapters.base import AdapterModule, rank_scale
 
 
-class LoRAModule(nn.Module):
-    def __init__(self, name: str, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        self.name = name
-        if isinstance(base, nn.Conv2d):
-            if base.kernel_size != (1, 1):
-                raise ValueError(f"{name}: LoRA on {base.kernel_size} convolutions needs LoCon")
-            self.lora_down = nn.Conv2d(base.in_channels, rank, 1, bias=False)
+class LoRAModule(AdapterModule):
+    algo = "lora"
+    plus_param_names = ("lora_up",)
+
+    def __init__(self, name: str, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, *,
+                 allow_conv: bool = False, use_tucker: bool = False, use_scalar: bool = False,
+                 rs_lora: bool = False, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                 dora: bool = False, dora_on_output: bool = False):
+        super().__init__(name, base, dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                         dora=dora, dora_on_output=dora_on_output)
+        self.tucker = False
+        if self.is_conv:
+            if base.groups != 1:
+                raise ValueError(f"{name}: grouped convolutions are not supported")
+            k = base.kernel_size
+            if k != (1, 1) and not allow_conv:
+                raise ValueError(f"{name}: LoRA on {k} convolutions needs LoCon")
+            geometry = dict(stride=base.stride, padding=base.padding, dilation=base.dilation, bias=False)
+            if k != (1, 1) and use_tucker:
+                self.tucker = True
+                self.lora_down = nn.Conv2d(base.in_channels, rank, 1, bias=False)
+                self.lora_mid = nn.Conv2d(rank, rank, k, **geometry)
+            else:
+                self.lora_down = nn.Conv2d(base.in_channels, rank, k, **geometry)
             self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
-        elif isinstance(base, nn.Linear):
+        else:
             self.lora_down = nn.Linear(base.in_features, rank, bias=False)
             self.lora_up = nn.Linear(rank, base.out_features, bias=False)
-        else:
-            raise TypeError(f"{name}: LoRA supports Linear and 1x1 Conv2d, not {type(base).__name__}")
         self.rank = rank
         # alpha 0 means "alpha = rank" in every loader people use; store what the file will say.
-        self.alpha_value = float(alpha) if alpha else float(rank)
+        self.scale, self.alpha_value = rank_scale(alpha, rank, rs_lora)
         self.register_buffer("alpha", torch.tensor(self.alpha_value), persistent=False)
-        self.scale = self.alpha_value / rank
-        self.multiplier = 1.0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-        # not a submodule: the base belongs to the model, not to the adapter's state dict
-        self.__dict__["base"] = base
-        self._base_forward = None
+        if self.tucker:
+            nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
+        if use_scalar:
+            # LyCORIS' scalar: the up side starts random and a learned scalar (0 at the start) gates it
+            nn.init.kaiming_uniform_(self.lora_up.weight, a=math.sqrt(5))
+            self.scalar = nn.Parameter(torch.tensor(0.0))
+        else:
+            nn.init.zeros_(self.lora_up.weight)
 
-    def apply_to(self) -> None:
-        if self._base_forward is None:
-            self._base_forward = self.base.forward
-            self.base.forward = self.forward
-
-    def restore(self) -> None:
-        if self._base_forward is not None:
-            self.base.forward = self._base_forward
-            self._base_forward = None
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self._base_forward(x, *args, **kwargs)
+    def bypass_delta(self, x: torch.Tensor) -> torch.Tensor:
         lx = self.lora_down(self.dropout(x.to(self.lora_down.weight.dtype)))
-        return out + (self.lora_up(lx) * (self.scale * self.multiplier)).to(out.dtype)
+        if self.tucker:
+            lx = self.lora_mid(lx)
+        scale = self.scale * self.multiplier
+        if self.rank_dropout and self.training:
+            # kohya: a per-sample mask over the rank, the survivors rescaled
+            mask = (torch.rand((lx.size(0), self.rank), device=lx.device) > self.rank_dropout).to(lx.dtype)
+            if lx.dim() == 3:
+                mask = mask.unsqueeze(1)
+            elif lx.dim() == 4:
+                mask = mask.unsqueeze(-1).unsqueeze(-1)
+            lx = lx * mask
+            scale = scale / (1.0 - self.rank_dropout)
+        out = self.lora_up(lx) * scale
+        return out * self.scalar if self.has_scalar else out
 
-    # -- community file format ------------------------------------------------------------------------
-    def export_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"{self.name}.lora_down.weight": self.lora_down.weight.detach(),
-                f"{self.name}.lora_up.weight": self.lora_up.weight.detach(),
-                f"{self.name}.alpha": torch.tensor(self.alpha_value)}
+    def weight_delta(self) -> torch.Tensor:
+        up = self.lora_up.weight.reshape(self.lora_up.weight.shape[0], self.rank)
+        if self.rank_dropout and self.training:
+            keep = (torch.rand(self.rank, device=up.device) > self.rank_dropout).to(up.dtype)
+            up = up * (keep / (1.0 - self.rank_dropout))
+        if self.tucker:
+            down = self.lora_down.weight.reshape(self.rank, -1)
+            dw = torch.einsum("m n ..., i m, n j -> i j ...", self.lora_mid.weight, up, down)
+        else:
+            dw = (up @ self.lora_down.weight.reshape(self.rank, -1)).reshape(self.shape)
+        return dw * (self.scale * self._scalar())
 
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.lora_down.weight.copy_(tensors[f"{self.name}.lora_down.weight"])
-            self.lora_up.weight.copy_(tensors[f"{self.name}.lora_up.weight"])
-
-    def expected_keys(self) -> list[str]:
-        return [f"{self.name}.lora_down.weight", f"{self.name}.lora_up.weight", f"{self.name}.alpha"]
-
-
-class AdapterNetwork(nn.Module):
-    """All adapter modules of one run, keyed by their community name."""
-
-    def __init__(self, modules: dict[str, nn.Module], parts: dict[str, str], algorithm: str,
-                 rank: int, alpha: float):
-        super().__init__()
-        self.adapters = nn.ModuleDict(modules)
-        self.parts = parts  # name -> "unet" / "te1" / …
-        self.algorithm = algorithm
-        self.rank = rank
-        self.alpha = alpha
-
-    def apply_to(self) -> None:
-        for m in self.adapters.values():
-            m.apply_to()
-
-    def restore(self) -> None:
-        for m in self.adapters.values():
-            m.restore()
-
-    def set_multiplier(self, value: float) -> None:
-        for m in self.adapters.values():
-            m.multiplier = value
-
-    def param_groups(self, lr: float, text_encoder_lr: float) -> list[dict]:
-        groups: dict[str, list] = {}
-        for name, m in self.adapters.items():
-            part = "unet" if self.parts[name] == "unet" else "te"
-            groups.setdefault(part, []).extend(p for p in m.parameters() if p.requires_grad)
-        out = []
-        if groups.get("unet"):
-            out.append({"params": groups["unet"], "lr": lr, "name": "unet"})
-        if groups.get("te"):
-            out.append({"params": groups["te"], "lr": text_encoder_lr or lr, "name": "text_encoder"})
+    # -- community file format -------------------------------------------------------------------------
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"lora_down.weight": self.lora_down.weight,
+               "lora_up.weight": self.lora_up.weight * self.scalar if self.has_scalar else self.lora_up.weight}
+        if self.tucker:
+            out["lora_mid.weight"] = self.lora_mid.weight
         return out
 
-    def export_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        sd = {}
-        for m in self.adapters.values():
-            for k, v in m.export_tensors().items():
-                v = v.detach().to("cpu")
-                sd[k] = v.to(dtype).contiguous() if dtype is not None and v.is_floating_point() else v.contiguous()
-        return sd
-
-    def load_export_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
-        expected = {k for m in self.adapters.values() for k in m.expected_keys()}
-        if strict:
-            missing = sorted(k for k in expected if k not in sd and not k.endswith(".alpha"))
-            unexpected = sorted(k for k in sd if k not in expected)
-            if missing or unexpected:
-                raise ValueError(f"adapter file does not match this model: {len(missing)} missing keys "
-                                 f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        for name, m in self.adapters.items():
-            alpha_key = f"{name}.alpha"
-            if alpha_key in sd and abs(float(sd[alpha_key]) - m.alpha_value) > 1e-6:
-                raise ValueError(f"{alpha_key}: file has alpha {float(sd[alpha_key])}, network {m.alpha_value}")
-            m.load_tensors(sd)
+    def param_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"lora_down.weight": self.lora_down.weight, "lora_up.weight": self.lora_up.weight}
+        if self.tucker:
+            out["lora_mid.weight"] = self.lora_mid.weight
+        return out
 
 
-def build_network(targets: list[AdapterTarget], algorithm: str, rank: int, alpha: float,
-                  dropout: float = 0.0) -> AdapterNetwork:
-    if algorithm != "lora":
-        raise ValueError(f"unknown adapter algorithm {algorithm!r}")
-    modules, parts = {}, {}
-    for t in targets:
-        if t.name in modules:
-            raise ValueError(f"two layers map to the same key {t.name}")
-        modules[t.name] = LoRAModule(t.name, t.module, rank, alpha, dropout)
-        parts[t.name] = t.part
-    if not modules:
-        raise ValueError("no layer matched the adapter's target list")
-    return AdapterNetwork(modules, parts, algorithm, rank, alpha)
+class LoConModule(LoRAModule):
+    """LoRA that also adapts k×k convolutions (LyCORIS ``locon``); same keys."""
+    algo = "locon"
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_conv"] = True
+        super().__init__(*args, **kwargs)
