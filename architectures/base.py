@@ -27,10 +27,53 @@ class Components:
 @dataclass
 class AdapterTarget:
     """A layer that gets an adapter.  ``name`` is the community (kohya) key stem, e.g.
-    ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``; ``part`` is "unet" or "te<N>"."""
+    ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``; ``part`` is "unet" or "te<N>"; ``path`` is
+    the layer's module path in the loaded model (``down_blocks.1.attentions.0.…``), for include/exclude
+    patterns."""
     name: str
     module: nn.Module
     part: str
+    path: str = ""
+
+
+def split_patterns(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Module-name patterns from a setting: one per line or comma-separated."""
+    if isinstance(text, str):
+        text = text.replace(",", "\n").splitlines()
+    return [p.strip() for p in text if p.strip()]
+
+
+def pattern_matches(pattern: str, target: AdapterTarget) -> bool:
+    """A pattern with ``*``/``?``/``[`` is a glob over the whole name; otherwise a substring.  Either the key
+    (``lora_unet_…``) or the module path (``down_blocks.0.…``) may match."""
+    import fnmatch
+    names = [target.name] + ([target.path] if target.path else [])
+    if any(c in pattern for c in "*?["):
+        return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+    return any(pattern in n for n in names)
+
+
+def apply_patterns(targets: list[AdapterTarget], candidates: list[AdapterTarget] | None,
+                   include: list[str], exclude: list[str]) -> list[AdapterTarget]:
+    """The preset's ``targets`` plus every candidate an include pattern matches, minus every layer an exclude
+    pattern matches.  An include pattern that matches no candidate is an error (a typo would otherwise pass
+    silently)."""
+    out = list(targets)
+    if include:
+        if candidates is None:
+            raise ModelLoadError("this model family does not support network.include patterns")
+        have = {t.name for t in out}
+        for pattern in include:
+            hits = [c for c in candidates if pattern_matches(pattern, c)]
+            if not hits:
+                raise ValueError(f"network.include: pattern {pattern!r} matches no layer that can take an adapter")
+            for c in hits:
+                if c.name not in have:
+                    have.add(c.name)
+                    out.append(c)
+    if exclude:
+        out = [t for t in out if not any(pattern_matches(p, t) for p in exclude)]
+    return out
 
 
 class Architecture:
@@ -40,17 +83,53 @@ class Architecture:
     modelspec_architecture: str = ""
     default_resolution: int = 512
     vae_scale_factor: int = 8
+    compile_blocks: tuple[str, ...] = ()  # class names of the denoiser's repeated blocks
+    # below this much VRAM (GB) the denoiser needs gradient checkpointing at batch 1 (bf16 base, LoRA)
+    checkpointing_below_gb: float = 24.0
 
     # -- loading ---------------------------------------------------------------------------------------
-    def load(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype) -> Components:
+    def load(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype, **options) -> Components:
+        """``options``: what :meth:`load_options` returned (none for most families)."""
         raise NotImplementedError
+
+    def load_options(self, settings, resolve_path) -> dict:
+        """Extra keyword arguments of :meth:`load` taken from the settings (e.g. FLUX's separate text-encoder
+        and autoencoder files); ``resolve_path(str) -> Path`` resolves user paths like the model path."""
+        return {}
 
     def configure_objective(self, components: Components, settings) -> None:
         """Apply the user's objective settings (prediction type, schedule shift, …) after loading."""
 
     # -- adapters --------------------------------------------------------------------------------------
+    #: the target presets this family knows (``settings.network.target``)
+    adapter_presets: tuple[str, ...] = ("attn", "attn_mlp")
+
     def adapter_targets(self, components: Components, target: str, text_encoder: bool) -> list[AdapterTarget]:
         raise NotImplementedError
+
+    def adapter_candidates(self, components: Components, text_encoder: bool) -> list[AdapterTarget] | None:
+        """Every layer an include pattern may add (None: the family supports no include patterns)."""
+        return None
+
+    def select_adapter_targets(self, components: Components, target: str, text_encoder: bool,
+                               include=(), exclude=()) -> list[AdapterTarget]:
+        """The preset's layers adjusted by the user's include/exclude module-name patterns."""
+        include, exclude = split_patterns(include), split_patterns(exclude)
+        targets = self.adapter_targets(components, target, text_encoder)
+        candidates = self.adapter_candidates(components, text_encoder) if include else None
+        return apply_patterns(targets, candidates, include, exclude)
+
+    def export_adapter(self, components: Components, state_dict: dict[str, torch.Tensor]
+                       ) -> dict[str, dict[str, torch.Tensor]]:
+        """The adapter file(s) to write from the network's state dict (keys ``{target name}.{tensor}``):
+        file-name suffix → tensors.  ``""`` is the main file; e.g. ``".diffusers"`` is written beside it as
+        ``<name>.diffusers.safetensors``.  Families whose community layout differs from the trained modules
+        (fused q/k/v, other module names) transform the tensors here."""
+        return {"": state_dict}
+
+    def adapter_metadata(self, settings, suffix: str) -> dict[str, str]:
+        """Metadata entries this family adds to / overrides in the file written for ``suffix``."""
+        return {}
 
     # -- data ------------------------------------------------------------------------------------------
     def tokenize(self, components: Components, captions: list[str]) -> list[torch.Tensor]:

@@ -26,22 +26,53 @@ def _is_target_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1))
 
 
+#: UNet target presets (``settings.network.target``), as sd-scripts / LyCORIS name them:
+#: attn: attention projections · attn_mlp: everything linear in the transformer blocks · full: attn_mlp plus
+#: the ResNet blocks, down/upsamplers, conv_in/conv_out and the time embedding, k×k convolutions included
+#: (LoCon-style, LyCORIS "full") · full-lin: the same without k×k convolutions (LyCORIS "full-lin").
+UNET_PRESETS = ("attn", "attn_mlp", "full", "full-lin")
+_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+_TOP_LEVEL = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
+
+
 def unet_targets(unet: nn.Module, target: str) -> list[tuple[str, nn.Module]]:
-    """(diffusers module path, module) for the UNet layers that get an adapter.
+    """(diffusers module path, module) for the UNet layers that get an adapter under a preset.
 
     Like sd-scripts: everything linear inside the transformer blocks ("attn_mlp": attention projections,
-    proj_in/proj_out, feed-forward), or only the attention projections ("attn")."""
-    found = []
+    proj_in/proj_out, feed-forward), or only the attention projections ("attn"); "full" and "full-lin" add the
+    convolutional part (see ``UNET_PRESETS``)."""
+    if target not in UNET_PRESETS:
+        raise ValueError(f"unknown adapter target {target!r} (known: {', '.join(UNET_PRESETS)})")
+    wide = target in ("full", "full-lin")
+
+    def wanted(module: nn.Module) -> bool:
+        if _is_target_linear(module):
+            return True
+        return target == "full" and isinstance(module, nn.Conv2d)
+
+    found, seen = [], set()
     for block_name, block in unet.named_modules():
-        if type(block).__name__ != "Transformer2DModel":
+        kind = type(block).__name__
+        if wide and block_name in _TOP_LEVEL:
+            if wanted(block):
+                found.append((block_name, block))
+            continue
+        if kind != "Transformer2DModel" and not (wide and kind in _CONV_BLOCKS):
             continue
         for name, module in block.named_modules():
-            if not name or not _is_target_linear(module):
+            path = f"{block_name}.{name}"
+            if not name or path in seen or not wanted(module):
                 continue
             if target == "attn" and not (".attn1." in f".{name}" or ".attn2." in f".{name}"):
                 continue
-            found.append((f"{block_name}.{name}", module))
+            seen.add(path)
+            found.append((path, module))
     return found
+
+
+def unet_candidates(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every Linear / Conv2d of the UNet: what include patterns may add."""
+    return [(name, m) for name, m in unet.named_modules() if name and isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
 def clip_targets(text_encoder: nn.Module, prefix: str, part: str) -> list[AdapterTarget]:
@@ -56,7 +87,7 @@ def clip_targets(text_encoder: nn.Module, prefix: str, part: str) -> list[Adapte
         if not (".self_attn." in name or ".mlp." in name):
             continue
         rel = name[len("text_model."):] if name.startswith("text_model.") else name
-        out.append(AdapterTarget(f"{prefix}_text_model_{rel.replace('.', '_')}", module, part))
+        out.append(AdapterTarget(f"{prefix}_text_model_{rel.replace('.', '_')}", module, part, f"text_model.{rel}"))
     return out
 
 
@@ -64,7 +95,9 @@ class SDUNetFamily(Architecture):
     """Shared behaviour of the DDPM UNet families; subclasses define naming and text conditioning."""
 
     te_prefixes: tuple[str, ...] = ()
-    pipeline_class_name = ""
+    # the UNet's repeated blocks: what regional compilation compiles
+    # (the ResNet blocks come in many shapes: compiling them recompiles often for little gain)
+    compile_blocks = ("BasicTransformerBlock",)
 
     # -- loading ---------------------------------------------------------------------------------------
     def load(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype) -> Components:
@@ -93,13 +126,29 @@ class SDUNetFamily(Architecture):
     def unet_key(self, components: Components, diffusers_path: str) -> str:
         raise NotImplementedError
 
+    adapter_presets = UNET_PRESETS
+
     def adapter_targets(self, components: Components, target: str, text_encoder: bool) -> list[AdapterTarget]:
-        targets = [AdapterTarget(self.unet_key(components, path), module, "unet")
+        targets = [AdapterTarget(self.unet_key(components, path), module, "unet", path)
                    for path, module in unet_targets(components.denoiser, target)]
         if text_encoder:
-            for i, (te, prefix) in enumerate(zip(components.text_encoders, self.te_prefixes)):
-                targets += clip_targets(te, prefix, f"te{i + 1}")
+            targets += self._text_encoder_targets(components)
         return targets
+
+    def _text_encoder_targets(self, components: Components) -> list[AdapterTarget]:
+        out = []
+        for i, (te, prefix) in enumerate(zip(components.text_encoders, self.te_prefixes)):
+            out += clip_targets(te, prefix, f"te{i + 1}")
+        return out
+
+    def adapter_candidates(self, components: Components, text_encoder: bool) -> list[AdapterTarget]:
+        out = []
+        for path, module in unet_candidates(components.denoiser):
+            try:
+                out.append(AdapterTarget(self.unet_key(components, path), module, "unet", path))
+            except ValueError:  # no community name (no counterpart in the original layout)
+                continue
+        return out + (self._text_encoder_targets(components) if text_encoder else [])
 
     # -- data ------------------------------------------------------------------------------------------
     def tokenize(self, components: Components, captions: list[str]) -> list[torch.Tensor]:

@@ -14,21 +14,34 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-ARCHITECTURES = ("sd15", "sdxl")
+ARCHITECTURES = ("sd15", "sdxl", "sd3", "sd35_medium", "sd35_large", "flux1_dev", "flux1_schnell")
+# what the UI shows for each id (tests/test_settings.py checks these equal the plug-ins' labels)
+ARCHITECTURE_LABELS = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3 Medium",
+                       "sd35_medium": "Stable Diffusion 3.5 Medium",
+                       "sd35_large": "Stable Diffusion 3.5 Large", "flux1_dev": "FLUX.1 dev",
+                       "flux1_schnell": "FLUX.1 schnell"}
+# show_if groups of architectures (keep in sync with architectures/__init__.py; tests/test_dit_loading.py checks)
+_UNET_ARCHS = ["sd15", "sdxl"]
+_SD3_ARCHS = ["sd3", "sd35_medium", "sd35_large"]
+_FLUX_ARCHS = ["flux1_dev", "flux1_schnell"]
+_FLOW_ARCHS = _SD3_ARCHS + _FLUX_ARCHS
+TIMESTEP_SAMPLING = ("uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "Prodigy", "SGD")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 def setting(default: Any, label: str, help: str = "", *, widget: str | None = None,
             choices: tuple | None = None, ge: float | None = None, le: float | None = None,
-            step: float | None = None, show_if: dict | None = None, advanced: bool = False) -> Any:
+            step: float | None = None, show_if: dict | None = None, advanced: bool = False,
+            choice_labels: dict | None = None) -> Any:
     """A field with the UI metadata attached.
 
     ``show_if`` maps another field ("section.name") to the values for which this one applies; the UI hides
     the control otherwise and the trainer ignores it (it is still validated).
     """
     ui = {"label": label, "help": help, "widget": widget, "choices": list(choices) if choices else None,
-          "step": step, "show_if": show_if or {}, "advanced": advanced}
+          "step": step, "show_if": show_if or {}, "advanced": advanced,
+          "choice_labels": dict(choice_labels) if choice_labels else None}
     return Field(default, ge=ge, le=le, description=help, json_schema_extra={"ui": ui})
 
 
@@ -72,32 +85,133 @@ class DatasetSettings(Section):
 
 
 class ModelSettings(Section):
-    architecture: Literal["sd15", "sdxl"] = setting(
+    architecture: Literal["sd15", "sdxl", "sd3", "sd35_medium", "sd35_large", "flux1_dev", "flux1_schnell"] = setting(
         "sd15", "Architecture", "The model family. The loader checks that the file fits it.",
-        choices=ARCHITECTURES)
+        choices=ARCHITECTURES, choice_labels=ARCHITECTURE_LABELS)
     model_path: str = setting("", "Base model", "A diffusers folder or a single .safetensors checkpoint. "
                               "Relative paths are inside the models folder.", widget="model")
     config_path: str = setting("", "Model config folder",
                                "Only for single-file checkpoints of an unusual size: a diffusers-layout folder "
                                "with the configs and tokenizers. Empty uses the configs shipped for the "
                                "architecture.", widget="path", advanced=True)
+    clip_l_path: str = setting("", "CLIP-L file", "FLUX.1 single-file transformers only: the CLIP-L text "
+                               "encoder (clip_l.safetensors). Not needed for a diffusers folder.", widget="model",
+                               show_if={"model.architecture": _FLUX_ARCHS})
+    t5xxl_path: str = setting("", "T5-XXL file", "FLUX.1 single-file transformers only: the T5-XXL text encoder "
+                              "(t5xxl_fp16.safetensors). Its tokenizer (tokenizer.json or spiece.model) goes into "
+                              "a t5_tokenizer folder beside it.", widget="model",
+                              show_if={"model.architecture": _FLUX_ARCHS})
+    ae_path: str = setting("", "Autoencoder file", "FLUX.1 single-file transformers only: the autoencoder "
+                           "(ae.safetensors).", widget="model", show_if={"model.architecture": _FLUX_ARCHS})
+    use_t5: bool = setting(True, "Use T5", "Load the T5-XXL text encoder. Off: T5's part of the conditioning is "
+                           "zeros (as SD3 runs without T5), saving about 10 GB of memory; the model then does not "
+                           "need to contain T5.", show_if={"model.architecture": _SD3_ARCHS})
+    t5_max_length: int = setting(0, "T5 tokens", "Length T5 captions are padded or cut to. 0: the model's "
+                                 "default (256 for SD3 and FLUX.1 schnell, 512 for FLUX.1 dev).", ge=0, le=512,
+                                 show_if={"model.architecture": _FLOW_ARCHS}, advanced=True)
+    apply_t5_attention_mask: bool = setting(False, "Mask T5 padding", "Mask T5's padding tokens and zero their "
+                                            "output (sd-scripts' apply_t5_attn_mask). Off matches how diffusers "
+                                            "and ComfyUI encode prompts.",
+                                            show_if={"model.architecture": _FLOW_ARCHS}, advanced=True)
+    guidance: float = setting(1.0, "Training guidance", "The guidance value FLUX.1 dev is given while training "
+                              "(it is guidance-distilled). 1.0 is common for LoRAs; diffusers' example uses 3.5.",
+                              ge=0.0, le=20.0, step=0.1, show_if={"model.architecture": ["flux1_dev"]})
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = setting(
         "auto", "Prediction type", "'auto' uses what the model's scheduler config says (epsilon for "
-        "single files).", choices=("auto", "epsilon", "v_prediction"))
+        "single files).", choices=("auto", "epsilon", "v_prediction"), show_if={"model.architecture": _UNET_ARCHS})
     zero_terminal_snr: bool = setting(False, "Zero terminal SNR", "Rescale the noise schedule so the last "
-                                      "step is pure noise (use with v-prediction).", advanced=True)
-    clip_skip: int = setting(1, "CLIP skip", "Use the output of the N-th last text-encoder layer.", ge=1, le=12)
+                                      "step is pure noise (use with v-prediction).", advanced=True,
+                                      show_if={"model.architecture": _UNET_ARCHS})
+    clip_skip: int = setting(1, "CLIP skip", "Use the output of the N-th last text-encoder layer.", ge=1, le=12,
+                             show_if={"model.architecture": _UNET_ARCHS + _SD3_ARCHS})
+
+
+ADAPTER_ALGORITHMS = ("lora", "locon", "loha", "lokr", "ia3", "diag-oft", "boft", "glora", "full")
+_RANKED = ["lora", "locon", "loha", "lokr", "glora"]  # strength set by rank / alpha
+_CONV_RANKED = ["locon", "loha", "lokr", "glora"]  # can adapt k×k convolutions with their own rank
+_DORA = ["lora", "locon", "loha", "lokr"]
+ADAPTER_TARGETS = ("attn", "attn_mlp", "full", "full-lin")
 
 
 class NetworkSettings(Section):
-    algorithm: Literal["lora"] = setting("lora", "Algorithm", choices=("lora",))
-    rank: int = setting(16, "Rank (dim)", ge=1, le=1024)
-    alpha: float = setting(16.0, "Alpha", "Scale = alpha / rank.", ge=0.0, le=4096.0)
-    dropout: float = setting(0.0, "Dropout", "Dropout on the adapter's input.", ge=0.0, le=1.0, step=0.01)
-    target: Literal["attn", "attn_mlp"] = setting(
-        "attn_mlp", "Target layers", "Which UNet layers get an adapter: attention only, or attention and "
-        "feed-forward.", choices=("attn", "attn_mlp"))
+    algorithm: Literal["lora", "locon", "loha", "lokr", "ia3", "diag-oft", "boft", "glora", "full"] = setting(
+        "lora", "Algorithm",
+        "LoRA: kohya LoRA on linear layers, loaded by every tool. LoCon: LoRA on 3x3 convolutions too. "
+        "LoHa / LoKr: Hadamard / Kronecker products (more capacity per parameter). (IA)³: per-channel scales "
+        "(tiny; needs a learning rate around 5e-3). Diag-OFT / BOFT: orthogonal fine-tuning (rotates the "
+        "weights). GLoRA: generalised LoRA. Full: full-rank weight differences (large files). All but LoRA "
+        "are saved as LyCORIS files (kohya key names); ComfyUI loads all of them except (IA)³.",
+        choices=ADAPTER_ALGORITHMS)
+    rank: int = setting(16, "Rank (dim)", "LoKr: rank of the low-rank Kronecker factor (large ranks make it a "
+                        "full matrix). Diag-OFT / BOFT: the block size.", ge=1, le=1024,
+                        show_if={"network.algorithm": _RANKED + ["diag-oft", "boft"]})
+    alpha: float = setting(16.0, "Alpha", "Scale = alpha / rank (alpha / √rank with rs-LoRA). 0 means "
+                           "alpha = rank.", ge=0.0, le=4096.0, show_if={"network.algorithm": _RANKED})
+    dropout: float = setting(0.0, "Dropout", "Dropout on the adapter's input.", ge=0.0, le=1.0, step=0.01,
+                             show_if={"network.algorithm": _RANKED})
+    target: Literal["attn", "attn_mlp", "full", "full-lin"] = setting(
+        "attn_mlp", "Target layers", "Which UNet layers get an adapter: attention only; attention and "
+        "feed-forward; 'full': also the ResNet blocks, down/upsamplers, conv_in/out and time embedding, 3x3 "
+        "convolutions included (not for plain LoRA: use LoCon); 'full-lin': the same without 3x3 "
+        "convolutions. SD3 / FLUX.1: attention; + MLPs; 'full-lin': every linear layer of the transformer "
+        "blocks (adaLN modulation too); 'full' does not apply.", choices=ADAPTER_TARGETS)
     train_text_encoder: bool = setting(False, "Train text encoder(s)")
+    flux_blocks: Literal["all", "double", "single"] = setting(
+        "all", "FLUX blocks", "Which FLUX.1 transformer blocks get adapters: all, only the 19 double-stream "
+        "blocks, or only the 38 single-stream blocks.", choices=("all", "double", "single"),
+        show_if={"model.architecture": _FLUX_ARCHS})
+    train_t5: bool = setting(False, "Train T5 too", "Also train the T5-XXL text encoder (lora_te3_ keys; large "
+                             "and slow; diffusers does not load T5 adapters).",
+                             show_if={"model.architecture": _FLOW_ARCHS, "network.train_text_encoder": [True]},
+                             advanced=True)
+    conv_rank: int = setting(0, "Conv rank", "Rank for 3x3 convolutions. 0 uses the rank above.", ge=0, le=1024,
+                             show_if={"network.algorithm": _CONV_RANKED, "network.target": ["full"]})
+    conv_alpha: float = setting(0.0, "Conv alpha", "Alpha for 3x3 convolutions. 0 uses the alpha above.",
+                                ge=0.0, le=4096.0,
+                                show_if={"network.algorithm": _CONV_RANKED, "network.target": ["full"]})
+    use_tucker: bool = setting(False, "Tucker decomposition", "Decompose 3x3 convolutions with a Tucker core "
+                               "(lora_mid / hada_t / lokr_t2): fewer parameters.",
+                               show_if={"network.algorithm": ["locon", "loha", "lokr"], "network.target": ["full"]},
+                               advanced=True)
+    dora: bool = setting(False, "DoRA (weight decomposition)", "Learn each weight's magnitude separately from "
+                         "its direction (saved as dora_scale). diffusers ignores it; ComfyUI, Forge and A1111 "
+                         "apply it.", show_if={"network.algorithm": _DORA})
+    dora_on_output: bool = setting(False, "DoRA norm per output channel", "Normalise per output channel (the "
+                                   "DoRA paper, LyCORIS' wd_on_output) instead of per input channel. ComfyUI "
+                                   "currently normalises such files by the base weight: they look slightly "
+                                   "different there.", show_if={"network.algorithm": _DORA, "network.dora": [True]},
+                                   advanced=True)
+    rs_lora: bool = setting(False, "rs-LoRA scaling", "Scale by alpha / √rank instead of alpha / rank (the "
+                            "file's alpha is adjusted so every loader gets the same scale).",
+                            show_if={"network.algorithm": _RANKED}, advanced=True)
+    use_scalar: bool = setting(False, "Learned scalar", "LyCORIS' scalar: both sides start random and a learned "
+                               "scale, starting at 0, gates the adapter (folded into the weights on save).",
+                               show_if={"network.algorithm": _CONV_RANKED}, advanced=True)
+    rank_dropout: float = setting(0.0, "Rank dropout", "Drop ranks (LoRA) or rows of the weight change (others) "
+                                  "during training.", ge=0.0, le=1.0, step=0.01,
+                                  show_if={"network.algorithm": _RANKED}, advanced=True)
+    module_dropout: float = setting(0.0, "Module dropout", "Skip a whole adapted layer with this probability "
+                                    "during training.", ge=0.0, le=1.0, step=0.01, advanced=True)
+    loraplus_lr_ratio: float = setting(0.0, "LoRA+ ratio", "Train the up (B) matrices at this multiple of the "
+                                       "learning rate (LoRA+; 16 is common). 0 disables.", ge=0.0, le=1000.0,
+                                       show_if={"network.algorithm": ["lora", "locon"]}, advanced=True)
+    lokr_factor: int = setting(-1, "LoKr factor", "Split each dimension as factor × rest. -1: as square as "
+                               "possible (smallest files); 4–16 keep more capacity.", ge=-1, le=8192,
+                               show_if={"network.algorithm": ["lokr"]})
+    decompose_both: bool = setting(False, "Decompose both factors", "Make the smaller Kronecker factor low-rank "
+                                   "too.", show_if={"network.algorithm": ["lokr"]}, advanced=True)
+    full_matrix: bool = setting(False, "Full-matrix factor", "Keep the larger Kronecker factor a full matrix "
+                                "(no rank).", show_if={"network.algorithm": ["lokr"]}, advanced=True)
+    oft_rescale: bool = setting(False, "Rescale outputs", "Learn a per-output-channel scale after the rotation. "
+                                "ComfyUI applies it for BOFT but ignores it for Diag-OFT.",
+                                show_if={"network.algorithm": ["diag-oft", "boft"]}, advanced=True)
+    include: str = setting("", "Also adapt (patterns)", "Extra layers beyond the target preset: module-name "
+                           "patterns, one per line or comma-separated, matched against the model path "
+                           "(down_blocks.1.resnets.0.conv1) or the file key (lora_unet_…). With * ? [ ] a "
+                           "pattern must match the whole name, without them any part.", widget="textarea",
+                           advanced=True)
+    exclude: str = setting("", "Skip (patterns)", "Layers to leave out, same pattern rules (e.g. attn1, "
+                           "*_ff_net_*).", widget="textarea", advanced=True)
 
 
 class OptimizerSettings(Section):
@@ -127,7 +241,32 @@ class ScheduleSettings(Section):
     seed: int = setting(42, "Seed", ge=0, le=2**32 - 1)
     noise_offset: float = setting(0.0, "Noise offset", ge=0.0, le=1.0, step=0.01, advanced=True)
     min_snr_gamma: float = setting(0.0, "Min-SNR gamma", "Loss weighting; 5 is common. 0 disables.",
-                                   ge=0.0, le=100.0)
+                                   ge=0.0, le=100.0, show_if={"model.architecture": _UNET_ARCHS})
+    timestep_sampling: Literal["uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift"] = setting(
+        "sigmoid", "Timestep sampling", "How noise levels σ are drawn for flow-matching models: uniform; "
+        "sigmoid(scale·N(0,1)); logit-normal(mean, std) (SD3 paper); mode (heavy tails); shift: sigmoid, then "
+        "σ' = sσ/(1+(s−1)σ); flux_shift: sigmoid, then the shift FLUX.1 uses for the image size.",
+        choices=TIMESTEP_SAMPLING, show_if={"model.architecture": _FLOW_ARCHS})
+    sigmoid_scale: float = setting(1.0, "Sigmoid scale", "Spread of sigmoid sampling (larger: more samples near "
+                                   "pure image and pure noise).", ge=0.01, le=10.0, step=0.1,
+                                   show_if={"model.architecture": _FLOW_ARCHS,
+                                            "schedule.timestep_sampling": ["sigmoid", "shift", "flux_shift"]})
+    logit_mean: float = setting(0.0, "Logit mean", ge=-5.0, le=5.0, step=0.1,
+                                show_if={"model.architecture": _FLOW_ARCHS,
+                                         "schedule.timestep_sampling": ["logit_normal"]})
+    logit_std: float = setting(1.0, "Logit std", ge=0.01, le=10.0, step=0.1,
+                               show_if={"model.architecture": _FLOW_ARCHS,
+                                        "schedule.timestep_sampling": ["logit_normal"]})
+    mode_scale: float = setting(1.29, "Mode scale", "SD3 paper's mode sampling; 0 is uniform.", ge=-1.0, le=2.0,
+                                step=0.01, show_if={"model.architecture": _FLOW_ARCHS,
+                                                    "schedule.timestep_sampling": ["mode"]})
+    discrete_flow_shift: float = setting(3.0, "Shift", "s in σ' = sσ/(1+(s−1)σ); above 1 trains more on noisy "
+                                         "steps (SD3 samples with 3.0).", ge=0.01, le=100.0, step=0.1,
+                                         show_if={"model.architecture": _FLOW_ARCHS,
+                                                  "schedule.timestep_sampling": ["shift"]})
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = setting(
+        "none", "Loss weighting", "Per-sample weight of flow-matching losses: none; σ⁻² (sigma_sqrt); cosmap.",
+        choices=("none", "sigma_sqrt", "cosmap"), show_if={"model.architecture": _FLOW_ARCHS})
     log_every_n_steps: int = setting(10, "Report loss every N steps", "Reading the loss from the GPU "
                                      "waits for it; doing so rarely keeps the GPU busy.", ge=1, le=10000,
                                      advanced=True)
@@ -174,7 +313,9 @@ class MemorySettings(Section):
         "auto", "Cache text-encoder outputs", "Encode each caption once. Not possible while the text encoder "
         "trains or captions change every step (shuffle, dropout); 'auto' caches when possible.",
         choices=("auto", "on", "off"))
-    dataloader_workers: int = setting(0, "Data loader workers", ge=0, le=64, advanced=True)
+    compile: Literal["auto", "off", "regional"] = setting(
+        "auto", "Compile (torch.compile)", "Compile the model's repeated blocks: ≈1.5× faster steps on NVIDIA GPUs "
+        "after about a minute of compiling. 'auto': on with CUDA and Triton.", choices=("auto", "off", "regional"))
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -312,6 +453,10 @@ def check_consistency(settings: Settings) -> list[str]:
         problems.append("dataset.path: choose the folder with your training images")
     if not settings.model.model_path:
         problems.append("model.model_path: choose the base model")
+    n = settings.network
+    if n.target == "full" and n.algorithm == "lora":
+        problems.append("network.target 'full' includes 3x3 convolutions, which plain LoRA cannot adapt: choose "
+                        "LoCon (or another algorithm), or the target 'full-lin'")
     if not settings.saving.output_name.strip() or any(c in settings.saving.output_name for c in "/\\:"):
         problems.append("saving.output_name must be a plain file name (no slashes)")
     return problems

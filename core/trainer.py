@@ -20,7 +20,7 @@ import architectures
 from core import dataset as ds_mod
 from core.config import AppConfig, load_config
 from core.events import emit
-from core.export import adapter_metadata, save_adapter, tag_frequency
+from core.export import adapter_metadata, save_adapter_files, tag_frequency
 from core.io import atomic_save_image, atomic_torch_save, atomic_write_json, unused_path
 from core.optim import build_optimizer, build_scheduler
 from core.plan import make_plan
@@ -62,6 +62,12 @@ def model_fingerprint(path: Path) -> str:
         st = f.stat()
         h.update(f"{f.relative_to(path.parent)}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:12]
+
+
+def on_device(module: torch.nn.Module, device: torch.device) -> bool:
+    """Whether the module's weights are on ``device`` ("cuda" and "cuda:0" count as the same)."""
+    p = next(module.parameters()).device
+    return p.type == device.type and (device.index is None or p.index in (None, device.index))
 
 
 def steps_per_epoch(batches_per_epoch: int, accumulation: int) -> int:
@@ -129,7 +135,7 @@ class _Run:
 
         from core.hardware import detect_hardware
         self.profile = detect_hardware()
-        self.plan = make_plan(self.profile, s, self.arch.id)
+        self.plan = make_plan(self.profile, s, self.arch)
         self.log("Plan: " + self.plan.summary())
 
         from accelerate import Accelerator
@@ -145,7 +151,10 @@ class _Run:
         set_seed(s.schedule.seed)
 
         self.status(f"Loading {self.arch.label} from {self.model_path}")
-        self.components = self.arch.load(self.model_path, self.config_dir, self.plan.weight_dtype)
+        # family-specific load arguments (e.g. FLUX's separate text-encoder / autoencoder files)
+        self.load_options = self.arch.load_options(s, lambda p: self.config.resolve(p, "models_dir"))
+        self.components = self.arch.load(self.model_path, self.config_dir, self.plan.weight_dtype,
+                                         **self.load_options)
         self.arch.configure_objective(self.components, s)
         c = self.components
         for module in [c.denoiser, c.vae, *c.text_encoders]:
@@ -168,7 +177,9 @@ class _Run:
         def encode(pixels: torch.Tensor) -> torch.Tensor:
             return self.arch.encode_latents(c, pixels).float().cpu()
 
-        cache_tag = f"{self.arch.id}-{model_fingerprint(self.model_path)}"
+        # latents follow the VAE: the model path and any separate model files (e.g. FLUX's ae.safetensors)
+        extra = [p for p in self.load_options.values() if isinstance(p, Path) and p.exists()]
+        cache_tag = "-".join([self.arch.id, model_fingerprint(self.model_path), *map(model_fingerprint, extra)])
         self.latent_cache = ds_mod.LatentCache(s.dataset.cache_latents, encode, cache_tag)
         self.latent_cache.fill(self.items, s.dataset.flip_aug, s.schedule.train_batch_size,
                                progress=lambda done, total: self.status(f"Caching latents {done}/{total}"))
@@ -204,16 +215,19 @@ class _Run:
                 cond = self.encode_captions(chunk)
                 for j, caption in enumerate(chunk):
                     self.text_cache[caption] = {k: v[j:j + 1].detach() for k, v in cond.items()}
-        if not self.wants_previews():
-            for te in c.text_encoders:
-                te.to("cpu")
+        # cached: the encoders leave the device (previews bring them back for their prompts only)
+        for te in c.text_encoders:
+            te.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def prepare_network(self) -> None:
-        from core.adapters import build_network
+        from core.adapters import AdapterOptions, build_network
         s, c = self.s, self.components
-        targets = self.arch.adapter_targets(c, s.network.target, s.network.train_text_encoder)
+        targets = self.arch.select_adapter_targets(c, s.network.target, s.network.train_text_encoder,
+                                                   include=s.network.include, exclude=s.network.exclude)
         self.network = build_network(targets, s.network.algorithm, s.network.rank, s.network.alpha,
-                                     s.network.dropout)
+                                     s.network.dropout, AdapterOptions.from_settings(s.network))
         self.network.to(self.device, torch.float32)
         self.network.apply_to()
         n_params = sum(p.numel() for p in self.network.parameters())
@@ -227,6 +241,10 @@ class _Run:
         c.denoiser.train()
         for te in c.text_encoders:
             te.train(s.network.train_text_encoder)
+        if self.plan.compile != "off":
+            from core.speed import compile_model
+            n = compile_model(c.denoiser, self.arch.compile_blocks, self.plan.compile)
+            self.log(f"Compiling {n} blocks of the {type(c.denoiser).__name__}: the first steps take longer")
 
     # -- the loop --------------------------------------------------------------------------------------
     def batch_conditioning(self, captions: list[str]) -> dict:
@@ -340,15 +358,17 @@ class _Run:
         self.status(f"Preview images at step {self.global_step}")
         width = s.sampling.width or s.dataset.resolution
         height = s.sampling.height or s.dataset.resolution
-        moved = [m for m in [c.vae, *c.text_encoders] if next(m.parameters()).device != self.device]
+        moved = [m for m in [c.vae, *c.text_encoders] if not on_device(m, self.device)]
         for m in moved:
             m.to(self.device)
         c.denoiser.eval()
+        self.network.eval()  # no adapter dropout in previews
         try:
             with torch.no_grad():
                 images = self.arch.sample(c, prompts, s, (width, height), self.device, self.plan.weight_dtype)
         finally:
             c.denoiser.train()
+            self.network.train()
             for m in moved:
                 m.to("cpu")
         paths = []
@@ -359,7 +379,7 @@ class _Run:
         emit(self.on_event, "sample", step=self.global_step, paths=paths, prompts=prompts)
 
     # -- saving and resuming ---------------------------------------------------------------------------
-    def metadata(self, tensors_hash: str) -> dict:
+    def metadata(self, tensors_hash: str, suffix: str = "") -> dict:
         by_folder: dict[str, list[str]] = {}
         for item in self.items:
             by_folder.setdefault(item.path.parent.name, []).append(item.caption)
@@ -369,20 +389,30 @@ class _Run:
                                 num_images=len(self.items), tag_freq=tag_frequency(by_folder),
                                 model_name=self.model_path.name, started_at=self.started_at,
                                 mixed_precision=self.plan.mixed_precision, resolution=(res, res),
-                                tensors_hash=tensors_hash)
+                                tensors_hash=tensors_hash) | self.arch.adapter_metadata(self.s, suffix)
 
     def save(self, final: bool) -> Path:
         s = self.s
         name = f"{self.output_stem}.safetensors" if final else f"{self.output_stem}-step{self.global_step:06d}.safetensors"
-        path = save_adapter(self.output_dir / name, self.network, self.metadata, s.saving.save_precision)
-        emit(self.on_event, "saved", step=self.global_step, path=str(path), kind="adapter")
-        self.result.outputs.append(path)
+        # the family may write more than one file (e.g. SD3: kohya layout + <name>.diffusers.safetensors)
+        paths = save_adapter_files(self.output_dir / name, self.network, self.metadata, s.saving.save_precision,
+                                   lambda sd: self.arch.export_adapter(self.components, sd))
+        path = paths[0]
+        for p in paths:
+            emit(self.on_event, "saved", step=self.global_step, path=str(p), kind="adapter")
+        self.result.outputs.extend(paths)
         if not final:
             self.saved_adapters.append(name)
-            self.prune(self.saved_adapters, lambda n: (self.output_dir / n).unlink(missing_ok=True))
+            self.prune(self.saved_adapters, self.delete_adapter)
         if s.saving.save_state:
             self.save_state()
         return path
+
+    def delete_adapter(self, name: str) -> None:
+        """An intermediate save: its main file and the family's extra files (``<stem>.<suffix>.safetensors``)."""
+        main = self.output_dir / name
+        for p in [main, *self.output_dir.glob(f"{main.stem}.*.safetensors")]:
+            p.unlink(missing_ok=True)
 
     def prune(self, names: list[str], delete) -> None:
         keep = self.s.saving.save_last_n
@@ -397,7 +427,7 @@ class _Run:
         tmp = self.output_dir / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(self.network.export_state_dict(torch.float32), str(tmp / "adapter.safetensors"))
+        save_file(self.network.training_state_dict(), str(tmp / "adapter.safetensors"))
         atomic_torch_save(tmp / "optimizer.pt", self.optimizer.state_dict())
         atomic_torch_save(tmp / "scheduler.pt", self.lr_scheduler.state_dict())
         rng = {"cpu": torch.get_rng_state()}

@@ -1,0 +1,223 @@
+"""What SD3 / SD3.5 and FLUX.1 share: a transformer trained with rectified flow (flow matching), CLIP and T5
+text encoders, a 16-channel VAE with shift/scale, adapters exported under the original (kohya / BFL) module
+names with separately trained q/k/v fused back into one ``qkv`` layer.
+
+The two families differ in text conditioning, the transformer call, naming and metadata (``sd3.py``,
+``flux1.py``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from architectures import flow_matching as fm
+from architectures.base import AdapterTarget, Architecture, Components
+from architectures.dit_keys import ExportSlot, export_community, export_peft
+
+#: Algorithms whose tensors are plain lora_down / lora_up / alpha, so that separately trained q/k/v can be
+#: written exactly as one fused module.
+FUSABLE_ALGORITHMS = ("lora", "locon")
+
+#: Target presets: attention; attention + MLP; every linear layer of the blocks (adaLN modulation included).
+DIT_PRESETS = ("attn", "attn_mlp", "full-lin")
+
+
+def t5_targets(t5: nn.Module, prefix: str, part: str) -> list[AdapterTarget]:
+    """T5 encoder attention and feed-forward linears, named like sd-scripts: ``lora_te3_encoder_block_0_layer_0_SelfAttention_q``."""
+    out = []
+    for name, module in t5.named_modules():
+        if isinstance(module, nn.Linear) and name.startswith("encoder.block.") and (
+                ".SelfAttention." in name or ".DenseReluDense." in name):
+            out.append(AdapterTarget(f"{prefix}_{name.replace('.', '_')}", module, part, name))
+    return out
+
+
+def clip_text_targets(text_encoder: nn.Module, prefix: str, part: str) -> list[AdapterTarget]:
+    from architectures.sd_unet import clip_targets
+    return clip_targets(text_encoder, prefix, part)
+
+
+class FlowMatchingFamily(Architecture):
+    """Shared behaviour of SD3 / SD3.5 and FLUX.1; subclasses fill in the family specifics."""
+
+    adapter_presets = DIT_PRESETS
+    default_resolution = 1024
+    default_t5_max_length = 256
+    #: the transformer's block lists and, per preset, the module paths (relative to a block) it adapts
+    block_lists: tuple[str, ...] = ()
+    preset_modules: dict[str, dict[str, tuple[str, ...]]] = {}
+
+    # -- hooks the subclasses implement ------------------------------------------------------------------
+    def lora_slots(self, components: Components) -> dict[str, ExportSlot]:
+        raise NotImplementedError
+
+    def text_encoder_targets(self, components: Components, settings_network) -> list[AdapterTarget]:
+        raise NotImplementedError
+
+    def peft_paths(self, components: Components) -> dict[str, str]:
+        """internal adapter name → diffusers module path, for a diffusers/PEFT-layout file (none: no file)."""
+        return {}
+
+    # -- objective -------------------------------------------------------------------------------------
+    def configure_objective(self, components: Components, settings) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        n = settings.network
+        algorithm = getattr(n, "algorithm", "lora")
+        dora = bool(getattr(n, "dora", False))
+        if algorithm not in FUSABLE_ALGORITHMS or dora:
+            what = f"{algorithm}{' with DoRA' if dora else ''}"
+            raise ValueError(
+                f"network.algorithm: {self.label} adapters are saved in the original layout, where q, k and v are "
+                f"one fused layer (kohya/BFL names that ComfyUI and sd-scripts load). LoRA trained on q, k and v "
+                f"separately can be written exactly as one fused LoRA; {what} cannot. Choose LoRA (or LoCon) "
+                f"without DoRA for {self.label}.")
+        m = settings.model
+        components.extra["network"] = n
+        components.extra["objective"] = {
+            "t5_max_length": m.t5_max_length or self.default_t5_max_length,
+            "apply_t5_mask": bool(m.apply_t5_attention_mask),
+            "guidance": float(m.guidance),
+        }
+        components.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.extra["scheduler_config"])
+
+    def _objective(self, components: Components) -> dict:
+        return components.extra.get("objective") or {"t5_max_length": self.default_t5_max_length,
+                                                      "apply_t5_mask": False, "guidance": 1.0}
+
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        """Tokens the transformer sees for these latents (2×2 patches)."""
+        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+
+    def noisy_input_and_target(self, components, latents, noise, settings):
+        s = settings.schedule
+        cfg = components.extra.get("scheduler_config", {})
+        sigmas = fm.sample_sigmas(
+            s.timestep_sampling, latents.shape[0], sigmoid_scale=s.sigmoid_scale, logit_mean=s.logit_mean,
+            logit_std=s.logit_std, mode_scale=s.mode_scale, shift=s.discrete_flow_shift,
+            image_seq_len=self.image_seq_len(latents),
+            flux_shift_config={k: cfg[v] for k, v in (("base_seq_len", "base_image_seq_len"),
+                                                      ("max_seq_len", "max_image_seq_len"),
+                                                      ("base_shift", "base_shift"), ("max_shift", "max_shift"))
+                               if v in cfg},
+            device=latents.device)
+        noisy = fm.noisy_latents(latents, noise, sigmas)
+        return noisy, sigmas, fm.velocity_target(latents, noise), fm.loss_weights(s.loss_weighting, sigmas)
+
+    # -- latents ---------------------------------------------------------------------------------------
+    def encode_latents(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
+        vae = components.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
+        return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
+        vae = components.vae
+        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return vae.decode(latents).sample
+
+    # -- text ------------------------------------------------------------------------------------------
+    def t5_tokens(self, components: Components, captions: list[str]) -> list[torch.Tensor]:
+        """[input ids, attention mask] of the T5 tokenizer (the last tokenizer), padded to the T5 length."""
+        tok = components.tokenizers[-1]
+        length = self._objective(components)["t5_max_length"]
+        enc = tok(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        return [enc.input_ids, enc.attention_mask]
+
+    def t5_encode(self, components: Components, t5: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """T5's last hidden state.  Like diffusers' pipelines, no mask by default; with
+        model.apply_t5_attention_mask the padding is masked in attention and zeroed in the output (sd-scripts'
+        apply_t5_attn_mask)."""
+        param = next(t5.parameters())
+        ids, mask = ids.to(param.device), mask.to(param.device)
+        apply = self._objective(components)["apply_t5_mask"]
+        if param.dtype == torch.float16:
+            # T5 overflows in fp16: keep its output projections (wo) in fp32 as transformers' own fp16 loading
+            # does (_keep_in_fp32_modules), and run it outside fp16 autocast so that they stay fp32
+            for name, module in t5.named_modules():
+                if name.endswith(".wo") and isinstance(module, nn.Linear) and module.weight.dtype == torch.float16:
+                    module.float()
+            with torch.autocast(param.device.type, enabled=False):
+                hidden = t5(ids, attention_mask=mask if apply else None).last_hidden_state.to(torch.float16)
+        else:
+            hidden = t5(ids, attention_mask=mask if apply else None).last_hidden_state
+        return hidden * mask.unsqueeze(-1).to(hidden.dtype) if apply else hidden
+
+    # -- adapters --------------------------------------------------------------------------------------
+    def _block_modules(self, components: Components, preset: str) -> list[tuple[str, nn.Module]]:
+        if preset not in self.adapter_presets:
+            raise ValueError(f"network.target: {self.label} supports {', '.join(self.adapter_presets)} "
+                             f"(attention; attention + MLP; every linear layer of the transformer blocks), "
+                             f"not {preset!r}. It has no convolutions to adapt.")
+        wanted = self.preset_modules[preset]
+        found = []
+        for list_name in self.block_lists:
+            rel_names = wanted.get(list_name, ())
+            for i, block in enumerate(getattr(components.denoiser, list_name)):
+                modules = dict(block.named_modules())
+                for rel in rel_names:
+                    if isinstance(modules.get(rel), nn.Linear):
+                        found.append((f"{list_name}.{i}.{rel}", modules[rel]))
+        return found
+
+    def block_filter(self, components: Components, path: str) -> bool:
+        """Whether a transformer module path is inside the blocks the user chose (FLUX: double/single)."""
+        return True
+
+    def internal_name(self, path: str) -> str:
+        return "lora_unet_" + path.replace(".", "_")
+
+    def adapter_targets(self, components: Components, target: str, text_encoder: bool) -> list[AdapterTarget]:
+        slots = self.lora_slots(components)
+        targets = [AdapterTarget(self.internal_name(path), module, "unet", path)
+                   for path, module in self._block_modules(components, target)
+                   if path in slots and self.block_filter(components, path)]
+        if text_encoder:
+            targets += self.text_encoder_targets(components, components.extra.get("network"))
+        self._remember(components, targets)
+        return targets
+
+    def adapter_candidates(self, components: Components, text_encoder: bool) -> list[AdapterTarget]:
+        """Every transformer linear with an original-layout name (embedders, final layer, …) for include patterns."""
+        slots = self.lora_slots(components)
+        modules = dict(components.denoiser.named_modules())
+        out = [AdapterTarget(self.internal_name(p), modules[p], "unet", p) for p in slots
+               if isinstance(modules.get(p), nn.Linear)]
+        if text_encoder:
+            out += self.text_encoder_targets(components, components.extra.get("network"))
+        self._remember(components, out)
+        return out
+
+    def _remember(self, components: Components, targets: list[AdapterTarget]) -> None:
+        """internal name → diffusers path of the transformer targets (for export)."""
+        names = components.extra.setdefault("adapter_paths", {})
+        for t in targets:
+            if t.part == "unet":
+                names[t.name] = t.path
+
+    def _internal_slots(self, components: Components) -> dict[str, ExportSlot]:
+        slots = self.lora_slots(components)
+        return {name: slots[path] for name, path in components.extra.get("adapter_paths", {}).items()}
+
+    def export_adapter(self, components: Components, state_dict: dict[str, torch.Tensor]
+                       ) -> dict[str, dict[str, torch.Tensor]]:
+        files = {"": export_community(state_dict, self._internal_slots(components))}
+        paths = self.peft_paths(components)
+        if paths:
+            files[".diffusers"], _ = export_peft(state_dict, paths)
+        return files
+
+    # -- previews --------------------------------------------------------------------------------------
+    def preview_embeddings(self, components: Components, prompts: list[str], clip_skip: int) -> dict:
+        return self.encode_text(components, self.tokenize(components, prompts), clip_skip)
+
+    def scheduler_for_sampling(self, components: Components):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        return FlowMatchEulerDiscreteScheduler.from_config(components.extra["scheduler_config"])
+
+
+def resolve_optional(resolve_path, value: str) -> Path | None:
+    return resolve_path(value) if value else None
+
+
+__all__ = ["FlowMatchingFamily", "FUSABLE_ALGORITHMS", "DIT_PRESETS", "t5_targets", "clip_text_targets",
+           "resolve_optional"]
