@@ -24,6 +24,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+BLOCKS: tuple[str, ...] = ()  # --blocks overrides the family's compile_blocks
 CASES = {"sd15": dict(resolution=512, batch=4), "sdxl": dict(resolution=1024, batch=1)}
 
 
@@ -58,7 +59,7 @@ def timed(step, steps: int, warmup: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def bench_ours(arch_id, latents, cond, meta, steps, warmup, checkpointing):
+def bench_ours(arch_id, latents, cond, meta, steps, warmup, checkpointing, compile_how="off", compile_mode=None):
     import architectures
     from architectures.base import Components
     from core.adapters import build_network
@@ -79,6 +80,9 @@ def bench_ours(arch_id, latents, cond, meta, steps, warmup, checkpointing):
     comps.denoiser.train()
     net = build_network(arch.adapter_targets(comps, "attn", False), "lora", 16, 16.0).to(device)
     net.apply_to()
+    if compile_how != "off":
+        from core.speed import compile_model
+        compile_model(comps.denoiser, BLOCKS or arch.compile_blocks, compile_how, compile_mode)
     opt = build_optimizer("AdamW", net.param_groups(1e-4, 0), 1e-4, 0.01, device)
     settings = Settings()
 
@@ -142,7 +146,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--compile", default="off", choices=["off", "regional", "full"],
+                    help="compile our side's UNet (the baseline stays eager)")
+    ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--blocks", default="", help="comma-separated block class names for regional compile")
     args = ap.parse_args()
+    global BLOCKS
+    BLOCKS = tuple(b for b in args.blocks.split(",") if b)
     if not torch.cuda.is_available():
         sys.exit("bench_step.py needs a CUDA GPU")
     device = torch.device("cuda")
@@ -151,16 +162,24 @@ def main() -> None:
         case = CASES[arch_id]
         latents, cond, meta = make_inputs(arch_id, case["batch"], case["resolution"], device)
         rates = {}
-        for side, fn in (("diffusers+peft", bench_diffusers_peft), ("ours", bench_ours)):
+        sides = [("diffusers+peft", bench_diffusers_peft)] if not args.skip_baseline else []
+        ours_label = "ours" if args.compile == "off" else f"ours {args.compile} {args.mode or 'default'}"
+        sides.append((ours_label, lambda *a: bench_ours(*a, compile_how=args.compile, compile_mode=args.mode)))
+        for side, fn in sides:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            t_start = time.perf_counter()
             rate, n_params = fn(arch_id, latents, cond, meta, args.steps, args.warmup, args.checkpointing)
+            wall = time.perf_counter() - t_start
             peak = torch.cuda.max_memory_allocated() / 2**30
             rates[side] = rate
             print(f"{arch_id:5s} {case['resolution']}px b{case['batch']}  {side:15s} {rate:6.2f} it/s "
-                  f"{rate * case['batch']:6.2f} img/s  peak {peak:5.1f} GB  lora params {n_params / 1e6:.2f} M",
+                  f"{rate * case['batch']:6.2f} img/s  peak {peak:5.1f} GB  lora params {n_params / 1e6:.2f} M  "
+                  f"(wall incl. warm-up/compile {wall:.0f} s)",
                   flush=True)
-        print(f"{arch_id:5s} speed ratio ours / diffusers+peft: {rates['ours'] / rates['diffusers+peft']:.2f}x")
+        if "diffusers+peft" in rates:
+            print(f"{arch_id:5s} speed ratio {ours_label} / diffusers+peft: "
+                  f"{rates[ours_label] / rates['diffusers+peft']:.2f}x")
 
 
 if __name__ == "__main__":

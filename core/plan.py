@@ -16,6 +16,7 @@ class Plan:
     tf32: bool
     gradient_checkpointing: bool
     cache_text_encoder_outputs: bool
+    compile: str = "off"             # "off" | "regional"
     reasons: list[str] = field(default_factory=list)
 
     @property
@@ -26,12 +27,8 @@ class Plan:
     def summary(self) -> str:
         lines = [f"device {self.device}, precision {self.mixed_precision}, TF32 {'on' if self.tf32 else 'off'}, "
                  f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, text-encoder cache "
-                 f"{'on' if self.cache_text_encoder_outputs else 'off'}"]
+                 f"{'on' if self.cache_text_encoder_outputs else 'off'}, compile {self.compile}"]
         return "\n".join(lines + [f"  · {r}" for r in self.reasons])
-
-
-# Below this much VRAM (GB) the family's UNet needs gradient checkpointing at batch 1 (bf16 base, LoRA).
-CHECKPOINTING_BELOW_GB = {"sd15": 8.0, "sdxl": 16.0}
 
 
 def text_cache_blockers(settings) -> list[str]:
@@ -44,7 +41,9 @@ def text_cache_blockers(settings) -> list[str]:
     return out
 
 
-def make_plan(profile, settings, arch_id: str) -> Plan:
+def make_plan(profile, settings, arch) -> Plan:
+    """``arch`` is the chosen family's plug-in: its ``checkpointing_below_gb`` says when the denoiser needs
+    gradient checkpointing at batch 1."""
     from core.hardware import choose_precision, choose_tf32
     m = settings.memory
     gpu = profile.gpus[0] if profile.gpus else None
@@ -55,7 +54,7 @@ def make_plan(profile, settings, arch_id: str) -> Plan:
                        f"{gpu.name} {'supports' if precision == 'bf16' else 'lacks'} bf16"))
     tf32 = choose_tf32(profile, m.tf32)
     if m.gradient_checkpointing == "auto":
-        limit = CHECKPOINTING_BELOW_GB.get(arch_id, 24.0)
+        limit = arch.checkpointing_below_gb
         checkpointing = gpu is not None and gpu.total_vram_gb < limit
         reasons.append(f"gradient checkpointing {'on' if checkpointing else 'off'}: " +
                        ("CPU run, memory is not the limit" if gpu is None else
@@ -70,5 +69,17 @@ def make_plan(profile, settings, arch_id: str) -> Plan:
     if m.cache_text_encoder_outputs == "auto":
         reasons.append("text-encoder outputs " + ("cached once, encoders leave the GPU" if cache_te else
                                                   "not cached: " + " and ".join(blockers)))
+    if m.compile == "auto":
+        compile_how = "regional" if gpu is not None and triton_available() else "off"
+        reasons.append("compile " + ("regional: CUDA and Triton present" if compile_how == "regional" else
+                                     "off: " + ("no GPU" if gpu is None else "Triton is not installed")))
+    else:
+        compile_how = m.compile
     return Plan(device="cuda" if gpu is not None else "cpu", mixed_precision=precision, tf32=tf32,
-                gradient_checkpointing=checkpointing, cache_text_encoder_outputs=cache_te, reasons=reasons)
+                gradient_checkpointing=checkpointing, cache_text_encoder_outputs=cache_te, compile=compile_how,
+                reasons=reasons)
+
+
+def triton_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None

@@ -67,3 +67,9 @@ def test_show_if_follows_values():
 def test_shipped_presets_are_valid_settings(preset):
     s = core.load_settings(preset)
     assert s.to_dict() == json.loads(preset.read_text())  # no stale or missing keys
+
+
+def test_architecture_choices_and_labels_match_the_plugins():
+    import architectures
+    from core.settings import ARCHITECTURE_LABELS, ARCHITECTURES
+    assert architectures.available() == {a: ARCHITECTURE_LABELS[a] for a in ARCHITECTURES}

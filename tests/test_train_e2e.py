@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 import architectures
 import core
 from core.adapters import build_network
-from core.config import AppConfig
-from tests.tiny_models import build_tiny_dataset, build_tiny_sd15, build_tiny_sdxl
+from tests.tiny_models import build_tiny_dataset, build_tiny_sd15, build_tiny_sdxl, tiny_train_settings
 
 BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl}
 
@@ -29,28 +28,9 @@ def tiny(tmp_path_factory):
 
 
 def make_settings(tiny, arch, tmp_path, **overrides):
-    s = core.load_settings()
-    s.model.architecture = arch
-    s.model.model_path = str(tiny["models"][arch])
-    s.dataset.path = str(tiny["data"])
-    s.dataset.resolution = 64
-    s.dataset.min_bucket_reso = 32
-    s.dataset.max_bucket_reso = 128
-    s.dataset.bucket_reso_steps = 32
-    s.network.rank = 4
-    s.network.alpha = 2.0
-    s.optimizer.learning_rate = 1e-3
-    s.schedule.max_train_steps = 6
-    s.schedule.log_every_n_steps = 1
-    s.saving.output_name = f"tiny_{arch}"
-    s.saving.save_every_n_epochs = 0
-    s.sampling.steps = 2
-    s.sampling.width = s.sampling.height = 64
-    for dotted, value in overrides.items():
-        section, name = dotted.split("__")
-        setattr(getattr(s, section), name, value)
-    config = AppConfig(outputs_dir=str(tmp_path / "outputs"), models_dir=str(tmp_path), datasets_dir=str(tmp_path))
-    return s, config
+    overrides.setdefault("schedule__max_train_steps", 6)
+    return tiny_train_settings(arch, {"model.model_path": str(tiny["models"][arch])}, tiny["data"], tmp_path,
+                               **overrides)
 
 
 def adapted_model(arch_id, model_path, adapter_file, network_settings):

@@ -112,7 +112,10 @@ def check(page, dotted: str, on: bool) -> None:
 
 
 def choose(page, dotted: str, value: str) -> None:
-    """A choice field, whichever widget the generator picked for it (radio buttons or a dropdown)."""
+    """A choice field, whichever widget the generator picked for it (radio buttons or a dropdown).
+    ``value`` is the settings value; the page shows its label where the field declares one."""
+    from core.settings import field_ui
+    value = (field_ui(dotted)["choice_labels"] or {}).get(value, value)
     if page.locator(f"{sid(dotted)} input[type=radio]").count():
         page.locator(f"{sid(dotted)} label").filter(has_text=re.compile(rf"^\s*{re.escape(value)}\s*$")).click()
     else:

@@ -213,3 +213,26 @@ def build_tiny_dataset(folder: Path, n: int = 4) -> Path:
 
 __all__ = ["build_tiny_sd15", "build_tiny_sdxl", "build_tiny_dataset", "tiny_config_dir", "tiny_single_file",
            "SD15_UNET", "SDXL_UNET", "SD15_VAE", "SDXL_VAE"]
+
+
+def tiny_train_settings(arch_id: str, model_fields: dict, data: Path, tmp_path: Path, **overrides):
+    """Settings and an AppConfig for a few-step CPU training run on a tiny model.
+
+    ``model_fields`` maps dotted names to values for the model's paths (``{"model.model_path": …}``);
+    ``overrides`` use ``section__name=value``.  Returns ``(settings, config)``."""
+    import core
+    from core.config import AppConfig
+
+    s = core.load_settings()
+    s.model.architecture = arch_id
+    values = {"dataset.path": str(data), "dataset.resolution": 64, "dataset.min_bucket_reso": 32,
+              "dataset.max_bucket_reso": 128, "dataset.bucket_reso_steps": 32, "network.rank": 4,
+              "network.alpha": 2.0, "optimizer.learning_rate": 1e-3, "schedule.max_train_steps": 4,
+              "schedule.log_every_n_steps": 1, "saving.output_name": f"tiny_{arch_id}",
+              "saving.save_every_n_epochs": 0, "sampling.steps": 2, "sampling.width": 64, "sampling.height": 64,
+              **model_fields, **{k.replace("__", "."): v for k, v in overrides.items()}}
+    for dotted, value in values.items():
+        section, name = dotted.split(".")
+        setattr(getattr(s, section), name, value)
+    config = AppConfig(outputs_dir=str(tmp_path / "outputs"), models_dir=str(tmp_path), datasets_dir=str(tmp_path))
+    return s, config

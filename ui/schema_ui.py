@@ -198,6 +198,10 @@ def make_control(dotted: str, info, value: Any, *, visible: bool = True,
         lines = 4 if widget == "textarea" else 1
         return gr.Textbox(value=value, lines=lines, max_lines=12 if lines > 1 else 1, info=help_text,
                           placeholder=_placeholder(dotted, widget), **common)
+    if choices and ui.get("choice_labels"):
+        # (label, value) pairs: the user reads "Stable Diffusion XL", the settings hold "sdxl"
+        pairs = [(ui["choice_labels"].get(c, str(c)), c) for c in choices]
+        return gr.Dropdown(choices=pairs, value=value, info=help_text, filterable=False, **common)
     if choices:
         short = len(choices) <= 3 and all(len(str(c)) <= 12 for c in choices)
         if short:
