@@ -155,6 +155,22 @@ class Architecture:
         raise NotImplementedError
 
     # -- previews --------------------------------------------------------------------------------------
+    @staticmethod
+    def render_each(pipe, prompts: list[str], settings, size: tuple[int, int], device: torch.device,
+                    dtype: torch.dtype, prompt_kwargs) -> list:
+        """One image per prompt through a diffusers pipeline: seed ``sampling.seed + i``, the run's autocast,
+        ``sampling.steps`` and the size; ``prompt_kwargs(prompt)`` gives the family's conditioning arguments."""
+        pipe.set_progress_bar_config(disable=True)
+        images = []
+        for i, prompt in enumerate(prompts):
+            gen = torch.Generator("cpu").manual_seed(settings.sampling.seed + i)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = pipe(**prompt_kwargs(prompt), guidance_scale=settings.sampling.guidance_scale,
+                           num_inference_steps=settings.sampling.steps, width=size[0], height=size[1],
+                           generator=gen, output_type="pil")
+            images.append(out.images[0])
+        return images
+
     def sample(self, components: Components, prompts: list[str], settings, size: tuple[int, int],
                device: torch.device, dtype: torch.dtype) -> list:
         raise NotImplementedError

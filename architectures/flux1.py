@@ -131,18 +131,11 @@ class FluxFamily(FlowMatchingFamily):
         """Flow-matching Euler sampling (resolution-dependent shift from the scheduler config); dev embeds
         ``sampling.guidance_scale`` as its guidance value, schnell has none."""
         pipe = self.build_pipeline(components)
-        pipe.set_progress_bar_config(disable=True)
-        s = settings.sampling
-        images = []
-        for i, prompt in enumerate(prompts):
+
+        def conditioning(prompt: str) -> dict:
             cond = self.preview_embeddings(components, [prompt], settings.model.clip_skip)
-            gen = torch.Generator("cpu").manual_seed(s.seed + i)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                out = pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled"],
-                           guidance_scale=s.guidance_scale, num_inference_steps=s.steps, width=size[0],
-                           height=size[1], generator=gen, output_type="pil")
-            images.append(out.images[0])
-        return images
+            return dict(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled"])
+        return self.render_each(pipe, prompts, settings, size, device, dtype, conditioning)
 
 
 class Flux1Dev(FluxFamily):

@@ -128,21 +128,15 @@ class SD3Family(FlowMatchingFamily):
         """Flow-matching Euler sampling with classifier-free guidance (``sampling.guidance_scale``), on our own
         prompt embeddings (the ones training uses, T5 mask option included)."""
         pipe = self.build_pipeline(components)
-        pipe.set_progress_bar_config(disable=True)
-        s = settings.sampling
-        negative = self.preview_embeddings(components, [s.negative_prompt or ""], settings.model.clip_skip)
-        images = []
-        for i, prompt in enumerate(prompts):
-            cond = self.preview_embeddings(components, [prompt], settings.model.clip_skip)
-            gen = torch.Generator("cpu").manual_seed(s.seed + i)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                out = pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled"],
-                           negative_prompt_embeds=negative["prompt_embeds"],
-                           negative_pooled_prompt_embeds=negative["pooled"], guidance_scale=s.guidance_scale,
-                           num_inference_steps=s.steps, width=size[0], height=size[1], generator=gen,
-                           output_type="pil")
-            images.append(out.images[0])
-        return images
+        clip_skip = settings.model.clip_skip
+        negative = self.preview_embeddings(components, [settings.sampling.negative_prompt or ""], clip_skip)
+
+        def conditioning(prompt: str) -> dict:
+            cond = self.preview_embeddings(components, [prompt], clip_skip)
+            return dict(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled"],
+                        negative_prompt_embeds=negative["prompt_embeds"],
+                        negative_pooled_prompt_embeds=negative["pooled"])
+        return self.render_each(pipe, prompts, settings, size, device, dtype, conditioning)
 
 
 class SD3(SD3Family):

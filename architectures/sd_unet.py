@@ -188,15 +188,7 @@ class SDUNetFamily(Architecture):
         from diffusers import EulerDiscreteScheduler
         pipe = self.build_pipeline(components)
         pipe.scheduler = EulerDiscreteScheduler.from_config(components.noise_scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        s = settings.sampling
-        images = []
-        clip_skip = settings.model.clip_skip - 1 or None
-        for i, prompt in enumerate(prompts):
-            gen = torch.Generator("cpu").manual_seed(s.seed + i)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                out = pipe(prompt=prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
-                           guidance_scale=s.guidance_scale, width=size[0], height=size[1], generator=gen,
-                           clip_skip=clip_skip, output_type="pil")
-            images.append(out.images[0])
-        return images
+        negative = settings.sampling.negative_prompt or None
+        clip_skip = settings.model.clip_skip - 1 or None  # diffusers counts the layers skipped
+        return self.render_each(pipe, prompts, settings, size, device, dtype, lambda prompt: dict(
+            prompt=prompt, negative_prompt=negative, clip_skip=clip_skip))
