@@ -56,6 +56,7 @@ class ImageItem:
     width: int
     height: int
     bucket: Bucket | None = None
+    is_reg: bool = False  # a DreamBooth regularization (class) image: see reg_samples / BucketBatchSampler
 
 
 def _name_list(names: Sequence[str], limit: int = _LIST_LIMIT) -> str:
@@ -135,23 +136,29 @@ def read_caption(path: Path) -> str:
     return ", ".join(line for line in lines if line)
 
 
-def scan_dataset(ds, root: Path) -> list[ImageItem]:
+def scan_dataset(ds, root: Path, reg: bool = False) -> list[ImageItem]:
     """Every image under ``root`` (png, jpg, jpeg, webp, bmp; subfolders included) with its caption, repeats
     and size.  Raises one DatasetError listing all unreadable images and all images without a caption (when
-    no default caption is set)."""
+    no default caption is set).
+
+    ``reg=True`` scans a DreamBooth regularization folder (``ds.reg_path``) by the same rules: the items are
+    marked ``is_reg`` and folders without an ``N_name`` prefix repeat ``ds.reg_num_repeats`` times."""
     root = Path(root).expanduser()
+    what = "regularization folder (dataset.reg_path)" if reg else "dataset folder"
     if not root.exists():
-        raise DatasetError(f"The dataset folder {root} does not exist. Choose the folder with your training "
-                           "images.")
+        raise DatasetError(f"The {what} {root} does not exist. Choose the folder with your "
+                           + ("class images, or leave it empty to train without them." if reg else
+                              "training images."))
     if not root.is_dir():
-        raise DatasetError(f"The dataset path {root} is a file, not a folder. Choose the folder that holds "
-                           "your training images.")
+        raise DatasetError(f"The {what} path {root} is a file, not a folder. Choose the folder that holds "
+                           + ("your class images." if reg else "your training images."))
     ext = ds.caption_extension.strip()
     if not ext:
         raise DatasetError("dataset.caption_extension is empty; use e.g. '.txt'")
     if not ext.startswith("."):
         ext = "." + ext
     default_caption = ds.default_caption.strip()
+    default_repeats = getattr(ds, "reg_num_repeats", 1) if reg else ds.num_repeats
 
     items: list[ImageItem] = []
     broken: list[str] = []
@@ -159,7 +166,7 @@ def scan_dataset(ds, root: Path) -> list[ImageItem]:
     bad_captions: list[str] = []
     for path in _walk_images(root):
         rel = path.relative_to(root)
-        repeats = folder_repeats(rel, ds.num_repeats)
+        repeats = folder_repeats(rel, default_repeats)
         if repeats < 1:
             raise DatasetError(f"The folder of {rel} asks for 0 repeats; rename it to start with a number of "
                                "at least 1 (e.g. '1_name') or move the images out of the dataset.")
@@ -180,7 +187,7 @@ def scan_dataset(ds, root: Path) -> list[ImageItem]:
         else:
             uncaptioned.append(str(rel))
             continue
-        items.append(ImageItem(path=path, caption=caption, repeats=repeats, width=w, height=h))
+        items.append(ImageItem(path=path, caption=caption, repeats=repeats, width=w, height=h, is_reg=reg))
 
     problems = []
     if broken:
@@ -192,7 +199,8 @@ def scan_dataset(ds, root: Path) -> list[ImageItem]:
                         "set. Add the caption files or set 'Caption for images without one':\n"
                         + _name_list(uncaptioned))
     if problems:
-        raise DatasetError(f"Problems in the dataset {root}:\n" + "\n".join(problems))
+        raise DatasetError(f"Problems in the {'regularization images' if reg else 'dataset'} {root}:\n"
+                           + "\n".join(problems))
     if not items:
         raise DatasetError(f"No images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found in {root} or its "
                            "subfolders.")
@@ -359,13 +367,36 @@ def process_caption(caption: str, shuffle: bool, keep_tokens: int, dropout_rate:
 
 # -- batching --------------------------------------------------------------------------------------------
 
+def reg_samples(items: Sequence[ImageItem]) -> list[int]:
+    """The regularization samples of every epoch (DreamBooth prior preservation, as in sd-scripts): indices of
+    ``is_reg`` items, exactly as many as the training images give per epoch (T = Σ repeats of the training
+    items).
+
+    Rule: the reg *pool* is built round-robin in scan order — pass r (r = 0, 1, …) lists every reg item with
+    more than r repeats — so every reg image appears once before any appears twice.  The epoch takes the first
+    T entries of the pool, cycling it from the start when T is larger (entry k is ``pool[k % len(pool)]``).
+    The choice is the same every epoch (only the order of the batches changes with seed and epoch), so every
+    epoch has the same number of batches; with more reg samples than T the pool's tail is unused, as in
+    sd-scripts.  Empty when there are no reg items."""
+    reg = [i for i, it in enumerate(items) if it.is_reg]
+    if not reg:
+        return []
+    pool: list[int] = []
+    for r in range(max(items[i].repeats for i in reg)):
+        pool.extend(i for i in reg if items[i].repeats > r)
+    total = sum(it.repeats for it in items if not it.is_reg)
+    return [pool[k % len(pool)] for k in range(total)]
+
+
 class BucketBatchSampler:
     """Batches of item indices, each from one bucket only (tensor shapes never change inside a batch).
 
-    Per epoch: every item index appears ``item.repeats`` times; indices are grouped by bucket, shuffled within
-    the bucket, cut into batches of ``batch_size`` (the last batch of a bucket may be smaller) and the batch
-    order is shuffled.  The order is a pure function of (items, batch_size, seed, epoch): resuming at (epoch,
-    batch k) is ``sampler.batches(epoch)[k:]`` or ``set_epoch(epoch, start_batch=k)`` then iterating.
+    Per epoch: every training item index appears ``item.repeats`` times and regularization items (``is_reg``)
+    as :func:`reg_samples` chooses (as many reg samples as training samples); indices are grouped by bucket,
+    shuffled within the bucket, cut into batches of ``batch_size`` (the last batch of a bucket may be smaller)
+    and the batch order is shuffled, so reg and training images share batches of the same bucket.  The order
+    is a pure function of (items, batch_size, seed, epoch): resuming at (epoch, batch k) is
+    ``sampler.batches(epoch)[k:]`` or ``set_epoch(epoch, start_batch=k)`` then iterating.
     """
 
     def __init__(self, items: Sequence[ImageItem], batch_size: int, seed: int, shuffle: bool = True):
@@ -381,7 +412,10 @@ class BucketBatchSampler:
         self.start_batch = 0
         self._groups: dict[Bucket, list[int]] = defaultdict(list)
         for i, it in enumerate(items):
-            self._groups[it.bucket].extend([i] * it.repeats)
+            if not it.is_reg:
+                self._groups[it.bucket].extend([i] * it.repeats)
+        for i in reg_samples(items):
+            self._groups[items[i].bucket].append(i)
         self._groups = dict(sorted(self._groups.items()))
         self._len = sum(math.ceil(len(g) / batch_size) for g in self._groups.values())
 
@@ -580,7 +614,8 @@ class TrainingDataset:
     ``get_batch`` returns a dict: ``latents`` (B, C, h, w) from the cache, or ``pixels`` (B, 3, H, W) in
     [-1, 1] when the cache mode is "off" (or no cache is given); ``captions`` (processed); ``original_sizes``
     [(h, w)]; ``crop_coords`` [(top, left)]; ``target_sizes`` [(h, w) of the bucket]; ``flips`` [bool];
-    ``paths`` [Path].  Flip (when ``ds.flip_aug``) and caption augmentation are drawn from an RNG seeded by
+    ``paths`` [Path]; ``loss_weights`` [float]: 1.0 for training images, ``ds.prior_loss_weight`` for
+    regularization images.  Flip (when ``ds.flip_aug``) and caption augmentation are drawn from an RNG seeded by
     (seed, epoch, batch_index), so a resumed run gets the same batches.
     """
 
@@ -604,7 +639,8 @@ class TrainingDataset:
         ds = self.ds
         use_cache = self.cache is not None and self.cache.mode != "off"
         out = {"captions": [], "original_sizes": [], "crop_coords": [], "target_sizes": [], "flips": [],
-               "paths": []}
+               "paths": [], "loss_weights": []}
+        prior_weight = float(getattr(ds, "prior_loss_weight", 1.0))
         tensors = []
         for it in items:
             flip = bool(ds.flip_aug) and rng.random() < 0.5
@@ -623,5 +659,6 @@ class TrainingDataset:
             out["target_sizes"].append((bh, bw))
             out["flips"].append(flip)
             out["paths"].append(it.path)
+            out["loss_weights"].append(prior_weight if it.is_reg else 1.0)
         out["latents" if use_cache else "pixels"] = torch.stack(tensors)
         return out

@@ -60,6 +60,17 @@ class DatasetSettings(Section):
                                    "stops the run with the list of files that lack one.")
     num_repeats: int = setting(1, "Repeats", "How often each image is seen per epoch (folders named "
                                "'N_name' set their own).", ge=1, le=10000)
+    reg_path: str = setting("", "Regularization images (DreamBooth)",
+                            "Optional folder of class images with captions (laid out like the image folder, "
+                            "'N_name' subfolders included) for prior preservation. Each epoch they are cycled "
+                            "to as many samples as the training images give. Empty: off. Relative paths are "
+                            "inside the datasets folder.", widget="path")
+    reg_num_repeats: int = setting(1, "Regularization repeats", "Repeats of each regularization image before "
+                                   "cycling (folders named 'N_name' set their own). Only used with a "
+                                   "regularization folder.", ge=1, le=10000, advanced=True)
+    prior_loss_weight: float = setting(1.0, "Prior loss weight", "Weight of the regularization images' loss "
+                                       "(DreamBooth prior preservation; training images weigh 1). Only used "
+                                       "with a regularization folder.", ge=0.0, le=100.0, step=0.05)
     resolution: int = setting(512, "Resolution", "Training resolution (the side of a square of the same area).",
                               ge=64, le=4096, step=64)
     enable_buckets: bool = setting(True, "Aspect-ratio buckets",

@@ -84,7 +84,11 @@ def total_steps_and_epochs(settings: Settings, batches_per_epoch: int) -> tuple[
 
 def diffusion_loss(arch, components, latents: torch.Tensor, cond: dict, batch: dict, settings: Settings,
                    weight_dtype: torch.dtype, autocast) -> torch.Tensor:
-    """The training objective for one batch: noise, the family's target and weighting, weighted MSE."""
+    """The training objective for one batch: noise, the family's target and weighting, weighted MSE.
+
+    ``batch["loss_weights"]`` (optional, one float per sample: DreamBooth's prior_loss_weight for
+    regularization images) multiplies the per-sample loss.  The weights are a host-side list, so the tensor is
+    built on the CPU (pinned for CUDA) and copied without blocking; all-1 weights are skipped."""
     noise = torch.randn_like(latents)
     if settings.schedule.noise_offset > 0:
         noise = noise + settings.schedule.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
@@ -93,6 +97,12 @@ def diffusion_loss(arch, components, latents: torch.Tensor, cond: dict, batch: d
     with autocast():
         pred = arch.predict(components, noisy.to(weight_dtype), timesteps, cond, batch)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    loss_weights = batch.get("loss_weights") if isinstance(batch, dict) else None
+    if loss_weights is not None and any(w != 1.0 for w in loss_weights):
+        lw = torch.tensor(loss_weights, dtype=torch.float32)
+        if per_sample.device.type == "cuda":
+            lw = lw.pin_memory()
+        per_sample = per_sample * lw.to(per_sample.device, non_blocking=True)
     return (per_sample * weight).mean()
 
 
@@ -114,6 +124,8 @@ class _Run:
     def resolve_paths(self) -> None:
         s, c = self.s, self.config
         self.dataset_root = c.resolve(s.dataset.path, "datasets_dir")
+        reg = s.dataset.reg_path.strip()
+        self.reg_root = c.resolve(reg, "datasets_dir") if reg else None
         self.model_path = c.resolve(s.model.model_path, "models_dir")
         self.config_dir = c.resolve(s.model.config_path, "models_dir") if s.model.config_path else None
         self.output_dir = c.resolve(s.saving.output_dir or s.saving.output_name, "outputs_dir")
@@ -129,8 +141,11 @@ class _Run:
 
         self.status("Reading the dataset")
         self.items = ds_mod.scan_dataset(s.dataset, self.dataset_root)
+        if self.reg_root is not None:
+            self.items += self.scan_reg_images()
         ds_mod.assign_buckets(self.items, s.dataset)
-        self.log(f"{len(self.items)} images, {sum(i.repeats for i in self.items)} per epoch with repeats, "
+        train_items = [i for i in self.items if not i.is_reg]
+        self.log(f"{len(train_items)} images, {sum(i.repeats for i in train_items)} per epoch with repeats, "
                  f"{len({i.bucket for i in self.items})} bucket(s)")
 
         from core.hardware import detect_hardware
@@ -167,6 +182,27 @@ class _Run:
         self.prepare_text()
         self.prepare_network()
         return self.train_loop()
+
+    def scan_reg_images(self) -> list:
+        """DreamBooth regularization images (dataset.reg_path), scanned by the training folder's rules."""
+        s = self.s
+        train_root, reg_root = self.dataset_root.resolve(), self.reg_root.resolve()
+        if reg_root == train_root or train_root in reg_root.parents:
+            raise ds_mod.DatasetError(f"The regularization folder {self.reg_root} lies inside the training "
+                                      f"folder {self.dataset_root}, so its images would be trained as training "
+                                      "images too. Move it out of the training folder.")
+        if reg_root in train_root.parents:
+            raise ds_mod.DatasetError(f"The training folder {self.dataset_root} lies inside the regularization "
+                                      f"folder {self.reg_root}. Keep the two folders apart.")
+        reg_items = ds_mod.scan_dataset(s.dataset, self.reg_root, reg=True)
+        per_epoch = sum(i.repeats for i in self.items if not i.is_reg)
+        pool = sum(i.repeats for i in reg_items)
+        self.log(f"{len(reg_items)} regularization images ({pool} with repeats), cycled to {per_epoch} per epoch; "
+                 f"prior loss weight {s.dataset.prior_loss_weight}")
+        if pool > per_epoch:
+            self.log(f"{pool - per_epoch} regularization sample(s) are never used: there are more than the "
+                     f"{per_epoch} training samples per epoch", level="warning")
+        return reg_items
 
     def prepare_data(self) -> None:
         s = self.s
@@ -380,16 +416,22 @@ class _Run:
 
     # -- saving and resuming ---------------------------------------------------------------------------
     def metadata(self, tensors_hash: str, suffix: str = "") -> dict:
+        # training folders only: regularization images count neither as training images nor in the tag
+        # frequency (they are reported separately as ss_num_reg_images / ss_prior_loss_weight)
+        train_items = [i for i in self.items if not i.is_reg]
         by_folder: dict[str, list[str]] = {}
-        for item in self.items:
+        for item in train_items:
             by_folder.setdefault(item.path.parent.name, []).append(item.caption)
         res = self.s.dataset.resolution
         epoch = getattr(self, "position", (0, 0))[0]
+        n_reg = len(self.items) - len(train_items)
+        reg_md = {"ss_num_reg_images": str(n_reg), "ss_prior_loss_weight": str(self.s.dataset.prior_loss_weight)} \
+            if n_reg else {}
         return adapter_metadata(self.arch, self.s, steps=self.global_step, epoch=epoch,
-                                num_images=len(self.items), tag_freq=tag_frequency(by_folder),
+                                num_images=len(train_items), tag_freq=tag_frequency(by_folder),
                                 model_name=self.model_path.name, started_at=self.started_at,
                                 mixed_precision=self.plan.mixed_precision, resolution=(res, res),
-                                tensors_hash=tensors_hash) | self.arch.adapter_metadata(self.s, suffix)
+                                tensors_hash=tensors_hash) | reg_md | self.arch.adapter_metadata(self.s, suffix)
 
     def save(self, final: bool) -> Path:
         s = self.s
