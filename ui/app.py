@@ -175,6 +175,9 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
                     render_advanced(advanced, start_values, generated, tab_id=tab_id, models_fn=models_fn)
                     if tab_id == "run":
                         run_widgets = _run_panel(hardware)
+            with gr.Tab("Tools", id="tools", elem_id="tab-tools"):
+                from ui.tools_tab import build_tools_tab
+                build_tools_tab(models_dir, config.path("outputs_dir"))
 
         controls = generated.controls
         missing = [d for d, _ in iter_fields() if d not in controls]

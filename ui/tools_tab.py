@@ -1,0 +1,173 @@
+"""The Tools tab: adapter summary, merge into a base model, resize, extract.  No logic here: every button
+calls ``core.tools`` and shows its result or its error as text (never a traceback).
+
+Paths may be absolute or relative to the models folder (base models) and the outputs folder (adapters,
+results); the handlers are plain functions so tests and scripts can call them directly."""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Iterable
+
+import gradio as gr
+
+from core import tools
+
+DTYPES = ("fp16", "bf16", "fp32")
+
+
+def _resolve(text: str, dirs: Iterable[Path] = (), *, must_exist: bool = True) -> Path:
+    text = (text or "").strip().strip('"')
+    if not text:
+        raise ValueError("a path is empty")
+    p = Path(text).expanduser()
+    if p.is_absolute():
+        return p
+    dirs = [Path(d) for d in dirs if d]
+    if must_exist:
+        for d in dirs:
+            if (d / p).exists():
+                return d / p
+        return p
+    return dirs[-1] / p if dirs else p
+
+
+def _error(e: BaseException) -> str:
+    return f"✗ Error: {e}" if str(e) else f"✗ Error: {type(e).__name__}"
+
+
+def _run(fn):
+    try:
+        return fn()
+    except Exception as e:  # shown as text in the UI, never as a traceback
+        return _error(e)
+
+
+def parse_adapters(text: str, dirs: Iterable[Path] = ()) -> list[tuple[Path, float]]:
+    """One adapter per line (or ``;``-separated): ``path`` or ``path:weight`` / ``path,weight``."""
+    out = []
+    for line in (text or "").replace(";", "\n").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        path, weight = line, 1.0
+        for sep in (",", ":"):
+            head, s, tail = line.rpartition(sep)
+            if s and head:
+                try:
+                    weight = float(tail)
+                    path = head.strip()
+                    break
+                except ValueError:
+                    continue
+        out.append((_resolve(path, dirs), weight))
+    if not out:
+        raise ValueError("list at least one adapter file (one per line, optionally path:weight)")
+    return out
+
+
+def summary_handler(path: str, dirs: Iterable[Path] = ()) -> str:
+    return _run(lambda: tools.format_summary(tools.adapter_summary(_resolve(path, dirs))))
+
+
+def merge_handler(arch_id: str, base: str, adapters: str, out: str, config_dir: str = "", save_dtype: str = "fp16",
+                  model_dirs: Iterable[Path] = (), dirs: Iterable[Path] = ()) -> str:
+    def go():
+        written = tools.merge_adapters(arch_id, _resolve(base, model_dirs), parse_adapters(adapters, dirs),
+                                       _resolve(out, dirs, must_exist=False),
+                                       _resolve(config_dir, model_dirs) if (config_dir or "").strip() else None,
+                                       save_dtype)
+        return f"✓ merged checkpoint written: {written}"
+    return _run(go)
+
+
+def resize_handler(path: str, out: str, mode: str, value: str, dirs: Iterable[Path] = ()) -> str:
+    def go():
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"value must be a number, not {value!r}") from None
+        _, report = tools.resize_lora(_resolve(path, dirs), _resolve(out, dirs, must_exist=False), mode, v)
+        return "✓ " + tools.format_resize_report(report)
+    return _run(go)
+
+
+def extract_handler(arch_id: str, base: str, tuned: str, out: str, rank: str, conv_rank: str = "",
+                    config_dir: str = "", model_dirs: Iterable[Path] = (), dirs: Iterable[Path] = ()) -> str:
+    def go():
+        try:
+            r = int(float(rank))
+            c = int(float(conv_rank)) if str(conv_rank or "").strip() else None
+        except (TypeError, ValueError):
+            raise ValueError("rank and conv rank must be whole numbers") from None
+        written = tools.extract_lora(arch_id, _resolve(base, model_dirs), _resolve(tuned, model_dirs),
+                                     _resolve(out, dirs, must_exist=False), r,
+                                     _resolve(config_dir, model_dirs) if (config_dir or "").strip() else None,
+                                     conv_rank=c)
+        return f"✓ LoRA written: {written}\n" + tools.format_summary(tools.adapter_summary(written))
+    return _run(go)
+
+
+def build_tools_tab(models_dir: Path | None = None, outputs_dir: Path | None = None) -> None:
+    """Renders the tab's contents (call inside a ``gr.Tab``)."""
+    import architectures
+    arch_choices = [(label, arch_id) for arch_id, label in architectures.available().items()]
+    model_dirs = [d for d in (models_dir,) if d]
+    dirs = [d for d in (models_dir, outputs_dir) if d]  # outputs last: new files go there
+    text = dict(lines=1, max_lines=1)
+
+    gr.Markdown("Paths: absolute, or relative to the models folder (base models) / outputs folder "
+                "(adapters and results). Existing files are never overwritten: a free name is used instead.")
+    gr.Markdown("### Adapter summary")
+    with gr.Row():
+        s_path = gr.Textbox(label="Adapter file (.safetensors)", elem_id="tools-summary-path", scale=4, **text)
+        s_btn = gr.Button("Inspect", elem_id="tools-summary-run", scale=1)
+    s_out = gr.Textbox(label="Summary", lines=8, interactive=False, elem_id="tools-summary-out")
+    s_btn.click(partial(summary_handler, dirs=dirs), [s_path], s_out)
+
+    gr.Markdown("### Merge adapters into a base model")
+    with gr.Row():
+        m_arch = gr.Dropdown(arch_choices, value="sd15", label="Model family", elem_id="tools-merge-arch")
+        m_base = gr.Textbox(label="Base model", elem_id="tools-merge-base", scale=3, **text)
+        m_cfg = gr.Textbox(label="Config folder (optional)", elem_id="tools-merge-config", scale=2, **text)
+    m_adapters = gr.Textbox(label="Adapters, one per line as path:weight", lines=3, elem_id="tools-merge-adapters")
+    with gr.Row():
+        m_out = gr.Textbox(label="Output checkpoint", elem_id="tools-merge-out", scale=3, **text)
+        m_dtype = gr.Dropdown(list(DTYPES), value="fp16", label="Save precision", elem_id="tools-merge-dtype")
+        m_btn = gr.Button("Merge", elem_id="tools-merge-run")
+    m_res = gr.Textbox(label="Result", lines=2, interactive=False, elem_id="tools-merge-out-text")
+    m_btn.click(partial(merge_handler, model_dirs=model_dirs, dirs=dirs),
+                [m_arch, m_base, m_adapters, m_out, m_cfg, m_dtype], m_res)
+
+    gr.Markdown("### Resize a LoRA / LoCon")
+    with gr.Row():
+        r_path = gr.Textbox(label="Adapter file", elem_id="tools-resize-path", scale=3, **text)
+        r_out = gr.Textbox(label="Output file", elem_id="tools-resize-out", scale=3, **text)
+    with gr.Row():
+        r_mode = gr.Dropdown([("fixed rank", "fixed"), ("singular-value ratio", "sv_ratio"),
+                              ("Frobenius energy kept", "sv_fro")], value="fixed", label="Mode",
+                             elem_id="tools-resize-mode")
+        r_value = gr.Textbox(value="8", label="Value (rank, ratio ≥ 1, or fraction ≤ 1)",
+                             elem_id="tools-resize-value", **text)
+        r_btn = gr.Button("Resize", elem_id="tools-resize-run")
+    r_res = gr.Textbox(label="Report", lines=6, interactive=False, elem_id="tools-resize-out-text")
+    r_btn.click(partial(resize_handler, dirs=dirs), [r_path, r_out, r_mode, r_value], r_res)
+
+    gr.Markdown("### Extract a LoRA from two models")
+    with gr.Row():
+        e_arch = gr.Dropdown(arch_choices, value="sd15", label="Model family", elem_id="tools-extract-arch")
+        e_base = gr.Textbox(label="Base model", elem_id="tools-extract-base", scale=3, **text)
+        e_tuned = gr.Textbox(label="Fine-tuned model", elem_id="tools-extract-tuned", scale=3, **text)
+    with gr.Row():
+        e_out = gr.Textbox(label="Output LoRA", elem_id="tools-extract-out", scale=3, **text)
+        e_rank = gr.Textbox(value="32", label="Rank", elem_id="tools-extract-rank", **text)
+        e_conv = gr.Textbox(value="", label="Conv rank (empty: no k×k convs)", elem_id="tools-extract-conv", **text)
+        e_cfg = gr.Textbox(label="Config folder (optional)", elem_id="tools-extract-config", scale=2, **text)
+        e_btn = gr.Button("Extract", elem_id="tools-extract-run")
+    e_res = gr.Textbox(label="Result", lines=6, interactive=False, elem_id="tools-extract-out-text")
+    e_btn.click(partial(extract_handler, model_dirs=model_dirs, dirs=dirs),
+                [e_arch, e_base, e_tuned, e_out, e_rank, e_conv, e_cfg], e_res)
+
+
+__all__ = ["build_tools_tab", "summary_handler", "merge_handler", "resize_handler", "extract_handler",
+           "parse_adapters"]
