@@ -5,6 +5,7 @@ Holds no training logic: Start turns the control values into the typed ``Setting
 """
 from __future__ import annotations
 
+import functools
 import re
 import socket
 from pathlib import Path
@@ -233,6 +234,18 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
         # -- run ----------------------------------------------------------------------------------------
         w = run_widgets
 
+        # the plan for the current values, refreshed whenever a setting it depends on changes
+        plan_inputs = [d for d in names if d.split(".")[0] == "memory" or d in PLAN_FIELDS]
+
+        def show_plan(*vals):
+            return plan_markdown(values_to_settings_lenient(dict(zip(plan_inputs, vals))))
+
+        plan_components = [controls[d] for d in plan_inputs]
+        for component in plan_components:
+            component.change(show_plan, inputs=plan_components, outputs=w["plan"], queue=False,
+                             show_progress="hidden")
+        demo.load(show_plan, inputs=plan_components, outputs=w["plan"], queue=False)
+
         def start(*vals):
             if controller.running:
                 return "✗ A run is already in progress. Stop it first."
@@ -274,9 +287,45 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
     return demo
 
 
+# settings outside the memory section that the plan reads
+PLAN_FIELDS = ("model.architecture", "network.train_text_encoder", "dataset.shuffle_caption")
+
+
+def values_to_settings_lenient(values: dict) -> Settings:
+    """Defaults with every given value that validates: the plan preview must not fail on a half-typed field."""
+    from core.settings import set_value
+    settings = Settings()
+    for dotted, value in values.items():
+        try:
+            set_value(settings, dotted, value)
+        except SettingsError:
+            pass
+    return settings
+
+
+@functools.lru_cache(maxsize=1)
+def _hardware_profile():
+    from core.hardware import detect_hardware
+    return detect_hardware()
+
+
+def plan_markdown(settings: Settings) -> str:
+    """What the run would use on this machine (core.plan), before Start."""
+    import architectures
+    from core.plan import make_plan
+    try:
+        plan = make_plan(_hardware_profile(), settings, architectures.get(settings.model.architecture))
+    except ValueError as exc:
+        return f"**Plan**  \n✗ {exc}"
+    first, *reasons = plan.summary().splitlines()
+    return "**Plan** (every 'auto' below can be overridden above)  \n" + first + "".join(
+        f"  \n{r.strip()}" for r in reasons)
+
+
 def _run_panel(hardware: str) -> dict[str, Any]:
     w: dict[str, Any] = {}
     gr.Markdown("**Hardware**  \n" + "  \n".join(hardware.splitlines()), elem_id="run-hardware")
+    w["plan"] = gr.Markdown("", elem_id="run-plan")
     with gr.Row(equal_height=True):
         w["start"] = gr.Button("▶  Start training", variant="primary", elem_id="run-start", scale=2)
         w["stop"] = gr.Button("■  Stop", variant="stop", elem_id="run-stop", interactive=False, scale=1)
