@@ -1,6 +1,8 @@
 """The interface every model family implements.  The trainer talks only to this; it never names a family."""
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ class AdapterTarget:
     module: nn.Module
     part: str
     path: str = ""
+    block: str = ""  # set by select_adapter_targets: what a per-block rank refers to
 
 
 def split_patterns(text: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -84,6 +87,9 @@ class Architecture:
     default_resolution: int = 512
     vae_scale_factor: int = 8
     compile_blocks: tuple[str, ...] = ()  # class names of the denoiser's repeated blocks
+    # which block a denoiser layer belongs to, for per-block ranks: (regex on the module path, name template)
+    block_patterns: tuple[tuple[str, str], ...] = ((r"^down_blocks\.(\d+)\.", "down_{0}"), (r"^mid_block\.", "mid"),
+                                                   (r"^up_blocks\.(\d+)\.", "up_{0}"))
     # below this much VRAM (GB) the denoiser needs gradient checkpointing at batch 1 (bf16 base, LoRA)
     checkpointing_below_gb: float = 24.0
 
@@ -117,7 +123,20 @@ class Architecture:
         include, exclude = split_patterns(include), split_patterns(exclude)
         targets = self.adapter_targets(components, target, text_encoder)
         candidates = self.adapter_candidates(components, text_encoder) if include else None
-        return apply_patterns(targets, candidates, include, exclude)
+        selected = apply_patterns(targets, candidates, include, exclude)
+        for t in selected:
+            t.block = self.block_of(t)
+        return selected
+
+    def block_of(self, target: AdapterTarget) -> str:
+        """The block name a per-block rank refers to: "te1"… for text encoders, else from ``block_patterns``."""
+        if target.part != "unet":
+            return target.part
+        for pattern, template in self.block_patterns:
+            m = re.match(pattern, target.path)
+            if m:
+                return template.format(*m.groups())
+        return ""
 
     def export_adapter(self, components: Components, state_dict: dict[str, torch.Tensor]
                        ) -> dict[str, dict[str, torch.Tensor]]:
@@ -130,6 +149,24 @@ class Architecture:
     def adapter_metadata(self, settings, suffix: str) -> dict[str, str]:
         """Metadata entries this family adds to / overrides in the file written for ``suffix``."""
         return {}
+
+    # -- full fine-tuning -------------------------------------------------------------------------------
+    #: whether :meth:`save_full_checkpoint` is implemented (full fine-tuning is refused at the start otherwise)
+    supports_full_checkpoint: bool = False
+
+    def save_full_checkpoint(self, components: Components, path: Path, dtype: torch.dtype,
+                             state_dicts: dict[str, dict[str, torch.Tensor]] | None = None,
+                             metadata: dict[str, str] | None = None) -> Path:
+        """Write the whole model as one checkpoint in the family's original key layout (atomically).
+
+        ``state_dicts`` replaces the weights of trained parts (``"denoiser"``, ``"te0"``, ``"te1"``, …), e.g.
+        with EMA weights; tensors are written in ``dtype``."""
+        raise NotImplementedError(f"{self.label}: saving a full checkpoint is not supported")
+
+    def save_diffusers_folder(self, components: Components, folder: Path, dtype: torch.dtype,
+                              state_dicts: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+        """Write the whole model as a diffusers folder (same ``state_dicts`` meaning as above)."""
+        raise NotImplementedError(f"{self.label}: saving a diffusers folder is not supported")
 
     # -- data ------------------------------------------------------------------------------------------
     def tokenize(self, components: Components, captions: list[str]) -> list[torch.Tensor]:

@@ -110,6 +110,65 @@ class SDUNetFamily(Architecture):
                           noise_scheduler=DDPMScheduler.from_config(parts["scheduler_config"]),
                           extra={"scheduler_config": parts["scheduler_config"]})
 
+    # -- full fine-tuning -------------------------------------------------------------------------------
+    supports_full_checkpoint = True
+
+    @staticmethod
+    def _parts(components: Components, dtype: torch.dtype, state_dicts) -> dict:
+        state_dicts = state_dicts or {}
+
+        def sd(part: str, module: nn.Module) -> dict[str, torch.Tensor]:
+            tensors = state_dicts.get(part) or module.state_dict()
+            return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
+
+        return {"unet": sd("denoiser", components.denoiser), "vae": sd("vae", components.vae),
+                "text_encoders": [sd(f"te{i}", te) for i, te in enumerate(components.text_encoders)]}
+
+    def save_full_checkpoint(self, components: Components, path: Path, dtype: torch.dtype,
+                             state_dicts=None, metadata=None) -> Path:
+        from architectures.ldm_keys import save_single_file
+        from core.io import _atomic
+        parts = self._parts(components, dtype, state_dicts)
+        unet_config = dict(components.denoiser.config)
+        return _atomic(Path(path), lambda tmp: save_single_file(parts, tmp, self.id, metadata=metadata,
+                                                                 unet_config=unet_config))
+
+    def save_diffusers_folder(self, components: Components, folder: Path, dtype: torch.dtype,
+                              state_dicts=None) -> Path:
+        """A diffusers folder written beside ``folder`` and moved into place complete (``folder`` must not
+        exist: the trainer picks an unused name)."""
+        import os
+        import shutil
+
+        from architectures.sd_loading import default_config_dir
+        from core.io import atomic_save_safetensors
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            parts = self._parts(components, dtype, state_dicts)
+            shutil.copy(default_config_dir(self.id) / "model_index.json", tmp / "model_index.json")
+            components.noise_scheduler.save_config(tmp / "scheduler")
+            components.denoiser.save_config(tmp / "unet")
+            atomic_save_safetensors(tmp / "unet" / "diffusion_pytorch_model.safetensors",
+                                    {k: v.contiguous() for k, v in parts["unet"].items()})
+            components.vae.save_config(tmp / "vae")
+            atomic_save_safetensors(tmp / "vae" / "diffusion_pytorch_model.safetensors",
+                                    {k: v.contiguous() for k, v in parts["vae"].items()})
+            te_dirs = ["text_encoder", "text_encoder_2"]
+            for name, te, sd in zip(te_dirs, components.text_encoders, parts["text_encoders"]):
+                te.config.save_pretrained(tmp / name)
+                atomic_save_safetensors(tmp / name / "model.safetensors",
+                                        {k: v.contiguous() for k, v in sd.items()}, {"format": "pt"})
+            for name, tok in zip(["tokenizer", "tokenizer_2"], components.tokenizers):
+                tok.save_pretrained(tmp / name)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
     def configure_objective(self, components: Components, settings) -> None:
         """The training schedule the user chose; 'auto' keeps what the model's scheduler config says."""
         from diffusers import DDPMScheduler

@@ -8,7 +8,8 @@ Every event is a plain dict with a ``type`` key:
   "eta_s", "it_per_s", "vram_gb", "ram_gb"}``: sent every ``schedule.log_every_n_steps`` optimizer steps;
   ``loss`` is the mean loss since the previous progress event.
 - ``{"type": "sample", "step", "paths": [str], "prompts": [str]}``: preview images written.
-- ``{"type": "saved", "step", "path", "kind": "adapter"|"state"}``
+- ``{"type": "saved", "step", "path", "kind": "adapter"|"checkpoint"|"state"}``: "checkpoint" is a
+  full fine-tune's whole model (a single file or a diffusers folder)
 - ``{"type": "done", "outputs": [str], "final": str|None, "stopped": bool, "peak_vram_gb": float|None}``
 - ``{"type": "error", "message": str}``: the run failed; ``core.train`` raises after sending it.
 """

@@ -138,6 +138,12 @@ class ModelSettings(Section):
 
 
 ADAPTER_ALGORITHMS = ("lora", "locon", "loha", "lokr", "ia3", "diag-oft", "boft", "glora", "full")
+# network.algorithm's choices: the adapters, and full fine-tuning of the model itself (no adapter)
+ALGORITHMS = ADAPTER_ALGORITHMS + ("full_finetune",)
+ALGORITHM_LABELS = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)³",
+                    "diag-oft": "Diag-OFT", "boft": "BOFT", "glora": "GLoRA", "full": "Full-rank adapter",
+                    "full_finetune": "Full fine-tune (no adapter)"}
+_ADAPTERS = list(ADAPTER_ALGORITHMS)
 _RANKED = ["lora", "locon", "loha", "lokr", "glora"]  # strength set by rank / alpha
 _CONV_RANKED = ["locon", "loha", "lokr", "glora"]  # can adapt k×k convolutions with their own rank
 _DORA = ["lora", "locon", "loha", "lokr"]
@@ -145,14 +151,17 @@ ADAPTER_TARGETS = ("attn", "attn_mlp", "full", "full-lin")
 
 
 class NetworkSettings(Section):
-    algorithm: Literal["lora", "locon", "loha", "lokr", "ia3", "diag-oft", "boft", "glora", "full"] = setting(
+    algorithm: Literal["lora", "locon", "loha", "lokr", "ia3", "diag-oft", "boft", "glora", "full",
+                       "full_finetune"] = setting(
         "lora", "Algorithm",
         "LoRA: kohya LoRA on linear layers, loaded by every tool. LoCon: LoRA on 3x3 convolutions too. "
         "LoHa / LoKr: Hadamard / Kronecker products (more capacity per parameter). (IA)³: per-channel scales "
         "(tiny; needs a learning rate around 5e-3). Diag-OFT / BOFT: orthogonal fine-tuning (rotates the "
         "weights). GLoRA: generalised LoRA. Full: full-rank weight differences (large files). All but LoRA "
-        "are saved as LyCORIS files (kohya key names); ComfyUI loads all of them except (IA)³.",
-        choices=ADAPTER_ALGORITHMS)
+        "are saved as LyCORIS files (kohya key names); ComfyUI loads all of them except (IA)³. Full fine-tune: "
+        "no adapter; the UNet itself (and the text encoders if chosen) trains in fp32 and a whole checkpoint "
+        "is saved (SD1.5 / SDXL only; needs far more memory).",
+        choices=ALGORITHMS, choice_labels=ALGORITHM_LABELS)
     rank: int = setting(16, "Rank (dim)", "LoKr: rank of the low-rank Kronecker factor (large ranks make it a "
                         "full matrix). Diag-OFT / BOFT: the block size.", ge=1, le=1024,
                         show_if={"network.algorithm": _RANKED + ["diag-oft", "boft"]})
@@ -165,8 +174,17 @@ class NetworkSettings(Section):
         "feed-forward; 'full': also the ResNet blocks, down/upsamplers, conv_in/out and time embedding, 3x3 "
         "convolutions included (not for plain LoRA: use LoCon); 'full-lin': the same without 3x3 "
         "convolutions. SD3 / FLUX.1: attention; + MLPs; 'full-lin': every linear layer of the transformer "
-        "blocks (adaLN modulation too); 'full' does not apply.", choices=ADAPTER_TARGETS)
+        "blocks (adaLN modulation too); 'full' does not apply.", choices=ADAPTER_TARGETS,
+        show_if={"network.algorithm": _ADAPTERS})
     train_text_encoder: bool = setting(False, "Train text encoder(s)")
+    ema: bool = setting(False, "EMA weights", "Keep an exponential moving average of the trained weights and "
+                        "save it instead of the live weights.", show_if={"network.algorithm": ["full_finetune"]})
+    ema_decay: float = setting(0.9999, "EMA decay", "Per optimizer step: ema = decay·ema + (1−decay)·weights.",
+                               ge=0.0, le=1.0, step=0.0001,
+                               show_if={"network.algorithm": ["full_finetune"], "network.ema": [True]})
+    ema_on_cpu: bool = setting(False, "EMA in CPU memory", "Keep the average in RAM instead of VRAM (saves a "
+                               "full fp32 copy of the weights on the GPU; each step waits for the copy).",
+                               show_if={"network.algorithm": ["full_finetune"], "network.ema": [True]})
     flux_blocks: Literal["all", "double", "single"] = setting(
         "all", "FLUX blocks", "Which FLUX.1 transformer blocks get adapters: all, only the 19 double-stream "
         "blocks, or only the 38 single-stream blocks.", choices=("all", "double", "single"),
@@ -202,7 +220,8 @@ class NetworkSettings(Section):
                                   "during training.", ge=0.0, le=1.0, step=0.01,
                                   show_if={"network.algorithm": _RANKED}, advanced=True)
     module_dropout: float = setting(0.0, "Module dropout", "Skip a whole adapted layer with this probability "
-                                    "during training.", ge=0.0, le=1.0, step=0.01, advanced=True)
+                                    "during training.", ge=0.0, le=1.0, step=0.01, advanced=True,
+                                    show_if={"network.algorithm": _ADAPTERS})
     loraplus_lr_ratio: float = setting(0.0, "LoRA+ ratio", "Train the up (B) matrices at this multiple of the "
                                        "learning rate (LoRA+; 16 is common). 0 disables.", ge=0.0, le=1000.0,
                                        show_if={"network.algorithm": ["lora", "locon"]}, advanced=True)
@@ -220,9 +239,15 @@ class NetworkSettings(Section):
                            "patterns, one per line or comma-separated, matched against the model path "
                            "(down_blocks.1.resnets.0.conv1) or the file key (lora_unet_…). With * ? [ ] a "
                            "pattern must match the whole name, without them any part.", widget="textarea",
-                           advanced=True)
+                           advanced=True, show_if={"network.algorithm": _ADAPTERS})
     exclude: str = setting("", "Skip (patterns)", "Layers to leave out, same pattern rules (e.g. attn1, "
-                           "*_ff_net_*).", widget="textarea", advanced=True)
+                           "*_ff_net_*).", widget="textarea", advanced=True,
+                           show_if={"network.algorithm": _ADAPTERS})
+    block_ranks: str = setting("", "Rank per block", "Overrides of rank (and optionally alpha) per block, e.g. "
+                               "'down_0=4, mid=32/16, up_3=8, te1=4'. Blocks: UNet down_N / mid / up_N, SD3 "
+                               "joint_N, FLUX double_N / single_N, text encoders te1, te2, te3. Without an alpha the "
+                               "block keeps the network's alpha/rank scale; a rank of 0 leaves the block out.", advanced=True,
+                               show_if={"network.algorithm": ["lora", "locon", "loha", "lokr", "glora"]})
 
 
 class OptimizerSettings(Section):
@@ -234,6 +259,11 @@ class OptimizerSettings(Section):
                                      ge=0.0, le=10.0, show_if={"network.train_text_encoder": [True]})
     weight_decay: float = setting(0.01, "Weight decay", ge=0.0, le=10.0, advanced=True)
     max_grad_norm: float = setting(1.0, "Max gradient norm", "0 disables clipping.", ge=0.0, le=1000.0)
+    fused_backward_pass: bool = setting(False, "Fused backward pass", "Update each weight as soon as its "
+                                        "gradient is ready and free the gradient: much less memory for full "
+                                        "fine-tuning. Needs gradient accumulation 1, no clipping (max gradient "
+                                        "norm is ignored) and bf16 or fp32.",
+                                        show_if={"optimizer.optimizer_type": ["Adafactor"]})
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                           "polynomial"] = setting("constant", "LR scheduler", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = setting(0, "Warmup steps", ge=0, le=1_000_000)
@@ -292,6 +322,9 @@ class SavingSettings(Section):
     save_last_n: int = setting(3, "Keep last K intermediate saves", "0 keeps all.", ge=0, le=10000)
     save_precision: Literal["fp16", "bf16", "float"] = setting("fp16", "Save precision",
                                                                choices=("fp16", "bf16", "float"))
+    save_diffusers_folder: bool = setting(False, "Also save a diffusers folder", "Full fine-tune: write the "
+                                          "model as a diffusers folder beside the single-file checkpoint.",
+                                          show_if={"network.algorithm": ["full_finetune"]})
     save_state: bool = setting(True, "Save resumable state", "Keep optimizer and scheduler state with each "
                                "save so the run can be resumed.")
     resume_from: str = setting("", "Resume from state", "A state folder written by an earlier run "
@@ -460,6 +493,12 @@ def check_consistency(settings: Settings) -> list[str]:
         problems.append(f"dataset.resolution ({d.resolution}) must be a multiple of 8")
     if d.enable_buckets and d.bucket_reso_steps % 8:
         problems.append(f"dataset.bucket_reso_steps ({d.bucket_reso_steps}) must be a multiple of 8")
+    if settings.optimizer.optimizer_type == "Adafactor" and settings.optimizer.fused_backward_pass:
+        if settings.schedule.gradient_accumulation_steps > 1:
+            problems.append("optimizer.fused_backward_pass steps during the backward pass: set "
+                            "schedule.gradient_accumulation_steps to 1")
+        if settings.memory.mixed_precision == "fp16":
+            problems.append("optimizer.fused_backward_pass cannot use fp16 loss scaling: choose bf16 or no")
     if not settings.dataset.path:
         problems.append("dataset.path: choose the folder with your training images")
     if not settings.model.model_path:

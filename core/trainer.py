@@ -20,9 +20,10 @@ import architectures
 from core import dataset as ds_mod
 from core.config import AppConfig, load_config
 from core.events import emit
+from core.full_finetune import EMA, FULL_FINETUNE, FullFineTune
 from core.export import adapter_metadata, save_adapter_files, tag_frequency
 from core.io import atomic_save_image, atomic_torch_save, atomic_write_json, unused_path
-from core.optim import build_optimizer, build_scheduler
+from core.optim import build_fused_backward_optimizer, build_optimizer, build_scheduler
 from core.plan import make_plan
 from core.settings import Settings, SettingsError, check_consistency
 
@@ -138,6 +139,11 @@ class _Run:
             raise SettingsError("Cannot start:\n" + "\n".join("  " + p for p in problems))
         self.resolve_paths()
         self.arch = architectures.get(s.model.architecture)
+        self.full_ft = s.network.algorithm == FULL_FINETUNE
+        if self.full_ft and not self.arch.supports_full_checkpoint:
+            raise SettingsError(f"network.algorithm: full fine-tuning is not available for {self.arch.label} "
+                                "(this trainer can save whole checkpoints of SD1.5 and SDXL only); choose an "
+                                "adapter algorithm such as LoRA")
 
         self.status("Reading the dataset")
         self.items = ds_mod.scan_dataset(s.dataset, self.dataset_root)
@@ -168,8 +174,9 @@ class _Run:
         self.status(f"Loading {self.arch.label} from {self.model_path}")
         # family-specific load arguments (e.g. FLUX's separate text-encoder / autoencoder files)
         self.load_options = self.arch.load_options(s, lambda p: self.config.resolve(p, "models_dir"))
-        self.components = self.arch.load(self.model_path, self.config_dir, self.plan.weight_dtype,
-                                         **self.load_options)
+        # full fine-tuning trains fp32 master weights; frozen parts are cast to the plan's dtype later
+        load_dtype = torch.float32 if self.full_ft else self.plan.weight_dtype
+        self.components = self.arch.load(self.model_path, self.config_dir, load_dtype, **self.load_options)
         self.arch.configure_objective(self.components, s)
         c = self.components
         for module in [c.denoiser, c.vae, *c.text_encoders]:
@@ -237,8 +244,9 @@ class _Run:
 
     def prepare_text(self) -> None:
         c = self.components
+        trained = self.full_ft and self.s.network.train_text_encoder
         for te in c.text_encoders:
-            te.to(self.device, self.plan.weight_dtype)
+            te.to(self.device, torch.float32 if trained else self.plan.weight_dtype)
         self.text_cache: dict[str, dict] | None = None
         if not self.plan.cache_text_encoder_outputs:
             return
@@ -258,7 +266,25 @@ class _Run:
             torch.cuda.empty_cache()
 
     def prepare_network(self) -> None:
+        """The trainable: an adapter network patched into the model, or (full fine-tuning) the model's own
+        parameters.  Both offer parameters / param_groups / train / eval / restore / training state."""
         from core.adapters import AdapterOptions, build_network
+        s, c = self.s, self.components
+        self.ema = None
+        if self.full_ft:
+            self.network = FullFineTune(c, s.network.train_text_encoder)
+            n_params = sum(p.numel() for p in self.network.parameters())
+            self.log(f"Full fine-tune of {', '.join(self.network.parts)}: {n_params / 1e6:.2f} M trainable "
+                     f"parameters (fp32)")
+            if s.network.ema:
+                self.ema = EMA(self.network.named_parameters(), s.network.ema_decay, s.network.ema_on_cpu)
+                self.log(f"EMA of the weights (decay {s.network.ema_decay}) in "
+                         f"{'CPU memory' if self.ema.on_cpu or self.device.type == 'cpu' else 'VRAM'}")
+        else:
+            self.prepare_adapter(build_network, AdapterOptions)
+        self.prepare_modules()
+
+    def prepare_adapter(self, build_network, AdapterOptions) -> None:
         s, c = self.s, self.components
         targets = self.arch.select_adapter_targets(c, s.network.target, s.network.train_text_encoder,
                                                    include=s.network.include, exclude=s.network.exclude)
@@ -269,6 +295,9 @@ class _Run:
         n_params = sum(p.numel() for p in self.network.parameters())
         self.log(f"{s.network.algorithm}: {len(self.network.adapters)} layers, {n_params / 1e6:.2f} M trainable "
                  f"parameters")
+
+    def prepare_modules(self) -> None:
+        s, c = self.s, self.components
         if self.plan.gradient_checkpointing:
             c.denoiser.enable_gradient_checkpointing()
             if s.network.train_text_encoder:
@@ -308,8 +337,13 @@ class _Run:
         s = self.s
         acc = self.accelerator
         params = self.network.param_groups(s.optimizer.learning_rate, s.optimizer.text_encoder_lr)
-        optimizer = build_optimizer(s.optimizer.optimizer_type, params, s.optimizer.learning_rate,
-                                    s.optimizer.weight_decay, self.device)
+        self.fused_backward = s.optimizer.optimizer_type == "Adafactor" and s.optimizer.fused_backward_pass
+        if self.fused_backward and self.plan.mixed_precision == "fp16":
+            raise SettingsError("optimizer.fused_backward_pass cannot use fp16 loss scaling (this GPU has no "
+                                "bf16): turn it off or train in fp32 (memory.mixed_precision 'no')")
+        make = build_fused_backward_optimizer if self.fused_backward else build_optimizer
+        optimizer = make(s.optimizer.optimizer_type, params, s.optimizer.learning_rate, s.optimizer.weight_decay,
+                         self.device)
         batches = len(self.sampler)
         self.total_steps, self.total_epochs = total_steps_and_epochs(s, batches)
         lr_scheduler = build_scheduler(s.optimizer.lr_scheduler, optimizer, s.optimizer.lr_warmup_steps,
@@ -342,7 +376,7 @@ class _Run:
                 with acc.accumulate(self.network):
                     loss = self.training_step(batch)
                     acc.backward(loss)
-                    if acc.sync_gradients and s.optimizer.max_grad_norm > 0:
+                    if acc.sync_gradients and s.optimizer.max_grad_norm > 0 and not self.fused_backward:
                         acc.clip_grad_norm_(self.network.parameters(), s.optimizer.max_grad_norm)
                     self.optimizer.step()
                     self.lr_scheduler.step()
@@ -352,6 +386,8 @@ class _Run:
                 if not acc.sync_gradients:
                     continue
                 self.global_step += 1
+                if self.ema is not None:
+                    self.ema.update()
                 self.position = (epoch, batch_index + 1)
                 last = self.global_step >= self.total_steps
                 if self.global_step % s.schedule.log_every_n_steps == 0 or last:
@@ -435,6 +471,8 @@ class _Run:
 
     def save(self, final: bool) -> Path:
         s = self.s
+        if self.full_ft:
+            return self.save_checkpoint(final)
         name = f"{self.output_stem}.safetensors" if final else f"{self.output_stem}-step{self.global_step:06d}.safetensors"
         # the family may write more than one file (e.g. SD3: kohya layout + <name>.diffusers.safetensors)
         paths = save_adapter_files(self.output_dir / name, self.network, self.metadata, s.saving.save_precision,
@@ -450,11 +488,40 @@ class _Run:
             self.save_state()
         return path
 
+    def save_checkpoint(self, final: bool) -> Path:
+        """Full fine-tuning: the whole model (EMA weights when on) in the family's original single-file layout,
+        plus a diffusers folder when asked.  Never overwrites an existing file."""
+        from core.export import SAVE_DTYPES
+        s = self.s
+        name = f"{self.output_stem}.safetensors" if final else f"{self.output_stem}-step{self.global_step:06d}.safetensors"
+        dtype = SAVE_DTYPES[s.saving.save_precision]
+        state_dicts = self.network.module_state_dicts(self.ema)
+        path = unused_path(self.output_dir / name)
+        meta = {"ss_training_steps": str(self.global_step), "ss_base_model_version": self.arch.ss_base_model_version,
+                "ss_output_name": s.saving.output_name, "ss_ema": str(self.ema is not None),
+                "ss_training_comment": "full fine-tune"}
+        self.arch.save_full_checkpoint(self.components, path, dtype, state_dicts, meta)
+        paths = [path]
+        if s.saving.save_diffusers_folder:
+            folder = unused_path(path.with_name(path.stem + "_diffusers"))
+            paths.append(self.arch.save_diffusers_folder(self.components, folder, dtype, state_dicts))
+        for p in paths:
+            emit(self.on_event, "saved", step=self.global_step, path=str(p), kind="checkpoint")
+        self.result.outputs.extend(paths)
+        if not final:
+            self.saved_adapters.append(path.name)
+            self.prune(self.saved_adapters, self.delete_adapter)
+        if s.saving.save_state:
+            self.save_state()
+        return path
+
     def delete_adapter(self, name: str) -> None:
         """An intermediate save: its main file and the family's extra files (``<stem>.<suffix>.safetensors``)."""
         main = self.output_dir / name
         for p in [main, *self.output_dir.glob(f"{main.stem}.*.safetensors")]:
             p.unlink(missing_ok=True)
+        if self.full_ft:
+            shutil.rmtree(main.with_name(main.stem + "_diffusers"), ignore_errors=True)
 
     def prune(self, names: list[str], delete) -> None:
         keep = self.s.saving.save_last_n
@@ -469,7 +536,12 @@ class _Run:
         tmp = self.output_dir / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(self.network.training_state_dict(), str(tmp / "adapter.safetensors"))
+        if self.full_ft:  # the trained model's fp32 weights (and their average)
+            save_file(self.network.training_state_dict(), str(tmp / "model.safetensors"))
+            if self.ema is not None:
+                save_file(self.ema.state_dict(), str(tmp / "ema.safetensors"))
+        else:
+            save_file(self.network.training_state_dict(), str(tmp / "adapter.safetensors"))
         atomic_torch_save(tmp / "optimizer.pt", self.optimizer.state_dict())
         atomic_torch_save(tmp / "scheduler.pt", self.lr_scheduler.state_dict())
         rng = {"cpu": torch.get_rng_state()}
@@ -498,10 +570,18 @@ class _Run:
         if info["architecture"] != self.arch.id:
             raise SettingsError(f"saving.resume_from: that state is from a {info['architecture']} run, this run "
                                 f"is {self.arch.id}")
-        if info["network"] != self.s.network.model_dump(mode="json"):
+        # states written before a network setting existed hold no value for it: compare with its default
+        saved = {**type(self.s.network)().model_dump(mode="json"), **info["network"]}
+        if saved != self.s.network.model_dump(mode="json"):
             raise SettingsError("saving.resume_from: the network settings differ from the run that wrote the "
                                 f"state ({info['network']})")
-        self.network.load_export_state_dict(load_file(str(state_dir / "adapter.safetensors")))
+        if self.full_ft:
+            self.network.load_training_state_dict(load_file(str(state_dir / "model.safetensors"),
+                                                            device=str(self.device)))
+            if self.ema is not None:
+                self.ema.load_state_dict(load_file(str(state_dir / "ema.safetensors")))
+        else:
+            self.network.load_export_state_dict(load_file(str(state_dir / "adapter.safetensors")))
         self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True,
                                                   map_location=self.device))
         self.lr_scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=True))

@@ -156,7 +156,7 @@ class RunState:
                 self._bump("samples")
             elif kind == "saved":
                 path = str(event.get("path"))
-                if event.get("kind", "adapter") == "adapter" and path not in self.outputs:
+                if event.get("kind", "adapter") in ("adapter", "checkpoint") and path not in self.outputs:
                     self.outputs.append(path)
                 self._log(f"Saved {event.get('kind', 'adapter')} at step {event.get('step')}: {path}")
                 self._bump("outputs")
