@@ -38,6 +38,8 @@ class FluxFamily(FlowMatchingFamily):
     ss_base_model_version = "flux1"
     vae_scale_factor = 8
     compile_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    block_patterns = ((r"^transformer_blocks\.(\d+)\.", "double_{0}"),
+                      (r"^single_transformer_blocks\.(\d+)\.", "single_{0}"))
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     preset_modules = {
         "attn": {"transformer_blocks": _DOUBLE_ATTN, "single_transformer_blocks": _SINGLE_ATTN},

@@ -33,6 +33,7 @@ class SD3Family(FlowMatchingFamily):
     vae_scale_factor = 8
     default_t5_max_length = 256
     compile_blocks = ("JointTransformerBlock",)
+    block_patterns = ((r"^transformer_blocks\.(\d+)\.", "joint_{0}"),)
     block_lists = ("transformer_blocks",)
     preset_modules = {"attn": {"transformer_blocks": _ATTN},
                       "attn_mlp": {"transformer_blocks": _ATTN + _MLP},

@@ -3,7 +3,7 @@ chosen algorithm; parameter groups (LoRA+), export and loading of the community 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ class AdapterOptions:
     full_matrix: bool = False
     rescale: bool = False
     loraplus_lr_ratio: float = 0.0
+    block_ranks: dict = field(default_factory=dict)  # block name -> (rank, alpha or None); rank 0 drops it
 
     @classmethod
     def from_settings(cls, n) -> "AdapterOptions":
@@ -68,7 +69,8 @@ class AdapterOptions:
             factor=n.lokr_factor if algo == "lokr" else -1,
             decompose_both=n.decompose_both and algo == "lokr", full_matrix=n.full_matrix and algo == "lokr",
             rescale=n.oft_rescale and algo in ("diag-oft", "boft"),
-            loraplus_lr_ratio=n.loraplus_lr_ratio if algo in LORAPLUS_ALGORITHMS else 0.0)
+            loraplus_lr_ratio=n.loraplus_lr_ratio if algo in LORAPLUS_ALGORITHMS else 0.0,
+            block_ranks=parse_block_ranks(n.block_ranks) if ranked else {})
 
 
 def _is_kxk_conv(module: nn.Module) -> bool:
@@ -160,6 +162,44 @@ class AdapterNetwork(nn.Module):
             m.load_tensors(sd)
 
 
+def parse_block_ranks(text: str) -> dict[str, tuple[int, float | None]]:
+    """'down_0=4, mid=32/16' -> {"down_0": (4, None), "mid": (32, 16.0)}; a message names a bad entry."""
+    out: dict[str, tuple[int, float | None]] = {}
+    for entry in (e.strip() for e in text.replace("\n", ",").split(",")):
+        if not entry:
+            continue
+        name, sep, value = (p.strip() for p in entry.partition("="))
+        rank_text, _, alpha_text = value.partition("/")
+        try:
+            if not (sep and name):
+                raise ValueError
+            rank = int(rank_text)
+            alpha = float(alpha_text) if alpha_text.strip() else None
+            if rank < 0 or (alpha is not None and alpha < 0):
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"network.block_ranks: cannot read {entry!r}; write block=rank or block=rank/alpha, "
+                             f"e.g. 'down_0=4, mid=32/16'") from None
+        out[name] = (rank, alpha)
+    return out
+
+
+def apply_block_ranks(targets: list[AdapterTarget], block_ranks: dict) -> list[tuple[AdapterTarget, int | None,
+                                                                                    float | None]]:
+    """(target, rank override, alpha override) for each target kept; a rank of 0 leaves its block out."""
+    known = {t.block for t in targets if t.block}
+    unknown = sorted(set(block_ranks) - known)
+    if unknown:
+        raise ValueError(f"network.block_ranks: no adapted layer is in block(s) {', '.join(unknown)}; the blocks "
+                         f"of this model and target are: {', '.join(sorted(known))}")
+    out = []
+    for t in targets:
+        rank, alpha = block_ranks.get(t.block, (None, None))
+        if rank != 0:
+            out.append((t, rank, alpha))
+    return out
+
+
 def build_network(targets: list[AdapterTarget], algorithm: str, rank: int, alpha: float,
                   dropout: float = 0.0, options: AdapterOptions | None = None) -> AdapterNetwork:
     """One adapter module per target.  k×k convolutions use ``options.conv_rank``/``conv_alpha`` (0: the
@@ -177,13 +217,16 @@ def build_network(targets: list[AdapterTarget], algorithm: str, rank: int, alpha
     if algorithm == "glora":
         common = {k: v for k, v in common.items() if k not in ("use_tucker", "dora", "dora_on_output")}
     modules, parts = {}, {}
-    for t in targets:
+    for t, block_rank, block_alpha in apply_block_ranks(targets, o.block_ranks):
         if t.name in modules:
             raise ValueError(f"two layers map to the same key {t.name}")
         r, a = rank, alpha
         if _is_kxk_conv(t.module) and algorithm in RANKED:
             r = o.conv_rank or rank
             a = o.conv_alpha or alpha
+        if block_rank is not None:
+            # a block's own rank; without its own alpha the scale alpha/rank stays the network's
+            r, a = block_rank, block_alpha if block_alpha is not None else a * block_rank / r
         modules[t.name] = cls(t.name, t.module, r, a, dropout, **common, **extra)
         parts[t.name] = t.part
     if not modules:
@@ -221,7 +264,7 @@ def network_args(n) -> dict[str, str]:
             args[names[f.name]] = str(getattr(o, f.name))
     if n.dropout and algo in RANKED:
         args["dropout"] = str(n.dropout)
-    for key in ("include", "exclude"):
+    for key in ("include", "exclude", "block_ranks"):
         value = getattr(n, key, "")
         if value.strip():
             args[key] = value.strip()
