@@ -69,3 +69,63 @@ def build_scheduler(name: str, optimizer: Optimizer, warmup_steps: int, total_st
     from diffusers.optimization import get_scheduler
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
                          num_cycles=num_cycles, power=power)
+
+
+class FusedBackwardOptimizer(Optimizer):
+    """Steps each parameter as soon as its gradient is complete, inside the backward pass, and frees the
+    gradient right away, so no full set of gradients is ever held (sd-scripts' --fused_backward_pass).
+
+    One inner optimizer per parameter; ``param_groups`` is always their current groups (loading a state
+    replaces an optimizer's group dicts), so a learning-rate scheduler on this object drives them all.  ``step``/``zero_grad`` are no-ops: the hooks did the work.
+    Needs optimizers without cross-parameter state (Adafactor), no gradient accumulation, no global clipping.
+    """
+
+    def __init__(self, param_groups: list[dict], make_optimizer):
+        self.inner: list[Optimizer] = []
+        for group in param_groups:
+            options = {k: v for k, v in group.items() if k != "params"}
+            for p in group["params"]:
+                opt = make_optimizer([{"params": [p], **options}])
+                self.inner.append(opt)
+                p.register_post_accumulate_grad_hook(self._hook(opt))
+        # Optimizer.__init__ is not called: it would copy the groups; this object only forwards to the inner ones
+        self.defaults = dict(self.inner[0].defaults) if self.inner else {}
+        self.state = {}
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self._optimizer_state_dict_pre_hooks = {}
+        self._optimizer_state_dict_post_hooks = {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for opt in self.inner for group in opt.param_groups]
+
+    @staticmethod
+    def _hook(opt: Optimizer):
+        def step_now(param: torch.Tensor) -> None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step_now
+
+    def step(self, closure=None):
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {"inner": [opt.state_dict() for opt in self.inner]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for opt, sd in zip(self.inner, state_dict["inner"], strict=True):
+            opt.load_state_dict(sd)
+
+
+def build_fused_backward_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay: float,
+                                   device: torch.device) -> Optimizer:
+    if name != "Adafactor":
+        raise ValueError(f"optimizer.fused_backward_pass works with Adafactor, not {name}")
+    return FusedBackwardOptimizer(param_groups, lambda groups: build_optimizer(name, groups, lr, weight_decay,
+                                                                             device))

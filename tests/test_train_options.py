@@ -144,3 +144,23 @@ def test_impossible_settings_are_named(tiny, tmp_path):
     s, config = make_settings(tiny, "sd15", tmp_path, dataset__min_bucket_reso=512, dataset__max_bucket_reso=256)
     with pytest.raises(core.SettingsError, match="min_bucket_reso"):
         core.train(s, config=config)
+
+
+def test_fused_backward_pass_gives_the_same_weights_as_a_normal_step(tiny, tmp_path):
+    """Adafactor stepping each parameter inside backward equals stepping them all afterwards."""
+    common = dict(optimizer__optimizer_type="Adafactor", optimizer__max_grad_norm=0.0,
+                  optimizer__lr_scheduler="linear", saving__save_precision="float")
+    normal, _ = run(tiny, tmp_path / "normal", **common)
+    fused, _ = run(tiny, tmp_path / "fused", optimizer__fused_backward_pass=True, **common)
+    a, b = load_file(str(normal.final)), load_file(str(fused.final))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_up" in k)
+
+
+def test_fused_backward_pass_refuses_gradient_accumulation(tiny, tmp_path):
+    s, config = make_settings(tiny, "sd15", tmp_path, optimizer__optimizer_type="Adafactor",
+                              optimizer__fused_backward_pass=True, schedule__gradient_accumulation_steps=2)
+    with pytest.raises(core.SettingsError, match="gradient_accumulation_steps to 1"):
+        core.train(s, config=config)
