@@ -15,6 +15,27 @@ class ModelLoadError(ValueError):
     """The chosen file/folder cannot be loaded as the chosen architecture; the message says why."""
 
 
+# short names for error messages (the UI's long labels are core.settings.ARCHITECTURE_LABELS)
+SHORT_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL", "sd3": "SD3 Medium", "sd35_medium": "SD3.5 Medium",
+                "sd35_large": "SD3.5 Large", "flux1_dev": "FLUX.1 dev", "flux1_schnell": "FLUX.1 schnell"}
+
+
+def short_label(arch_id: str | None) -> str:
+    return SHORT_LABELS.get(arch_id or "", str(arch_id))
+
+
+def check_family(arch_id: str, where, family: str | None, description: str) -> None:
+    """Refuse a model that is not of the chosen family, saying what it looks like (never switch silently)."""
+    if family == arch_id:
+        return
+    chosen = short_label(arch_id)
+    if family is None:
+        raise ModelLoadError(f"You chose {chosen}, but {where} looks like {description}. "
+                             f"It cannot be loaded as {chosen}.")
+    raise ModelLoadError(f"You chose {chosen}, but {where} looks like {description}. Choose the "
+                         f"{short_label(family)} architecture for this model, or pick a {chosen} model.")
+
+
 @dataclass
 class Components:
     """What a family's ``load`` returns.  ``denoiser`` is the UNet or transformer that is trained."""

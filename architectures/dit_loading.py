@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from architectures.base import ModelLoadError
+from architectures.base import ModelLoadError, check_family, short_label
 from architectures.sd_loading import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 SD3_IDS = ("sd3", "sd35_medium", "sd35_large")
 FLUX_IDS = ("flux1_dev", "flux1_schnell")
-LABELS = {"sd3": "SD3 Medium", "sd35_medium": "SD3.5 Medium", "sd35_large": "SD3.5 Large",
-          "flux1_dev": "FLUX.1 dev", "flux1_schnell": "FLUX.1 schnell", "sd15": "SD 1.5", "sdxl": "SDXL"}
 
 # Shipped CLIP tokenizers (the same BPE vocabulary for every family): SD3's CLIP-G pads with "!" like SDXL's.
 SHIPPED_CLIP_TOKENIZERS = {
@@ -70,10 +68,6 @@ T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 
 def default_config_dir(arch_id: str) -> Path:
     return CONFIG_ROOT / arch_id
-
-
-def _label(arch_id: str | None) -> str:
-    return LABELS.get(arch_id or "", str(arch_id))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -154,28 +148,18 @@ def describe_dit_folder(folder: Path) -> tuple[str | None, str]:
     return family, f"{phrase}{f' ({pipeline})' if pipeline else ''}"
 
 
-def _check_family(arch_id: str, where: Path, family: str | None, phrase: str) -> None:
-    if family == arch_id:
-        return
-    if family is None:
-        raise ModelLoadError(f"You chose {_label(arch_id)}, but {where} looks like {phrase}. "
-                             f"It cannot be loaded as {_label(arch_id)}.")
-    raise ModelLoadError(f"You chose {_label(arch_id)}, but {where} looks like {phrase}. Choose the "
-                         f"{_label(family)} architecture for this model, or pick a {_label(arch_id)} model.")
-
-
 def _check_config_dir(arch_id: str, config_dir: Path, needed: list[str]) -> None:
     if not config_dir.is_dir():
         raise ModelLoadError(f"Config folder {config_dir} does not exist.")
     if (config_dir / "transformer" / "config.json").is_file():
         family, phrase = describe_dit_folder(config_dir)
         if family != arch_id:
-            raise ModelLoadError(f"You chose {_label(arch_id)}, but the config folder {config_dir} looks like "
-                                 f"{phrase}. Pass the config folder of a {_label(arch_id)} model.")
+            raise ModelLoadError(f"You chose {short_label(arch_id)}, but the config folder {config_dir} looks like "
+                                 f"{phrase}. Pass the config folder of a {short_label(arch_id)} model.")
     absent = [n for n in needed if not (config_dir / n).is_file()]
     if absent:
         raise ModelLoadError(f"Config folder {config_dir} is not a complete diffusers-layout config folder for "
-                             f"{_label(arch_id)}: it lacks {', '.join(absent)}.")
+                             f"{short_label(arch_id)}: it lacks {', '.join(absent)}.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,7 +232,7 @@ def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype, use_t5: bool) -
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
     family, phrase = describe_dit_folder(folder)
-    _check_family(arch_id, folder, family, phrase)
+    check_family(arch_id, folder, family, phrase)
     sd3 = arch_id in SD3_IDS
     encoders = ["text_encoder", "text_encoder_2"] + (["text_encoder_3"] if use_t5 else []) if sd3 \
         else ["text_encoder", "text_encoder_2"]
@@ -274,7 +258,7 @@ def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype, use_t5: bool) -
     tokenizers = load_clip_tokenizers(arch_id, clip_dirs)
     if use_t5 or not sd3:
         t5_dir = "tokenizer_3" if sd3 else "tokenizer_2"
-        tokenizers.append(load_t5_tokenizer(find_t5_tokenizer([folder / t5_dir], f"{_label(arch_id)} ({folder})")))
+        tokenizers.append(load_t5_tokenizer(find_t5_tokenizer([folder / t5_dir], f"{short_label(arch_id)} ({folder})")))
     return {"transformer": transformer, "vae": vae, "text_encoders": text_encoders, "tokenizers": tokenizers,
             "scheduler_config": _scheduler_config(arch_id, folder)}
 
@@ -353,7 +337,7 @@ def _load_sd3_single_file(arch_id: str, path: Path, config_dir: Path, dtype: tor
     ckpt = _Checkpoint(path)
     keys = ckpt.keys()
     family, phrase = describe_dit_checkpoint(keys)
-    _check_family(arch_id, path, family, phrase)
+    check_family(arch_id, path, family, phrase)
     parts = {"MMDiT (model.diffusion_model.*)": SD3_TRANSFORMER_PREFIX, "VAE (first_stage_model.*)": SD3_VAE_PREFIX,
              "CLIP-L (text_encoders.clip_l.*)": SD3_CLIP_L_PREFIX, "CLIP-G (text_encoders.clip_g.*)": SD3_CLIP_G_PREFIX}
     if use_t5:
@@ -382,7 +366,7 @@ def _load_sd3_single_file(arch_id: str, path: Path, config_dir: Path, dtype: tor
         text_encoders.append(_load_t5(_strip(ckpt.read(SD3_T5_PREFIX), SD3_T5_PREFIX), config_dir, "text_encoder_3",
                                       "T5-XXL", path, dtype))
         where = find_t5_tokenizer([config_dir / "tokenizer_3", path.parent / "tokenizer_3", path.parent / "t5_tokenizer"],
-                                  f"{_label(arch_id)} ({path.name})")
+                                  f"{short_label(arch_id)} ({path.name})")
         tokenizers.append(load_t5_tokenizer(where))
     return {"transformer": transformer, "vae": vae, "text_encoders": text_encoders, "tokenizers": tokenizers,
             "scheduler_config": _scheduler_config(arch_id, config_dir)}
@@ -416,7 +400,7 @@ def _load_flux_single_file(arch_id: str, path: Path, config_dir: Path, dtype: to
     ckpt = _Checkpoint(path)
     keys = ckpt.keys()
     family, phrase = describe_dit_checkpoint(keys)
-    _check_family(arch_id, path, family, phrase)
+    check_family(arch_id, path, family, phrase)
     _check_config_dir(arch_id, config_dir, ["transformer/config.json", "vae/config.json", "text_encoder/config.json",
                                             "text_encoder_2/config.json"])
     clip_sd = _read_component(clip_l, "model.clip_l_path", "CLIP-L text encoder")
@@ -451,7 +435,7 @@ def _load_flux_single_file(arch_id: str, path: Path, config_dir: Path, dtype: to
     tokenizers = load_clip_tokenizers(arch_id, [config_dir / "tokenizer"])
     t5_dir = Path(t5xxl).expanduser().parent
     where = find_t5_tokenizer([config_dir / "tokenizer_2", t5_dir / "tokenizer_2", t5_dir / "t5_tokenizer", t5_dir],
-                              f"{_label(arch_id)} ({Path(t5xxl).name})")
+                              f"{short_label(arch_id)} ({Path(t5xxl).name})")
     tokenizers.append(load_t5_tokenizer(where))
     return {"transformer": transformer, "vae": vae, "text_encoders": text_encoders, "tokenizers": tokenizers,
             "scheduler_config": _scheduler_config(arch_id, config_dir)}
@@ -497,4 +481,4 @@ def load_flux_components(arch_id: str, model_path: Path, config_dir: Path | None
 
 
 __all__ = ["load_sd3_components", "load_flux_components", "describe_dit_checkpoint", "describe_dit_folder",
-           "describe_transformer_config", "find_t5_tokenizer", "default_config_dir", "SD3_IDS", "FLUX_IDS", "LABELS"]
+           "describe_transformer_config", "find_t5_tokenizer", "default_config_dir", "SD3_IDS", "FLUX_IDS"]

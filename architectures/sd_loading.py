@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from architectures.base import ModelLoadError
+from architectures.base import ModelLoadError, check_family, short_label
 from architectures.ldm_keys import SD15_TE_PREFIX, SDXL_TE1_PREFIX, SDXL_TE2_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 log = logging.getLogger(__name__)
 
-ARCH_LABELS: dict[str, str] = {"sd15": "SD 1.5", "sdxl": "SDXL"}
+ARCH_LABELS: dict[str, str] = {a: short_label(a) for a in ("sd15", "sdxl")}  # the families this loader reads
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 # Pickled checkpoints are read with torch.load(weights_only=True) only: plain unpickling runs arbitrary code.
@@ -45,10 +45,6 @@ _TE_PREFIXES = {"sd15": (SD15_TE_PREFIX,), "sdxl": (SDXL_TE1_PREFIX, SDXL_TE2_PR
 def default_config_dir(arch_id: str) -> Path:
     """The shipped full-size config folder of ``arch_id`` (configs, tokenizers, scheduler; no weights)."""
     return CONFIG_ROOT / arch_id
-
-
-def _label(arch_id: str | None) -> str:
-    return ARCH_LABELS.get(arch_id or "", str(arch_id))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,16 +141,6 @@ def describe_folder(folder: Path) -> tuple[str | None, str]:
         return "sd15", f"an SD 1.x inpainting model folder (UNet in_channels 9, {pipeline or 'no model_index'})"
     return "sd15", (f"an SD 1.x model folder ({pipeline or 'no model_index.json'}, no text_encoder_2, "
                     f"UNet cross_attention_dim {width})")
-
-
-def _check_family(arch_id: str, path: Path, family: str | None, description: str) -> None:
-    if family == arch_id:
-        return
-    if family is None:
-        raise ModelLoadError(f"You chose {_label(arch_id)}, but {path} looks like {description}. "
-                             f"It cannot be loaded as {_label(arch_id)}.")
-    raise ModelLoadError(f"You chose {_label(arch_id)}, but {path} looks like {description}. Choose the "
-                         f"{_label(family)} architecture for this model, or pick an {_label(arch_id)} model.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,13 +266,13 @@ def _check_config_dir(arch_id: str, config_dir: Path) -> None:
     # The family first: "it is the SD 1.5 config folder" says more than "it lacks text_encoder_2/".
     family, description = describe_folder(config_dir)
     if family != arch_id:
-        raise ModelLoadError(f"You chose {_label(arch_id)}, but the config folder {config_dir} looks like "
-                             f"{description}. Pass the config folder of an {_label(arch_id)} model.")
+        raise ModelLoadError(f"You chose {short_label(arch_id)}, but the config folder {config_dir} looks like "
+                             f"{description}. Pass the config folder of an {short_label(arch_id)} model.")
     needed = ["unet/config.json", "vae/config.json"] + [f"{d}/config.json" for d in _TEXT_ENCODER_DIRS[arch_id]]
     absent = [n for n in needed if not (config_dir / n).is_file()]
     if absent:
         raise ModelLoadError(f"Config folder {config_dir} is not a complete diffusers-layout config folder for "
-                             f"{_label(arch_id)}: it lacks {', '.join(absent)}.")
+                             f"{short_label(arch_id)}: it lacks {', '.join(absent)}.")
 
 
 def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.dtype) -> dict[str, Any]:
@@ -302,7 +288,7 @@ def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.d
     ckpt = _Checkpoint(path)
     keys = ckpt.keys()
     family, description = describe_checkpoint(keys, ckpt.shape)
-    _check_family(arch_id, path, family, description)
+    check_family(arch_id, path, family, description)
 
     # The family is right; now every part must be present before anything is built.
     te_prefixes = _TE_PREFIXES[arch_id]
@@ -388,7 +374,7 @@ def _load_diffusers_folder(arch_id: str, folder: Path, dtype: torch.dtype) -> di
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     family, description = describe_folder(folder)
-    _check_family(arch_id, folder, family, description)
+    check_family(arch_id, folder, family, description)
     needed = ["unet", "vae", *_TEXT_ENCODER_DIRS[arch_id]]
     absent = [n for n in needed if not (folder / n / "config.json").is_file()]
     if absent:
@@ -432,7 +418,7 @@ def _load_tokenizers(arch_id: str, folder: Path) -> list[Any]:
     for sub in _TOKENIZER_DIRS[arch_id]:
         where = folder / sub
         if not ((where / "vocab.json").is_file() or (where / "tokenizer.json").is_file()):
-            log.info("%s has no tokenizer files; using the shipped %s tokenizer", where, _label(arch_id))
+            log.info("%s has no tokenizer files; using the shipped %s tokenizer", where, short_label(arch_id))
             where = default_config_dir(arch_id) / sub
         try:
             out.append(CLIPTokenizer.from_pretrained(str(where), local_files_only=True))
@@ -444,7 +430,7 @@ def _load_tokenizers(arch_id: str, folder: Path) -> list[Any]:
 def _scheduler_config(arch_id: str, folder: Path) -> dict[str, Any]:
     path = folder / "scheduler" / "scheduler_config.json"
     if not path.is_file():
-        log.info("%s not found; using the shipped %s scheduler config", path, _label(arch_id))
+        log.info("%s not found; using the shipped %s scheduler config", path, short_label(arch_id))
         path = default_config_dir(arch_id) / "scheduler" / "scheduler_config.json"
     return _read_json(path)
 

@@ -73,3 +73,9 @@ def test_architecture_choices_and_labels_match_the_plugins():
     import architectures
     from core.settings import ARCHITECTURE_LABELS, ARCHITECTURES
     assert architectures.available() == {a: ARCHITECTURE_LABELS[a] for a in ARCHITECTURES}
+
+
+def test_error_labels_cover_every_architecture():
+    from architectures.base import SHORT_LABELS
+    from core.settings import ARCHITECTURES
+    assert set(SHORT_LABELS) == set(ARCHITECTURES)
