@@ -14,17 +14,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-ARCHITECTURES = ("sd15", "sdxl", "sd3", "sd35_medium", "sd35_large", "flux1_dev", "flux1_schnell")
+ARCHITECTURES = ("sd15", "sdxl", "sd3", "sd35_medium", "sd35_large", "flux1_dev", "flux1_schnell", "flux2_dev",
+                 "flux2_klein_4b", "flux2_klein_9b", "flux2_klein_base_4b", "flux2_klein_base_9b")
 # what the UI shows for each id (tests/test_settings.py checks these equal the plug-ins' labels)
 ARCHITECTURE_LABELS = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3 Medium",
                        "sd35_medium": "Stable Diffusion 3.5 Medium",
                        "sd35_large": "Stable Diffusion 3.5 Large", "flux1_dev": "FLUX.1 dev",
-                       "flux1_schnell": "FLUX.1 schnell"}
+                       "flux1_schnell": "FLUX.1 schnell", "flux2_dev": "FLUX.2 dev",
+                       "flux2_klein_4b": "FLUX.2 klein 4B", "flux2_klein_9b": "FLUX.2 klein 9B",
+                       "flux2_klein_base_4b": "FLUX.2 klein base 4B (undistilled)",
+                       "flux2_klein_base_9b": "FLUX.2 klein base 9B (undistilled)"}
 # show_if groups of architectures (keep in sync with architectures/__init__.py; tests/test_dit_loading.py checks)
 _UNET_ARCHS = ["sd15", "sdxl"]
 _SD3_ARCHS = ["sd3", "sd35_medium", "sd35_large"]
 _FLUX_ARCHS = ["flux1_dev", "flux1_schnell"]
-_FLOW_ARCHS = _SD3_ARCHS + _FLUX_ARCHS
+_FLUX2_ARCHS = ["flux2_dev", "flux2_klein_4b", "flux2_klein_9b", "flux2_klein_base_4b", "flux2_klein_base_9b"]
+_T5_ARCHS = _SD3_ARCHS + _FLUX_ARCHS
+_FLOW_ARCHS = _SD3_ARCHS + _FLUX_ARCHS + _FLUX2_ARCHS
 TIMESTEP_SAMPLING = ("uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "Prodigy", "SGD")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -96,7 +102,8 @@ class DatasetSettings(Section):
 
 
 class ModelSettings(Section):
-    architecture: Literal["sd15", "sdxl", "sd3", "sd35_medium", "sd35_large", "flux1_dev", "flux1_schnell"] = setting(
+    architecture: Literal["sd15", "sdxl", "sd3", "sd35_medium", "sd35_large", "flux1_dev", "flux1_schnell", "flux2_dev",
+                          "flux2_klein_4b", "flux2_klein_9b", "flux2_klein_base_4b", "flux2_klein_base_9b"] = setting(
         "sd15", "Architecture", "The model family. The loader checks that the file fits it.",
         choices=ARCHITECTURES, choice_labels=ARCHITECTURE_LABELS)
     model_path: str = setting("", "Base model", "A diffusers folder or a single .safetensors checkpoint. "
@@ -114,19 +121,23 @@ class ModelSettings(Section):
                               show_if={"model.architecture": _FLUX_ARCHS})
     ae_path: str = setting("", "Autoencoder file", "FLUX.1 single-file transformers only: the autoencoder "
                            "(ae.safetensors).", widget="model", show_if={"model.architecture": _FLUX_ARCHS})
+    components_path: str = setting("", "Text encoder / VAE folder", "FLUX.2 single-file transformers only: a "
+                                   "diffusers-layout folder of the same model with text_encoder, tokenizer and "
+                                   "vae subfolders (the transformer file supplies the rest). Not needed for a "
+                                   "diffusers folder.", widget="path", show_if={"model.architecture": _FLUX2_ARCHS})
     use_t5: bool = setting(True, "Use T5", "Load the T5-XXL text encoder. Off: T5's part of the conditioning is "
                            "zeros (as SD3 runs without T5), saving about 10 GB of memory; the model then does not "
                            "need to contain T5.", show_if={"model.architecture": _SD3_ARCHS})
     t5_max_length: int = setting(0, "T5 tokens", "Length T5 captions are padded or cut to. 0: the model's "
                                  "default (256 for SD3 and FLUX.1 schnell, 512 for FLUX.1 dev).", ge=0, le=512,
-                                 show_if={"model.architecture": _FLOW_ARCHS}, advanced=True)
+                                 show_if={"model.architecture": _T5_ARCHS}, advanced=True)
     apply_t5_attention_mask: bool = setting(False, "Mask T5 padding", "Mask T5's padding tokens and zero their "
                                             "output (sd-scripts' apply_t5_attn_mask). Off matches how diffusers "
                                             "and ComfyUI encode prompts.",
-                                            show_if={"model.architecture": _FLOW_ARCHS}, advanced=True)
-    guidance: float = setting(1.0, "Training guidance", "The guidance value FLUX.1 dev is given while training "
+                                            show_if={"model.architecture": _T5_ARCHS}, advanced=True)
+    guidance: float = setting(1.0, "Training guidance", "The guidance value FLUX.1 / FLUX.2 dev is given while training "
                               "(it is guidance-distilled). 1.0 is common for LoRAs; diffusers' example uses 3.5.",
-                              ge=0.0, le=20.0, step=0.1, show_if={"model.architecture": ["flux1_dev"]})
+                              ge=0.0, le=20.0, step=0.1, show_if={"model.architecture": ["flux1_dev", "flux2_dev"]})
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = setting(
         "auto", "Prediction type", "'auto' uses what the model's scheduler config says (epsilon for "
         "single files).", choices=("auto", "epsilon", "v_prediction"), show_if={"model.architecture": _UNET_ARCHS})
@@ -186,12 +197,12 @@ class NetworkSettings(Section):
                                "full fp32 copy of the weights on the GPU; each step waits for the copy).",
                                show_if={"network.algorithm": ["full_finetune"], "network.ema": [True]})
     flux_blocks: Literal["all", "double", "single"] = setting(
-        "all", "FLUX blocks", "Which FLUX.1 transformer blocks get adapters: all, only the 19 double-stream "
-        "blocks, or only the 38 single-stream blocks.", choices=("all", "double", "single"),
-        show_if={"model.architecture": _FLUX_ARCHS})
+        "all", "FLUX blocks", "Which FLUX transformer blocks get adapters: all, only the double-stream "
+        "blocks (19 in FLUX.1, 8 in FLUX.2 dev), or only the single-stream blocks.", choices=("all", "double", "single"),
+        show_if={"model.architecture": _FLUX_ARCHS + _FLUX2_ARCHS})
     train_t5: bool = setting(False, "Train T5 too", "Also train the T5-XXL text encoder (lora_te3_ keys; large "
                              "and slow; diffusers does not load T5 adapters).",
-                             show_if={"model.architecture": _FLOW_ARCHS, "network.train_text_encoder": [True]},
+                             show_if={"model.architecture": _T5_ARCHS, "network.train_text_encoder": [True]},
                              advanced=True)
     conv_rank: int = setting(0, "Conv rank", "Rank for 3x3 convolutions. 0 uses the rank above.", ge=0, le=1024,
                              show_if={"network.algorithm": _CONV_RANKED, "network.target": ["full"]})
@@ -360,6 +371,38 @@ class MemorySettings(Section):
     compile: Literal["auto", "off", "regional"] = setting(
         "auto", "Compile (torch.compile)", "Compile the model's repeated blocks: ≈1.5× faster steps on NVIDIA GPUs "
         "after about a minute of compiling. 'auto': on with CUDA and Triton.", choices=("auto", "off", "regional"))
+    vram_budget_gb: float = setting(0.0, "VRAM to plan for (GB)", "0: the GPU's total memory. Set less to leave "
+                                    "room for other programs on the same GPU; the plan then fits the run into it.",
+                                    ge=0.0, le=1024.0, step=0.5)
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math", "default"] = setting(
+        "auto", "Attention kernel", "PyTorch SDPA backend. 'auto': flash attention on NVIDIA GPUs in bf16/fp16 "
+        "(PyTorch's own default, cuDNN attention, has crashed in FLUX backward passes), the math kernel on the CPU; "
+        "'default' lets PyTorch choose.", choices=("auto", "flash", "efficient", "cudnn", "math", "default"),
+        advanced=True)
+    blocks_to_swap: int = setting(-1, "Blocks swapped to CPU", "Keep this many transformer/UNet blocks in CPU "
+                                  "memory and stream each to the GPU just before it runs (overlapped with compute). "
+                                  "-1: as many as the plan needs to fit, 0: none.", ge=-1, le=200)
+    quantize_base: Literal["auto", "none", "qfloat8", "qint8", "qint4", "nf4"] = setting(
+        "auto", "Quantize the frozen model", "Store the frozen base weights in 8 or 4 bits (optimum-quanto "
+        "qfloat8/qint8/qint4, bitsandbytes nf4); the adapter still trains in full precision on top. "
+        "'auto': only when the model does not fit otherwise.", choices=("auto", "none", "qfloat8", "qint8", "qint4",
+                                                                          "nf4"))
+    quantize_text_encoder: Literal["auto", "none", "qfloat8", "qint8", "qint4", "nf4"] = setting(
+        "auto", "Quantize text encoders for caching", "Load the text encoders in 8 or 4 bits while captions are "
+        "encoded ('auto': when they do not fit in VRAM in bf16). Large encoders that still do not fit are "
+        "streamed layer by layer.", choices=("auto", "none", "qfloat8", "qint8", "qint4", "nf4"))
+    activation_offload: Literal["auto", "on", "off"] = setting(
+        "auto", "Offload activations to CPU", "Keep the activations saved for the backward pass in CPU memory "
+        "(with gradient checkpointing: the block inputs). Saves about 1 GB on large models at ≈15% speed. "
+        "'auto': only when the plan cannot fit otherwise.", choices=("auto", "on", "off"), advanced=True)
+    optimizer_8bit: Literal["auto", "on", "off"] = setting(
+        "auto", "8-bit optimizer state", "Keep AdamW / Lion state in 8 bits (bitsandbytes, NVIDIA GPUs). "
+        "'auto': when the plan needs the memory.", choices=("auto", "on", "off"), advanced=True)
+    channels_last: Literal["auto", "on", "off"] = setting(
+        "auto", "Channels-last memory format", "NHWC layout for the UNet's convolutions on NVIDIA GPUs. 'auto': "
+        "off (measured within noise on an H100).", choices=("auto", "on", "off"), advanced=True)
+    cpu_threads: int = setting(0, "CPU threads", "Threads for a CPU-only run. 0: one per physical core.", ge=0,
+                               le=1024, advanced=True)
 
 
 SECTIONS: dict[str, type[Section]] = {
