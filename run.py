@@ -48,71 +48,63 @@ def say(msg: str = "") -> None:
 # ---------------------------------------------------------------------------------------------------
 # packages.jsonc
 # ---------------------------------------------------------------------------------------------------
-def strip_jsonc(text: str) -> str:
-    """Remove // and /* */ comments (outside strings) and trailing commas before ] or }."""
-    out: list[str] = []
+def _jsonc_tokens(text: str):
+    """Split JSONC into ("string" | "comment" | "code", text) pieces; the one place that knows where strings
+    and comments begin and end."""
     i, n = 0, len(text)
-    in_str = False
     while i < n:
-        c = text[i]
-        if in_str:
-            out.append(c)
-            if c == "\\" and i + 1 < n:
-                out.append(text[i + 1])
-                i += 2
-                continue
-            if c == '"':
-                in_str = False
-            i += 1
-        elif c == '"':
-            in_str = True
-            out.append(c)
-            i += 1
+        if text[i] == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            yield "string", text[i:j + 1]
+            i = j + 1
         elif text.startswith("//", i):
             j = text.find("\n", i)
-            i = n if j < 0 else j            # keep the newline so line numbers in errors stay right
+            j = n if j < 0 else j            # the newline stays code, so line numbers in errors stay right
+            yield "comment", text[i:j]
+            i = j
         elif text.startswith("/*", i):
             j = text.find("*/", i + 2)
             if j < 0:
                 raise ValueError("unterminated /* comment")
-            out.append("\n" * text.count("\n", i, j))
+            yield "comment", text[i:j + 2]
             i = j + 2
         else:
-            out.append(c)
-            i += 1
-    return _strip_trailing_commas("".join(out))
-
-
-def _strip_trailing_commas(text: str) -> str:
-    """Drop a comma (outside strings) that is followed only by whitespace and then ] or }."""
-    out: list[str] = []
-    in_str = False
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if in_str:
-            out.append(c)
-            if c == "\\" and i + 1 < n:
-                out.append(text[i + 1])
-                i += 2
-                continue
-            if c == '"':
-                in_str = False
-        elif c == '"':
-            in_str = True
-            out.append(c)
-        elif c == ",":
-            j = i + 1
-            while j < n and text[j] in " \t\r\n":
+            j = i
+            while j < n and text[j] != '"' and not text.startswith(("//", "/*"), j):
                 j += 1
-            if j < n and text[j] in "]}":
-                i += 1
-                continue
-            out.append(c)
-        else:
-            out.append(c)
-        i += 1
+            yield "code", text[i:j]
+            i = j
+
+
+def strip_jsonc(text: str) -> str:
+    """Remove // and /* */ comments (outside strings) and trailing commas before ] or }."""
+    pieces = [(kind, "\n" * piece.count("\n") if kind == "comment" else piece)
+              for kind, piece in _jsonc_tokens(text)]
+    out: list[str] = []
+    # a comma is trailing when only whitespace and comments stand between it and the next ] or }
+    for k, (kind, piece) in enumerate(pieces):
+        if kind == "code" and "," in piece:
+            chars = list(piece)
+            for at, c in enumerate(piece):
+                if c == ",":
+                    rest = piece[at + 1:].strip()
+                    if (rest[:1] or _next_code_char(pieces, k + 1)) in ("]", "}"):
+                        chars[at] = ""
+            piece = "".join(chars)
+        out.append(piece)
     return "".join(out)
+
+
+def _next_code_char(pieces, start: int) -> str:
+    """First non-blank character after ``start`` that is not inside a comment ('' at the end)."""
+    for kind, piece in pieces[start:]:
+        if kind == "string":
+            return '"'
+        if kind == "code" and piece.strip():
+            return piece.strip()[0]
+    return ""
 
 
 def parse_jsonc(text: str):

@@ -138,11 +138,16 @@ def test_jsonc_comments_strings_and_trailing_commas():
       "slash_star": "/* kept */",
       "backslash": "C:\\dir\\",
       "nested": {"a": [ ], "b": {},},
+      "commented_tail": [1, // don't "quote" me
+                         2, /* , ] */
+      ],
+      "comma_in_string": [",", "]"],
     }
     '''
     assert run.parse_jsonc(text) == {
         "url": "https://example.org/a//b", "quote": 'say "hi" // not a comment', "list": [1, 2, 3],
-        "slash_star": "/* kept */", "backslash": "C:\\dir\\", "nested": {"a": [], "b": {}}}
+        "slash_star": "/* kept */", "backslash": "C:\\dir\\", "nested": {"a": [], "b": {}},
+        "commented_tail": [1, 2], "comma_in_string": [",", "]"]}
 
 
 def test_jsonc_errors_keep_line_numbers():
