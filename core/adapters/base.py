@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.quantize import dense_weight_shape, dequantized_weight
+
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """(m, n) with m * n = dimension, m <= n: ``m == factor`` when it divides, otherwise as close to
@@ -95,7 +97,8 @@ class AdapterModule(nn.Module):
                 raise TypeError(f"{name}: convolutions with padding_mode={base.padding_mode!r} are not supported")
         else:
             raise TypeError(f"{name}: adapters support Linear and Conv2d layers, not {type(base).__name__}")
-        self.shape = tuple(base.weight.shape)
+        # the logical shape (a bitsandbytes 4-bit base stores its weight packed)
+        self.shape = dense_weight_shape(base)
         self.kernel = tuple(self.shape[2:])
         # not a submodule: the base belongs to the model, not to the adapter's state dict
         self.__dict__["base"] = base
@@ -109,7 +112,7 @@ class AdapterModule(nn.Module):
         self.dora_on_output = bool(dora_on_output)
         if self.dora:
             with torch.no_grad():
-                magnitude = dora_norm(base.weight.detach().float(), self.dora_on_output).cpu()
+                magnitude = dora_norm(dequantized_weight(base).float(), self.dora_on_output).cpu()
             self.dora_scale = nn.Parameter(magnitude)
 
     # -- hooking the base layer ------------------------------------------------------------------------
@@ -138,7 +141,9 @@ class AdapterModule(nn.Module):
 
     # -- the contribution ------------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
-        return self.base.weight.detach()
+        """The frozen base weight, dense (a quantized base is dequantized: DoRA, OFT, (IA)³ and GLoRA need
+        it every step; for an unquantized layer this is ``weight.detach()``, no copy)."""
+        return dequantized_weight(self.base)
 
     def bypass_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """The contribution without building ΔW, or None where the algorithm needs the rebuilt weight."""
