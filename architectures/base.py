@@ -17,7 +17,9 @@ class ModelLoadError(ValueError):
 
 # short names for error messages (the UI's long labels are core.settings.ARCHITECTURE_LABELS)
 SHORT_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL", "sd3": "SD3 Medium", "sd35_medium": "SD3.5 Medium",
-                "sd35_large": "SD3.5 Large", "flux1_dev": "FLUX.1 dev", "flux1_schnell": "FLUX.1 schnell"}
+                "sd35_large": "SD3.5 Large", "flux1_dev": "FLUX.1 dev", "flux1_schnell": "FLUX.1 schnell",
+                "flux2_dev": "FLUX.2 dev", "flux2_klein_4b": "FLUX.2 klein 4B", "flux2_klein_9b": "FLUX.2 klein 9B",
+                "flux2_klein_base_4b": "FLUX.2 klein base 4B", "flux2_klein_base_9b": "FLUX.2 klein base 9B"}
 
 
 def short_label(arch_id: str | None) -> str:
@@ -232,3 +234,33 @@ class Architecture:
     def sample(self, components: Components, prompts: list[str], settings, size: tuple[int, int],
                device: torch.device, dtype: torch.dtype) -> list:
         raise NotImplementedError
+
+    # -- memory estimate (core.estimate) -----------------------------------------------------------------
+    #: sub-folder of the shipped config folder that holds the denoiser's diffusers config
+    denoiser_subfolder: str = "unet"
+
+    @property
+    def swap_block_lists(self) -> tuple[str, ...]:
+        """The denoiser's block lists whose blocks block swapping may keep in CPU memory (empty: none)."""
+        return tuple(getattr(self, "block_lists", ()))
+
+    def config_dir(self) -> Path:
+        """The shipped full-size config folder (diffusers layout, no weights)."""
+        return Path(__file__).resolve().parent / "configs" / self.id
+
+    def build_denoiser_on_meta(self, config_dir: Path | None = None) -> nn.Module:
+        """The denoiser built from its config on the meta device: exact shapes, no memory, no weights."""
+        import json
+
+        import diffusers
+        folder = Path(config_dir or self.config_dir()) / self.denoiser_subfolder
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        cls = getattr(diffusers, config["_class_name"])
+        with torch.device("meta"):
+            return cls.from_config(config)
+
+    def probe_inputs(self, denoiser: nn.Module, resolution: int, batch_size: int, dtype: torch.dtype,
+                     device="meta") -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+        """Dummy ``(noisy latents, timesteps, cond, batch)`` of the training shapes for ``predict`` at a square
+        ``resolution``: what the memory estimate runs the denoiser on (contents do not matter)."""
+        raise NotImplementedError(f"{self.label}: no memory-probe inputs")

@@ -34,6 +34,7 @@ _SINGLE_MOD = ("norm.linear",)
 class FluxFamily(FlowMatchingFamily):
     # FLUX.1 dev without checkpointing measured 47.2 GB at 1024 px (FIELD_NOTES)
     checkpointing_below_gb = 56.0
+    denoiser_subfolder = "transformer"
     modelspec_implementation = "https://github.com/black-forest-labs/flux"
     ss_base_model_version = "flux1"
     vae_scale_factor = 8
@@ -121,6 +122,14 @@ class FluxFamily(FlowMatchingFamily):
                  txt_ids=fm.text_position_ids(text.shape[1], noisy.device, noisy.dtype), guidance=guidance,
                  return_dict=False)[0]
         return fm.unpack_latents(out, h, w)
+
+    def probe_inputs(self, denoiser, resolution, batch_size, dtype, device="meta"):
+        cfg, side = denoiser.config, resolution // self.vae_scale_factor
+        noisy = torch.zeros(batch_size, cfg.in_channels // 4, side, side, device=device, dtype=dtype)
+        cond = {"prompt_embeds": torch.zeros(batch_size, self.default_t5_max_length, cfg.joint_attention_dim,
+                                             device=device, dtype=dtype),
+                "pooled": torch.zeros(batch_size, cfg.pooled_projection_dim, device=device, dtype=dtype)}
+        return noisy, torch.full((batch_size,), 0.5, device=device), cond, {}
 
     # -- previews --------------------------------------------------------------------------------------
     def build_pipeline(self, components: Components):

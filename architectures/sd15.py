@@ -35,6 +35,13 @@ class SD15(SDUNetFamily):
     def predict(self, components, noisy, timesteps, cond, batch) -> torch.Tensor:
         return components.denoiser(noisy, timesteps, cond["encoder_hidden_states"]).sample
 
+    def probe_inputs(self, denoiser, resolution, batch_size, dtype, device="meta"):
+        cfg, side = denoiser.config, resolution // self.vae_scale_factor
+        noisy = torch.zeros(batch_size, cfg.in_channels, side, side, device=device, dtype=dtype)
+        cond = {"encoder_hidden_states": torch.zeros(batch_size, 77, cfg.cross_attention_dim, device=device,
+                                                     dtype=dtype)}
+        return noisy, torch.full((batch_size,), 500, device=device, dtype=torch.long), cond, {}
+
     def build_pipeline(self, components):
         from diffusers import StableDiffusionPipeline
         return StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoders[0],

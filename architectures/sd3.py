@@ -30,6 +30,7 @@ _MOD = ("norm1.linear", "norm1_context.linear")
 
 class SD3Family(FlowMatchingFamily):
     modelspec_implementation = "diffusers"
+    denoiser_subfolder = "transformer"
     vae_scale_factor = 8
     default_t5_max_length = 256
     compile_blocks = ("JointTransformerBlock",)
@@ -113,6 +114,14 @@ class SD3Family(FlowMatchingFamily):
         tr = components.denoiser
         return tr(hidden_states=noisy, encoder_hidden_states=cond["prompt_embeds"],
                   pooled_projections=cond["pooled"], timestep=timesteps * 1000.0, return_dict=False)[0]
+
+    def probe_inputs(self, denoiser, resolution, batch_size, dtype, device="meta"):
+        cfg, side = denoiser.config, resolution // self.vae_scale_factor
+        noisy = torch.zeros(batch_size, cfg.in_channels, side, side, device=device, dtype=dtype)
+        tokens = 77 + self.default_t5_max_length  # both CLIPs' 77 tokens, then T5's
+        cond = {"prompt_embeds": torch.zeros(batch_size, tokens, cfg.joint_attention_dim, device=device, dtype=dtype),
+                "pooled": torch.zeros(batch_size, cfg.pooled_projection_dim, device=device, dtype=dtype)}
+        return noisy, torch.full((batch_size,), 0.5, device=device), cond, {}
 
     # -- previews --------------------------------------------------------------------------------------
     def build_pipeline(self, components: Components):

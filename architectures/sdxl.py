@@ -41,6 +41,17 @@ class SDXL(SDUNetFamily):
         added = {"text_embeds": cond["pooled"], "time_ids": time_ids.to(cond["pooled"].dtype)}
         return components.denoiser(noisy, timesteps, cond["encoder_hidden_states"], added_cond_kwargs=added).sample
 
+    def probe_inputs(self, denoiser, resolution, batch_size, dtype, device="meta"):
+        cfg, side = denoiser.config, resolution // self.vae_scale_factor
+        noisy = torch.zeros(batch_size, cfg.in_channels, side, side, device=device, dtype=dtype)
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        cond = {"encoder_hidden_states": torch.zeros(batch_size, 77, cfg.cross_attention_dim, device=device,
+                                                     dtype=dtype),
+                "pooled": torch.zeros(batch_size, pooled, device=device, dtype=dtype)}
+        batch = {"original_sizes": [(resolution, resolution)] * batch_size, "crop_coords": [(0, 0)] * batch_size,
+                 "target_sizes": [(resolution, resolution)] * batch_size}
+        return noisy, torch.full((batch_size,), 500, device=device, dtype=torch.long), cond, batch
+
     def build_pipeline(self, components):
         from diffusers import StableDiffusionXLPipeline
         te1, te2 = components.text_encoders
