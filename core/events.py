@@ -4,6 +4,9 @@ Every event is a plain dict with a ``type`` key:
 
 - ``{"type": "status", "message": str}``: a phase starts (loading, caching, training, saving).
 - ``{"type": "log", "level": "info"|"warning", "message": str}``
+- ``{"type": "plan", "summary": str, "device": "cuda"|"cpu", "estimate_gb": float|None, "budget_gb": float|None,
+  "fits": bool}``: the memory/speed plan the run uses (core.plan) with its memory estimate (VRAM, or RAM on the
+  CPU), sent once before loading.
 - ``{"type": "progress", "step", "total_steps", "epoch", "total_epochs", "loss", "lr", "elapsed_s",
   "eta_s", "it_per_s", "vram_gb", "ram_gb"}``: sent every ``schedule.log_every_n_steps`` optimizer steps;
   ``loss`` is the mean loss since the previous progress event.

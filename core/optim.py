@@ -38,16 +38,16 @@ def build_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay
     cuda = device.type == "cuda"
     if name == "AdamW":
         return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, fused=cuda or None)
-    if name == "AdamW8bit":
+    if name in ("AdamW8bit", "Lion8bit"):  # Lion8bit: Lion with 8-bit state, chosen by the memory plan
         if not cuda:
-            raise ValueError("optimizer.optimizer_type: AdamW8bit needs an NVIDIA GPU; choose AdamW on this "
+            raise ValueError(f"optimizer.optimizer_type: {name} needs an NVIDIA GPU; choose {name[:-4]} on this "
                              "machine")
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ValueError("optimizer.optimizer_type: AdamW8bit needs the bitsandbytes package, which is "
+            raise ValueError(f"optimizer.optimizer_type: {name} needs the bitsandbytes package, which is "
                              "not installed (run.py installs it on NVIDIA machines)") from None
-        return bnb.optim.AdamW8bit(param_groups, lr=lr, weight_decay=weight_decay)
+        return getattr(bnb.optim, name)(param_groups, lr=lr, weight_decay=weight_decay)
     if name == "Lion":
         return Lion(param_groups, lr=lr, weight_decay=weight_decay)
     if name == "Adafactor":

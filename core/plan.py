@@ -58,6 +58,27 @@ class Plan:
         """dtype of the frozen base weights."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision, torch.float32)
 
+    def brief(self) -> str:
+        """The choices in one short line (bench tables, logs)."""
+        parts = [{"no": "fp32"}.get(self.mixed_precision, self.mixed_precision), f"attn {self.attention}"]
+        if self.gradient_checkpointing:
+            parts.append("checkpointing")
+        if self.blocks_to_swap:
+            parts.append(f"swap {self.blocks_to_swap}/{self.swappable_blocks}")
+        if self.quantize_base != "none":
+            parts.append(f"base {self.quantize_base}")
+        if self.optimizer_8bit:
+            parts.append("8-bit optimizer")
+        if self.activation_offload:
+            parts.append("activation offload")
+        if self.quantize_text_encoder != "none":
+            parts.append(f"text encoders {self.quantize_text_encoder}")
+        if self.compile != "off":
+            parts.append(f"compile {self.compile}")
+        if self.device == "cpu":
+            parts.append(f"{self.cpu_threads} threads")
+        return ", ".join(parts)
+
     def summary(self) -> str:
         on = {True: "on", False: "off"}
         first = (f"device {self.device}, precision {self.mixed_precision}, TF32 {on[self.tf32]}, "

@@ -185,7 +185,9 @@ class NetworkSettings(Section):
         "feed-forward; 'full': also the ResNet blocks, down/upsamplers, conv_in/out and time embedding, 3x3 "
         "convolutions included (not for plain LoRA: use LoCon); 'full-lin': the same without 3x3 "
         "convolutions. SD3 / FLUX.1: attention; + MLPs; 'full-lin': every linear layer of the transformer "
-        "blocks (adaLN modulation too); 'full' does not apply.", choices=ADAPTER_TARGETS,
+        "blocks (adaLN modulation too); 'full' does not apply. FLUX.2: its blocks have no modulation of "
+        "their own (three shared layers, which diffusers' loader drops), so 'full-lin' equals attention + MLPs; "
+        "add them with the patterns below if wanted.", choices=ADAPTER_TARGETS,
         show_if={"network.algorithm": _ADAPTERS})
     train_text_encoder: bool = setting(False, "Train text encoder(s)")
     ema: bool = setting(False, "EMA weights", "Keep an exponential moving average of the trained weights and "
@@ -376,7 +378,8 @@ class MemorySettings(Section):
                                     ge=0.0, le=1024.0, step=0.5)
     attention: Literal["auto", "flash", "efficient", "cudnn", "math", "default"] = setting(
         "auto", "Attention kernel", "PyTorch SDPA backend. 'auto': flash attention on NVIDIA GPUs in bf16/fp16 "
-        "(PyTorch's own default, cuDNN attention, has crashed in FLUX backward passes), the math kernel on the CPU; "
+        "(with the memory-efficient kernel as fallback for masks; PyTorch's own first choice, cuDNN attention, has "
+        "crashed in FLUX backward passes), the memory-efficient kernel in fp32, PyTorch's default on the CPU; "
         "'default' lets PyTorch choose.", choices=("auto", "flash", "efficient", "cudnn", "math", "default"),
         advanced=True)
     blocks_to_swap: int = setting(-1, "Blocks swapped to CPU", "Keep this many transformer/UNet blocks in CPU "

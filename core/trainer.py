@@ -5,6 +5,7 @@ free of host synchronisation: losses accumulate on the device and are read once 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -22,9 +23,10 @@ from core.config import AppConfig, load_config
 from core.events import emit
 from core.full_finetune import EMA, FULL_FINETUNE, FullFineTune
 from core.export import adapter_metadata, save_adapter_files, tag_frequency
+from core.memory_setup import run_context, setup_denoiser, text_encoder_on_device
 from core.io import atomic_save_image, atomic_torch_save, atomic_write_json, unused_path
 from core.optim import build_fused_backward_optimizer, build_optimizer, build_scheduler
-from core.plan import make_plan
+from core.plan import estimate_config_dir, make_plan
 from core.settings import Settings, SettingsError, check_consistency
 
 STATE_PREFIX = "state-"
@@ -156,8 +158,19 @@ class _Run:
 
         from core.hardware import detect_hardware
         self.profile = detect_hardware()
-        self.plan = make_plan(self.profile, s, self.arch)
+        # the estimate reads the denoiser's config: the model's own for a diffusers folder, else the shipped one
+        self.plan = make_plan(self.profile, s, self.arch, estimate_config_dir(self.model_path, self.config_dir))
         self.log("Plan: " + self.plan.summary())
+        estimate = self.plan.estimate
+        emit(self.on_event, "plan", summary=self.plan.summary(), fits=self.plan.fits, device=self.plan.device,
+             estimate_gb=estimate.total_gb if estimate is not None else None, budget_gb=self.plan.budget_gb)
+        if not self.plan.fits:
+            if self.plan.device == "cuda":
+                raise SettingsError(
+                    f"Cannot start: {self.plan.reasons[0]}. Lower dataset.resolution or schedule.train_batch_size, "
+                    "or set the memory choices to 'auto' so the plan may save more. To try anyway, raise "
+                    "memory.vram_budget_gb above the estimate.")
+            self.log(self.plan.reasons[0], level="warning")
 
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -165,6 +178,8 @@ class _Run:
                                        gradient_accumulation_steps=s.schedule.gradient_accumulation_steps,
                                        cpu=self.plan.device == "cpu")
         self.device = self.accelerator.device
+        if self.device.type == "cpu" and self.plan.cpu_threads > 0:
+            torch.set_num_threads(self.plan.cpu_threads)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = self.plan.tf32
             torch.backends.cudnn.allow_tf32 = self.plan.tf32
@@ -181,14 +196,15 @@ class _Run:
         c = self.components
         for module in [c.denoiser, c.vae, *c.text_encoders]:
             module.requires_grad_(False)
-        c.denoiser.to(self.device)
+        # the denoiser stays in CPU memory until the captions and images are cached (setup_denoiser moves it)
         # the VAE runs in fp32: SD VAEs overflow in fp16 and it is only used for caching and previews
         c.vae.to(self.device, torch.float32)
 
-        self.prepare_data()
-        self.prepare_text()
-        self.prepare_network()
-        return self.train_loop()
+        with run_context(self.plan):
+            self.prepare_data()
+            self.prepare_text()
+            self.prepare_network()
+            return self.train_loop()
 
     def scan_reg_images(self) -> list:
         """DreamBooth regularization images (dataset.reg_path), scanned by the training folder's rules."""
@@ -245,71 +261,64 @@ class _Run:
     def prepare_text(self) -> None:
         c = self.components
         trained = self.full_ft and self.s.network.train_text_encoder
-        for te in c.text_encoders:
-            te.to(self.device, torch.float32 if trained else self.plan.weight_dtype)
         self.text_cache: dict[str, dict] | None = None
+        how = self.plan.quantize_text_encoder
+        if how not in ("none", "stream") and not trained:
+            from core.quantize import quantize_frozen
+            for te in c.text_encoders:
+                te.to(dtype=self.plan.weight_dtype)
+                report = quantize_frozen(te, how, device=self.device)
+                self.log(f"{type(te).__name__} quantized ({how}) for encoding: {report.summary()}")
         if not self.plan.cache_text_encoder_outputs:
+            for te in c.text_encoders:
+                te.to(self.device, torch.float32 if trained else self.plan.weight_dtype)
             return
         self.status("Caching text-encoder outputs")
         captions = sorted({i.caption for i in self.items} | ({""} if self.s.dataset.caption_dropout_rate > 0 else set()))
         self.text_cache = {}
-        with self.accelerator.autocast():
+        with contextlib.ExitStack() as stack, self.accelerator.autocast():
+            # one encoder at a time would need the family's encode split per encoder; all of them are on the
+            # device together (each whole, quantized or streamed layer by layer), and leave it afterwards
+            for te in c.text_encoders:
+                stack.enter_context(text_encoder_on_device(te, how, self.device, self.plan.weight_dtype))
             for start in range(0, len(captions), 16):
                 chunk = captions[start:start + 16]
                 cond = self.encode_captions(chunk)
                 for j, caption in enumerate(chunk):
                     self.text_cache[caption] = {k: v[j:j + 1].detach() for k, v in cond.items()}
-        # cached: the encoders leave the device (previews bring them back for their prompts only)
-        for te in c.text_encoders:
-            te.to("cpu")
+        # cached: the encoders stay in CPU memory (previews bring them back for their prompts only)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def prepare_network(self) -> None:
         """The trainable: an adapter network patched into the model, or (full fine-tuning) the model's own
-        parameters.  Both offer parameters / param_groups / train / eval / restore / training state."""
-        from core.adapters import AdapterOptions, build_network
+        parameters.  Both offer parameters / param_groups / train / eval / restore / training state.  The
+        plan's memory choices are applied to the denoiser here (core.memory_setup)."""
         s, c = self.s, self.components
         self.ema = None
+        full = None
         if self.full_ft:
-            self.network = FullFineTune(c, s.network.train_text_encoder)
-            n_params = sum(p.numel() for p in self.network.parameters())
-            self.log(f"Full fine-tune of {', '.join(self.network.parts)}: {n_params / 1e6:.2f} M trainable "
+            full = FullFineTune(c, s.network.train_text_encoder)
+            n_params = sum(p.numel() for p in full.parameters())
+            self.log(f"Full fine-tune of {', '.join(full.parts)}: {n_params / 1e6:.2f} M trainable "
                      f"parameters (fp32)")
+        self.setup = setup_denoiser(self.arch, c, s, self.plan, self.device, self.log, network=full)
+        self.network = self.setup.network
+        if self.full_ft:
             if s.network.ema:
                 self.ema = EMA(self.network.named_parameters(), s.network.ema_decay, s.network.ema_on_cpu)
                 self.log(f"EMA of the weights (decay {s.network.ema_decay}) in "
                          f"{'CPU memory' if self.ema.on_cpu or self.device.type == 'cpu' else 'VRAM'}")
         else:
-            self.prepare_adapter(build_network, AdapterOptions)
-        self.prepare_modules()
-
-    def prepare_adapter(self, build_network, AdapterOptions) -> None:
-        s, c = self.s, self.components
-        targets = self.arch.select_adapter_targets(c, s.network.target, s.network.train_text_encoder,
-                                                   include=s.network.include, exclude=s.network.exclude)
-        self.network = build_network(targets, s.network.algorithm, s.network.rank, s.network.alpha,
-                                     s.network.dropout, AdapterOptions.from_settings(s.network))
-        self.network.to(self.device, torch.float32)
-        self.network.apply_to()
-        n_params = sum(p.numel() for p in self.network.parameters())
-        self.log(f"{s.network.algorithm}: {len(self.network.adapters)} layers, {n_params / 1e6:.2f} M trainable "
-                 f"parameters")
-
-    def prepare_modules(self) -> None:
-        s, c = self.s, self.components
-        if self.plan.gradient_checkpointing:
-            c.denoiser.enable_gradient_checkpointing()
-            if s.network.train_text_encoder:
+            n_params = sum(p.numel() for p in self.network.parameters())
+            self.log(f"{s.network.algorithm}: {len(self.network.adapters)} layers, {n_params / 1e6:.2f} M "
+                     f"trainable parameters")
+        if s.network.train_text_encoder:
+            if self.plan.gradient_checkpointing:
                 for te in c.text_encoders:
                     te.gradient_checkpointing_enable()
-        c.denoiser.train()
-        for te in c.text_encoders:
-            te.train(s.network.train_text_encoder)
-        if self.plan.compile != "off":
-            from core.speed import compile_model
-            n = compile_model(c.denoiser, self.arch.compile_blocks, self.plan.compile)
-            self.log(f"Compiling {n} blocks of the {type(c.denoiser).__name__}: the first steps take longer")
+            for te in c.text_encoders:
+                te.train(True)
 
     # -- the loop --------------------------------------------------------------------------------------
     def batch_conditioning(self, captions: list[str]) -> dict:
@@ -330,8 +339,9 @@ class _Run:
                 latents = self.arch.encode_latents(c, batch["pixels"].to(self.device)).float()
         with self.accelerator.autocast():
             cond = self.batch_conditioning(batch["captions"])
-        return diffusion_loss(self.arch, c, latents, cond, batch, self.s, self.plan.weight_dtype,
-                              self.accelerator.autocast)
+        with self.setup.step_context():
+            return diffusion_loss(self.arch, c, latents, cond, batch, self.s, self.plan.weight_dtype,
+                                  self.accelerator.autocast)
 
     def train_loop(self) -> TrainResult:
         s = self.s
@@ -342,7 +352,9 @@ class _Run:
             raise SettingsError("optimizer.fused_backward_pass cannot use fp16 loss scaling (this GPU has no "
                                 "bf16): turn it off or train in fp32 (memory.mixed_precision 'no')")
         make = build_fused_backward_optimizer if self.fused_backward else build_optimizer
-        optimizer = make(s.optimizer.optimizer_type, params, s.optimizer.learning_rate, s.optimizer.weight_decay,
+        if self.setup.optimizer_type != s.optimizer.optimizer_type:
+            self.log(f"Optimizer {self.setup.optimizer_type}: the plan keeps the optimizer state in 8 bits")
+        optimizer = make(self.setup.optimizer_type, params, s.optimizer.learning_rate, s.optimizer.weight_decay,
                          self.device)
         batches = len(self.sampler)
         self.total_steps, self.total_epochs = total_steps_and_epochs(s, batches)
@@ -430,19 +442,21 @@ class _Run:
         self.status(f"Preview images at step {self.global_step}")
         width = s.sampling.width or s.dataset.resolution
         height = s.sampling.height or s.dataset.resolution
-        moved = [m for m in [c.vae, *c.text_encoders] if not on_device(m, self.device)]
-        for m in moved:
-            m.to(self.device)
         c.denoiser.eval()
         self.network.eval()  # no adapter dropout in previews
         try:
-            with torch.no_grad():
+            with contextlib.ExitStack() as stack, torch.no_grad():
+                if not on_device(c.vae, self.device):
+                    c.vae.to(self.device)
+                    stack.callback(c.vae.to, "cpu")
+                for te in c.text_encoders:
+                    if not on_device(te, self.device):
+                        stack.enter_context(text_encoder_on_device(te, self.plan.quantize_text_encoder, self.device,
+                                                                   self.plan.weight_dtype))
                 images = self.arch.sample(c, prompts, s, (width, height), self.device, self.plan.weight_dtype)
         finally:
             c.denoiser.train()
             self.network.train()
-            for m in moved:
-                m.to("cpu")
         paths = []
         for i, image in enumerate(images):
             path = self.output_dir / "samples" / f"{self.output_stem}-step{self.global_step:06d}-{i}.png"
@@ -602,6 +616,7 @@ class _Run:
         self.result.steps = self.global_step
         peak = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None
         self.network.restore()
+        self.setup.release()
         emit(self.on_event, "done", outputs=[str(p) for p in self.result.outputs], final=str(final),
              stopped=self.result.stopped, peak_vram_gb=peak)
         self.status("Stopped" if self.result.stopped else "Finished")

@@ -230,7 +230,8 @@ def tiny_train_settings(arch_id: str, model_fields: dict, data: Path, tmp_path: 
               "network.alpha": 2.0, "optimizer.learning_rate": 1e-3, "schedule.max_train_steps": 4,
               "schedule.log_every_n_steps": 1, "saving.output_name": f"tiny_{arch_id}",
               "saving.save_every_n_epochs": 0, "sampling.steps": 2, "sampling.width": 64, "sampling.height": 64,
-              **model_fields, **{k.replace("__", "."): v for k, v in overrides.items()}}
+              # one thread, as tests/conftest.py sets (the plan would use every core)
+              "memory.cpu_threads": 1, **model_fields, **{k.replace("__", "."): v for k, v in overrides.items()}}
     for dotted, value in values.items():
         section, name = dotted.split(".")
         setattr(getattr(s, section), name, value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import re
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -235,10 +236,10 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
         w = run_widgets
 
         # the plan for the current values, refreshed whenever a setting it depends on changes
-        plan_inputs = [d for d in names if d.split(".")[0] == "memory" or d in PLAN_FIELDS]
+        plan_inputs = [d for d in names if d.split(".")[0] in PLAN_SECTIONS or d in PLAN_FIELDS]
 
         def show_plan(*vals):
-            return plan_markdown(values_to_settings_lenient(dict(zip(plan_inputs, vals))))
+            return plan_markdown(values_to_settings_lenient(dict(zip(plan_inputs, vals))), config)
 
         plan_components = [controls[d] for d in plan_inputs]
         for component in plan_components:
@@ -287,8 +288,10 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
     return demo
 
 
-# settings outside the memory section that the plan reads
-PLAN_FIELDS = ("model.architecture", "network.train_text_encoder", "dataset.shuffle_caption")
+# settings the plan and its memory estimate read: whole sections, and single fields of others
+PLAN_SECTIONS = ("memory", "network")
+PLAN_FIELDS = ("model.architecture", "model.model_path", "model.config_path", "dataset.shuffle_caption",
+               "dataset.resolution", "schedule.train_batch_size", "optimizer.optimizer_type")
 
 
 def values_to_settings_lenient(values: dict) -> Settings:
@@ -309,17 +312,37 @@ def _hardware_profile():
     return detect_hardware()
 
 
-def plan_markdown(settings: Settings) -> str:
-    """What the run would use on this machine (core.plan), before Start."""
-    import architectures
-    from core.plan import make_plan
+def _warm_plan(config: AppConfig) -> None:
     try:
-        plan = make_plan(_hardware_profile(), settings, architectures.get(settings.model.architecture))
+        from core.settings import load_settings
+        plan_markdown(load_settings(config.path("training_defaults")), config)
+    except Exception:  # only a warm-up: the page computes (and reports) the plan itself
+        pass
+
+
+def plan_markdown(settings: Settings, config: AppConfig | None = None) -> str:
+    """What the run would use on this machine (core.plan) and its memory estimate, before Start."""
+    import architectures
+    from core.plan import estimate_config_dir, make_plan
+    config_dir = None
+    if config is not None:
+        config_dir = estimate_config_dir(config.resolve(settings.model.model_path, "models_dir")
+                                         if settings.model.model_path else None,
+                                         config.resolve(settings.model.config_path, "models_dir")
+                                         if settings.model.config_path else None)
+    try:
+        plan = make_plan(_hardware_profile(), settings, architectures.get(settings.model.architecture), config_dir)
     except ValueError as exc:
         return f"**Plan**  \n✗ {exc}"
-    first, *reasons = plan.summary().splitlines()
-    return "**Plan** (every 'auto' below can be overridden above)  \n" + first + "".join(
-        f"  \n{r.strip()}" for r in reasons)
+    lines = plan.summary().splitlines()
+    head = ""
+    if plan.estimate is not None:
+        where = "VRAM" if plan.device == "cuda" else "RAM"
+        verdict = ("✓ fits" if plan.fits else "✗ **does not fit**: lower the resolution or batch size, or let "
+                   "the memory choices below be 'auto'")
+        head = f"**{where} estimate ≈ {plan.estimate.total_gb:.1f} GB of {plan.budget_gb:.1f} GB** {verdict}  \n"
+    return ("**Plan** (every 'auto' below can be overridden above)  \n" + head + lines[0] +
+            "".join(f"  \n{r.strip()}" for r in lines[1:]))
 
 
 def _run_panel(hardware: str) -> dict[str, Any]:
@@ -404,6 +427,9 @@ def _poll_updates(demo: gr.Blocks, s: Snapshot, seen: dict) -> list:
 def launch(config: AppConfig, *, prevent_thread_lock: bool = False, quiet: bool = False) -> gr.Blocks:
     """Build and serve the app as config.json says (port 0: any free port). Returns the running Blocks."""
     demo = build_app(config)
+    # the first plan imports diffusers and traces the model on the meta device (seconds): do it before the
+    # first page asks for it
+    threading.Thread(target=_warm_plan, args=(config,), daemon=True).start()
     port = config.port or _free_port(config.host)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=config.host, server_port=port, share=config.share,

@@ -53,6 +53,8 @@ class Snapshot:
     ram_gb: float | None
     error: str | None
     versions: dict[str, int]
+    estimate_gb: float | None = None        # the plan's memory estimate for this run
+    estimate_device: str = "cuda"           # what it estimates: "cuda" (VRAM) or "cpu" (RAM)
 
 
 @dataclass
@@ -77,6 +79,8 @@ class RunState:
     vram_gb: float | None = None
     peak_vram_gb: float | None = None
     ram_gb: float | None = None
+    estimate_gb: float | None = None
+    estimate_device: str = "cuda"
     error: str | None = None
     versions: dict = field(default_factory=lambda: {k: 0 for k in
                                                     ("status", "progress", "losses", "samples", "log",
@@ -100,7 +104,7 @@ class RunState:
             self.it_per_s = self.eta_s = self.elapsed_s = self.lr = None
             self.losses, self.samples, self.outputs = [], [], []
             self.final = self.error = None
-            self.vram_gb = self.peak_vram_gb = self.ram_gb = None
+            self.vram_gb = self.peak_vram_gb = self.ram_gb = self.estimate_gb = None
             self.log.clear()
             self._log(status)
             self._bump("status", "progress", "losses", "samples", "outputs", "memory", "run")
@@ -128,6 +132,11 @@ class RunState:
                 level = event.get("level", "info")
                 msg = event.get("message", "")
                 self._log(f"{level.upper()}: {msg}" if level != "info" else msg)
+            elif kind == "plan":
+                if event.get("estimate_gb") is not None:
+                    self.estimate_gb = float(event["estimate_gb"])
+                    self.estimate_device = str(event.get("device") or "cuda")
+                self._bump("memory")
             elif kind == "progress":
                 self.phase = "running" if self.phase == "starting" else self.phase
                 self.step = int(event.get("step") or 0)
@@ -230,7 +239,8 @@ class RunState:
                 losses=list(self.losses), samples=list(self.samples), log=list(self.log),
                 outputs=list(self.outputs), final=self.final, vram_gb=self.vram_gb,
                 peak_vram_gb=self.peak_vram_gb, ram_gb=self.ram_gb, error=self.error,
-                versions=dict(self.versions))
+                versions=dict(self.versions), estimate_gb=self.estimate_gb,
+                estimate_device=self.estimate_device)
 
 
 def _default_train() -> Callable:
@@ -331,9 +341,14 @@ def status_text(s: Snapshot) -> str:
 def memory_text(s: Snapshot) -> str:
     def gb(v):
         return "–" if v is None else f"{v:.2f} GB"
+    on_gpu = s.estimate_gb is not None and s.estimate_device == "cuda"
     vram = ("n/a (no GPU in use)" if s.vram_gb is None and s.peak_vram_gb is None
-            else f"{gb(s.vram_gb)} (peak {gb(s.peak_vram_gb)})")
-    return f"**VRAM** {vram} · **RAM** {gb(s.ram_gb)}"
+            else f"{gb(s.vram_gb)} (peak {gb(s.peak_vram_gb)}" + (f", estimated {gb(s.estimate_gb)})" if on_gpu
+                                                                   else ")"))
+    ram = gb(s.ram_gb)
+    if s.estimate_gb is not None and not on_gpu:
+        ram += f" (training tensors estimated {gb(s.estimate_gb)})"
+    return f"**VRAM** {vram} · **RAM** {ram}"
 
 
 def outputs_text(s: Snapshot) -> str:
