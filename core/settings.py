@@ -98,7 +98,8 @@ class DatasetSettings(Section):
     flip_aug: bool = setting(False, "Random horizontal flip")
     cache_latents: Literal["memory", "disk", "off"] = setting(
         "memory", "Cache latents", "Encode every image once. 'disk' keeps the cache next to the images and "
-        "reuses it while the image file is unchanged.", choices=("memory", "disk", "off"))
+        "reuses it while the image file is unchanged; the text-encoder outputs are then kept there too, so a "
+        "rerun with the same model does not run the text encoders again.", choices=("memory", "disk", "off"))
 
 
 class ModelSettings(Section):

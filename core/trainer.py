@@ -27,6 +27,7 @@ from core.memory_setup import run_context, setup_denoiser, text_encoder_on_devic
 from core.io import atomic_save_image, atomic_torch_save, atomic_write_json, unused_path
 from core.optim import build_fused_backward_optimizer, build_optimizer, build_scheduler
 from core.plan import estimate_config_dir, make_plan
+from core.text_cache import TextCache
 from core.settings import Settings, SettingsError, check_consistency
 
 STATE_PREFIX = "state-"
@@ -203,6 +204,8 @@ class _Run:
         with run_context(self.plan):
             self.prepare_data()
             self.prepare_text()
+            # seeded again after caching: what caching drew (VAE sampling) depends on what was on disk already
+            set_seed(s.schedule.seed)
             self.prepare_network()
             return self.train_loop()
 
@@ -238,7 +241,8 @@ class _Run:
 
         # latents follow the VAE: the model path and any separate model files (e.g. FLUX's ae.safetensors)
         extra = [p for p in self.load_options.values() if isinstance(p, Path) and p.exists()]
-        cache_tag = "-".join([self.arch.id, model_fingerprint(self.model_path), *map(model_fingerprint, extra)])
+        self.model_fingerprints = [model_fingerprint(self.model_path), *map(model_fingerprint, extra)]
+        cache_tag = "-".join([self.arch.id, *self.model_fingerprints])
         self.latent_cache = ds_mod.LatentCache(s.dataset.cache_latents, encode, cache_tag)
         self.latent_cache.fill(self.items, s.dataset.flip_aug, s.schedule.train_batch_size,
                                progress=lambda done, total: self.status(f"Caching latents {done}/{total}"))
@@ -261,34 +265,59 @@ class _Run:
     def prepare_text(self) -> None:
         c = self.components
         trained = self.full_ft and self.s.network.train_text_encoder
-        self.text_cache: dict[str, dict] | None = None
-        how = self.plan.quantize_text_encoder
-        if how not in ("none", "stream") and not trained:
-            from core.quantize import quantize_frozen
-            for te in c.text_encoders:
-                te.to(dtype=self.plan.weight_dtype)
-                report = quantize_frozen(te, how, device=self.device)
-                self.log(f"{type(te).__name__} quantized ({how}) for encoding: {report.summary()}")
+        self.text_cache: TextCache | None = None
+        self.text_encoders_quantized = False
         if not self.plan.cache_text_encoder_outputs:
+            self.quantize_text_encoders()
             for te in c.text_encoders:
                 te.to(self.device, torch.float32 if trained else self.plan.weight_dtype)
             return
-        self.status("Caching text-encoder outputs")
+        m = self.s.model
+        key = {"arch": self.arch.id, "model": self.model_fingerprints, "clip_skip": m.clip_skip,
+               "t5_max_length": m.t5_max_length, "t5_mask": m.apply_t5_attention_mask, "use_t5": m.use_t5,
+               "quantized": self.plan.quantize_text_encoder, "dtype": str(self.plan.weight_dtype)}
+        folder = self.dataset_root / ds_mod.CACHE_DIR_NAME if self.s.dataset.cache_latents == "disk" else None
+        self.text_cache = TextCache("disk" if folder else "memory", folder, key, pin=self.device.type == "cuda")
         captions = sorted({i.caption for i in self.items} | ({""} if self.s.dataset.caption_dropout_rate > 0 else set()))
-        self.text_cache = {}
-        with contextlib.ExitStack() as stack, self.accelerator.autocast():
-            # one encoder at a time would need the family's encode split per encoder; all of them are on the
-            # device together (each whole, quantized or streamed layer by layer), and leave it afterwards
-            for te in c.text_encoders:
-                stack.enter_context(text_encoder_on_device(te, how, self.device, self.plan.weight_dtype))
-            for start in range(0, len(captions), 16):
-                chunk = captions[start:start + 16]
+        missing = self.text_cache.load_existing(captions)
+        if len(missing) < len(captions):
+            self.log(f"Text-encoder outputs of {len(captions) - len(missing)} caption(s) read from the disk cache")
+        if not missing:
+            return
+        self.status(f"Caching text-encoder outputs ({len(missing)} captions)")
+        with self.text_encoders_on_device(), self.accelerator.autocast():
+            for start in range(0, len(missing), 16):
+                chunk = missing[start:start + 16]
                 cond = self.encode_captions(chunk)
                 for j, caption in enumerate(chunk):
-                    self.text_cache[caption] = {k: v[j:j + 1].detach() for k, v in cond.items()}
+                    self.text_cache.add(caption, {k: v[j:j + 1] for k, v in cond.items()})
         # cached: the encoders stay in CPU memory (previews bring them back for their prompts only)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def quantize_text_encoders(self) -> None:
+        """The plan's text-encoder quantization, done once, when an encoder is first needed."""
+        how = self.plan.quantize_text_encoder
+        if self.text_encoders_quantized or how in ("none", "stream") or (
+                self.full_ft and self.s.network.train_text_encoder):
+            return
+        from core.quantize import quantize_frozen
+        for te in self.components.text_encoders:
+            te.to(dtype=self.plan.weight_dtype)
+            report = quantize_frozen(te, how, device=self.device)
+            self.log(f"{type(te).__name__} quantized ({how}) for encoding: {report.summary()}")
+        self.text_encoders_quantized = True
+
+    def text_encoders_on_device(self) -> contextlib.ExitStack:
+        """Every text encoder that is not on the device, brought there (whole, quantized or streamed layer by
+        layer, as planned) until the block ends."""
+        self.quantize_text_encoders()
+        stack = contextlib.ExitStack()
+        for te in self.components.text_encoders:
+            if not on_device(te, self.device):
+                stack.enter_context(text_encoder_on_device(te, self.plan.quantize_text_encoder, self.device,
+                                                           self.plan.weight_dtype))
+        return stack
 
     def prepare_network(self) -> None:
         """The trainable: an adapter network patched into the model, or (full fine-tuning) the model's own
@@ -323,8 +352,7 @@ class _Run:
     # -- the loop --------------------------------------------------------------------------------------
     def batch_conditioning(self, captions: list[str]) -> dict:
         if self.text_cache is not None:
-            conds = [self.text_cache[cap] for cap in captions]
-            return {k: torch.cat([cd[k] for cd in conds]) for k in conds[0]}
+            return self.text_cache.batch(captions, self.device)
         if self.s.network.train_text_encoder:
             return self.arch.encode_text(self.components, self.arch.tokenize(self.components, captions),
                                          self.s.model.clip_skip)
@@ -449,10 +477,7 @@ class _Run:
                 if not on_device(c.vae, self.device):
                     c.vae.to(self.device)
                     stack.callback(c.vae.to, "cpu")
-                for te in c.text_encoders:
-                    if not on_device(te, self.device):
-                        stack.enter_context(text_encoder_on_device(te, self.plan.quantize_text_encoder, self.device,
-                                                                   self.plan.weight_dtype))
+                stack.enter_context(self.text_encoders_on_device())
                 images = self.arch.sample(c, prompts, s, (width, height), self.device, self.plan.weight_dtype)
         finally:
             c.denoiser.train()

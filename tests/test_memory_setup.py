@@ -137,3 +137,26 @@ def test_the_estimate_reaches_the_run_tabs_memory_line(tiny, tmp_path):
     assert f"(training tensors estimated {snap.estimate_gb:.2f} GB)" in memory_text(snap)
     on_gpu = dataclasses.replace(snap, estimate_device="cuda", vram_gb=1.5, peak_vram_gb=2.0, estimate_gb=2.25)
     assert "1.50 GB (peak 2.00 GB, estimated 2.25 GB)" in memory_text(on_gpu)
+
+
+def test_text_encoder_outputs_are_reused_from_the_disk_cache(tiny, tmp_path):
+    """cache_latents='disk' keeps the text-encoder outputs beside the images: a rerun reads them instead of
+    encoding, and trains exactly as the first run did."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny["data"], data)
+    runs = []
+    for i in range(2):
+        events = []
+        s, config = tiny_train_settings("sd15", {"model.model_path": str(tiny["sd15"])}, data, tmp_path / f"r{i}",
+                                        dataset__cache_latents="disk", schedule__max_train_steps=3)
+        result = core.train(s, on_event=events.append, config=config)
+        runs.append((events, load_file(result.final)))
+    files = list((data / ".cache").glob("text-*/*.safetensors"))
+    assert len(files) == 4                                       # one per caption of the 4 images
+    first, second = ([e["message"] for e in ev if e["type"] in ("log", "status")] for ev, _ in runs)
+    assert any(m.startswith("Caching text-encoder outputs (4 captions)") for m in first)
+    assert not any(m.startswith("Caching text-encoder outputs") for m in second)
+    assert any("4 caption(s) read from the disk cache" in m for m in second)
+    for k, v in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][k], v, rtol=0, atol=0, msg=k)
