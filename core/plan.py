@@ -266,6 +266,11 @@ def make_plan(profile, settings, arch, config_dir=None) -> Plan:
             plan.gradient_checkpointing = cuda and gpu.total_vram_gb < arch.checkpointing_below_gb
         reasons.append(f"memory estimate unavailable ({exc.__class__.__name__}: {exc}); gradient checkpointing "
                        f"{'on' if plan.gradient_checkpointing else 'off'} by the family's rule of thumb")
+    if m.compile == "auto" and plan.compile != "off" and (plan.quantize_base != "none" or plan.blocks_to_swap):
+        # both run and compile on the CPU in the tests, but neither has been checked under inductor on a GPU
+        plan.compile = "off"
+        reasons.append("compile off: not yet verified on a GPU together with a quantized base or block swapping "
+                       "(set it to 'regional' to try)")
     return plan
 
 

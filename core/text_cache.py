@@ -71,7 +71,8 @@ class TextCache:
 
     def batch(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         rows = [self.entries[c] for c in captions]
-        return {k: torch.cat([r[k] for r in rows]).to(device, non_blocking=True) for k in rows[0]}
+        # row by row from pinned memory: each copy is asynchronous (a concatenation on the host would not be)
+        return {k: torch.cat([r[k].to(device, non_blocking=True) for r in rows]) for k in rows[0]}
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -207,3 +207,15 @@ def test_estimate_failure_falls_back_to_the_rule_of_thumb(tmp_path):
     p = make_plan(machine(12), settings("sdxl", 1024), architectures.get("sdxl"), config_dir=tmp_path)
     assert p.estimate is None and p.gradient_checkpointing  # 12 GB < SDXL's 16 GB rule
     assert any("estimate unavailable" in r for r in p.reasons)
+
+
+def test_compile_auto_stays_off_with_quantized_base_or_swapping(monkeypatch):
+    import core.plan as plan_mod
+    monkeypatch.setattr(plan_mod, "triton_available", lambda: True)  # Triton is part of every CUDA torch build
+    roomy = plan_for("sdxl", 1024, 80, HOPPER)
+    assert roomy.compile == "regional" and roomy.quantize_base == "none"
+    tight = plan_for("flux1_dev", 1024, 8, AMPERE)
+    assert tight.quantize_base != "none" and tight.compile == "off"
+    assert any(r.startswith("compile off: not yet verified") for r in tight.reasons)
+    # an explicit choice is followed
+    assert plan_for("flux1_dev", 1024, 8, AMPERE, compile="regional").compile == "regional"
