@@ -38,6 +38,18 @@ def clip_text_targets(text_encoder: nn.Module, prefix: str, part: str) -> list[A
     return clip_targets(text_encoder, prefix, part)
 
 
+def flux_block_filter(components: Components, path: str) -> bool:
+    """network.flux_blocks for FLUX.1 and FLUX.2 (same block lists): all, the double- or the single-stream
+    blocks."""
+    network = components.extra.get("network")
+    blocks = getattr(network, "flux_blocks", "all") if network is not None else "all"
+    if blocks == "double":
+        return path.startswith("transformer_blocks.")
+    if blocks == "single":
+        return path.startswith("single_transformer_blocks.")
+    return True
+
+
 class FlowMatchingFamily(Architecture):
     """Shared behaviour of SD3 / SD3.5 and FLUX.1; subclasses fill in the family specifics."""
 

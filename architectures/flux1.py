@@ -18,7 +18,8 @@ import torch
 
 from architectures import flow_matching as fm
 from architectures.base import AdapterTarget, Components
-from architectures.dit_common import FlowMatchingFamily, clip_text_targets, resolve_optional, t5_targets
+from architectures.dit_common import (FlowMatchingFamily, clip_text_targets, flux_block_filter, resolve_optional,
+                                       t5_targets)
 from architectures.dit_keys import ExportSlot, flux_lora_slots
 
 _DOUBLE_ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -75,13 +76,7 @@ class FluxFamily(FlowMatchingFamily):
         return components.extra["_slots"]
 
     def block_filter(self, components: Components, path: str) -> bool:
-        network = components.extra.get("network")
-        blocks = getattr(network, "flux_blocks", "all") if network is not None else "all"
-        if blocks == "double":
-            return path.startswith("transformer_blocks.")
-        if blocks == "single":
-            return path.startswith("single_transformer_blocks.")
-        return True
+        return flux_block_filter(components, path)
 
     def text_encoder_targets(self, components: Components, network) -> list[AdapterTarget]:
         out = clip_text_targets(components.text_encoders[0], "lora_te1", "te1")

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from architectures.base import AdapterTarget, Components
-from architectures.dit_common import FlowMatchingFamily, resolve_optional
+from architectures.dit_common import FlowMatchingFamily, flux_block_filter, resolve_optional
 from architectures.dit_keys import ExportSlot
 
 log = logging.getLogger(__name__)
@@ -140,13 +140,7 @@ class Flux2Family(FlowMatchingFamily):
         return components.extra["_slots"]
 
     def block_filter(self, components: Components, path: str) -> bool:
-        network = components.extra.get("network")
-        blocks = getattr(network, "flux_blocks", "all") if network is not None else "all"
-        if blocks == "double":
-            return path.startswith("transformer_blocks.")
-        if blocks == "single":
-            return path.startswith("single_transformer_blocks.")
-        return True
+        return flux_block_filter(components, path)
 
     def adapter_targets(self, components: Components, target: str, text_encoder: bool) -> list[AdapterTarget]:
         if target == "full-lin":

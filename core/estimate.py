@@ -567,7 +567,6 @@ def adapter_param_count(arch, network, config_dir: Path | None = None) -> int:
 def _activations(arch_id: str, config_key: str, resolution: int, batch_size: int, precision: str,
                  network_json: str) -> ActivationProfile:
     import architectures
-    from architectures.base import Components
     arch = architectures.get(arch_id)
     network = _network_settings(network_json)
     with _LOCK:
