@@ -70,7 +70,8 @@ class SD3Family(FlowMatchingFamily):
 
     def peft_paths(self, components: Components) -> dict[str, str]:
         paths = {name: f"transformer.{path}" for name, path in components.extra.get("adapter_paths", {}).items()}
-        for i, prefix in ((0, "text_encoder"), (1, "text_encoder_2")):
+        # text encoders are released after caching when they are not trained (nothing of theirs to name then)
+        for i, prefix in ((0, "text_encoder"), (1, "text_encoder_2"))[:len(components.text_encoders)]:
             for t in clip_text_targets(components.text_encoders[i], self.te_prefixes[i], f"te{i + 1}"):
                 paths[t.name] = f"{prefix}.{t.path}"
         return paths

@@ -207,6 +207,7 @@ class _Run:
             # seeded again after caching: what caching drew (VAE sampling) depends on what was on disk already
             set_seed(s.schedule.seed)
             self.prepare_network()
+            self.release_text_encoders()
             return self.train_loop()
 
     def scan_reg_images(self) -> list:
@@ -294,6 +295,20 @@ class _Run:
         # cached: the encoders stay in CPU memory (previews bring them back for their prompts only)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def release_text_encoders(self) -> None:
+        """With every caption cached and no previews to render, the text encoders are not needed again: they
+        are dropped, not just moved, so a 24B encoder does not hold its RAM for the whole run."""
+        c = self.components
+        if (self.text_cache is None or not c.text_encoders or self.wants_previews() or self.full_ft
+                or self.s.network.train_text_encoder):
+            return
+        freed = sum(t.numel() * t.element_size() for te in c.text_encoders
+                    for t in list(te.parameters()) + list(te.buffers()))
+        c.text_encoders.clear()
+        import gc
+        gc.collect()
+        self.log(f"Text encoders unloaded after caching ({freed / 2**30:.2f} GB freed)")
 
     def quantize_text_encoders(self) -> None:
         """The plan's text-encoder quantization, done once, when an encoder is first needed."""

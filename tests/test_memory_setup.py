@@ -45,6 +45,8 @@ def test_quantized_base_lora_trains_through_core_train(tiny, tmp_path):
     result = core.train(s, on_event=events.append, config=config)
     logs = [e["message"] for e in events if e["type"] == "log"]
     assert any("quantized (qint8)" in m for m in logs), logs
+    # every caption cached and no previews: the text encoders are dropped before training
+    assert any(m.startswith("Text encoders unloaded after caching") for m in logs), logs
     losses = [e["loss"] for e in events if e["type"] == "progress"]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     tensors = load_file(result.final)
