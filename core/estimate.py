@@ -644,6 +644,7 @@ class Estimate:
     ram_gb: float
     swappable_blocks: int
     text_encoder_ram_gb: float = 0.0         # text encoders parked in CPU memory after caching
+    load_ram_gb: float = 0.0                 # every part dense in CPU memory while loading (before quantizing)
     activations: ActivationProfile | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -731,4 +732,6 @@ def _estimate(arch_id: str, x: EstimateInputs) -> Estimate:
                     caching_parts={k: round(v, 4) for k, v in caching_parts.items()},
                     training_gb=training, caching_gb=caching, total_gb=max(training, caching), ram_gb=ram / GIB,
                     text_encoder_ram_gb=te_ram / GIB,
+                    load_ram_gb=(stats.total.nbytes(4 if full else elem) + sum(g.nbytes(elem) for g in te)
+                                 + vae.nbytes(4)) / GIB,
                     swappable_blocks=len(stats.blocks), activations=act, notes=notes)

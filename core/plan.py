@@ -431,6 +431,11 @@ def _fit_memory(plan: Plan, profile, settings, arch, config_dir, budget, budget_
                  f"GB) + swapped blocks / offloaded activations (≈ {final.ram_gb:.1f} GB) exceed the "
                  f"{ram_free:.1f} GB that can be spared: free the text encoders after caching (previews then "
                  f"reload them)")
+    if final.load_ram_gb > profile.ram_total_gb:
+        r.insert(0, f"CPU RAM is short for loading: the model's files are read into RAM whole (≈ "
+                    f"{final.load_ram_gb:.0f} GB in {plan.mixed_precision if plan.mixed_precision != 'no' else 'fp32'}, "
+                    f"before any quantization) and this machine has {profile.ram_total_gb:.0f} GB; without enough "
+                    f"swap space the system will stop the app while loading")
     if m.activation_offload == "auto" and cuda and offload:
         r.append("activations offloaded to CPU memory (≈15% slower): nothing else fits")
     if plan.cache_text_encoder_outputs and m.quantize_text_encoder == "auto" and cuda and final.caching_parts:

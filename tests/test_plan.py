@@ -219,3 +219,13 @@ def test_compile_auto_stays_off_with_quantized_base_or_swapping(monkeypatch):
     assert any(r.startswith("compile off: not yet verified") for r in tight.reasons)
     # an explicit choice is followed
     assert plan_for("flux1_dev", 1024, 8, AMPERE, compile="regional").compile == "regional"
+
+
+def test_loading_ram_is_checked():
+    needs("flux2_dev")
+    short = plan_for("flux2_dev", 1024, 24, ADA, ram_gb=64)
+    assert short.estimate.load_ram_gb > 64 and short.reasons[0].startswith("CPU RAM is short for loading")
+    roomy = plan_for("flux2_dev", 1024, 24, ADA, ram_gb=256)
+    assert not any("short for loading" in r for r in roomy.reasons)
+    sdxl = plan_for("sdxl", 1024, 12)
+    assert 5 < sdxl.estimate.load_ram_gb < 10   # UNet + both CLIPs + VAE in bf16 ≈ 6.6 GB
