@@ -68,7 +68,9 @@ def quantize_base(denoiser: nn.Module, plan, device: torch.device, log: Callable
     if plan.quantize_base == "none":
         return None
     from core.quantize import quantize_frozen
-    report = quantize_frozen(denoiser, plan.quantize_base, device=device)
+    # each layer is quantized on the device and stays there; with swapped blocks the whole quantized model
+    # need not fit, so it is quantized in CPU memory and the swapper places it (nf4 is refused with swapping)
+    report = quantize_frozen(denoiser, plan.quantize_base, device=device if plan.blocks_to_swap == 0 else None)
     log(f"Frozen model quantized ({plan.quantize_base}): {report.summary()}")
     return report
 

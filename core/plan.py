@@ -233,6 +233,10 @@ def make_plan(profile, settings, arch, config_dir=None) -> Plan:
                          "are in CPU memory. Set it to 'auto' or 'off'.")
     swappable = len(arch.swap_block_lists) and _swappable(arch, config_dir)
     if m.blocks_to_swap > 0:
+        if m.quantize_base == "nf4":
+            raise ValueError(f"memory.blocks_to_swap is {m.blocks_to_swap} with memory.quantize_base 'nf4': "
+                             "bitsandbytes' 4-bit weights are quantized on their way to the GPU and cannot be "
+                             "streamed. Use qint4 for a 4-bit base with block swapping.")
         if not cuda:
             raise ValueError(f"memory.blocks_to_swap is {m.blocks_to_swap}, but block swapping moves blocks between "
                              f"CPU memory and a GPU; this run is on the CPU. Set it to -1 (auto) or 0.")
@@ -307,10 +311,12 @@ def _fit_memory(plan: Plan, profile, settings, arch, config_dir, budget, budget_
 
     # the ladder, fastest first; explicit choices replace the ladder's value on every rung
     q8 = "qfloat8" if cuda and gpu.compute_capability >= (8, 9) else "qint8"
-    q4 = "nf4" if cuda and bitsandbytes_available() else "qint4"
     can_opt8 = cuda and optimizer in EIGHT_BIT_OPTIMIZERS
     can_quant = cuda and not full_ft
     swappable = plan.swappable_blocks if cuda and not full_ft else 0  # the swapper moves frozen weights only
+    # the 4-bit rung swaps blocks too where the family can: bitsandbytes' 4-bit weights are quantized on their
+    # way to the GPU and cannot be streamed, so swapping families take quanto's qint4
+    q4 = "nf4" if cuda and bitsandbytes_available() and not swappable else "qint4"
     rungs = [dict(ckpt=False, opt8=False, quant="none", swap=False, offload=False),
              dict(ckpt=True, opt8=False, quant="none", swap=False, offload=False)]
     if can_opt8:

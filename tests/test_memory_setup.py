@@ -80,8 +80,8 @@ def _train_steps(arch, components, settings, plan, steps: int = 3):
     return state, loads
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_block_swapping_in_the_trainer_setup_matches_no_swapping(tiny, checkpointing):
+@pytest.mark.parametrize("checkpointing,quantize", [(False, "none"), (True, "none"), (True, "qint8")])
+def test_block_swapping_in_the_trainer_setup_matches_no_swapping(tiny, checkpointing, quantize):
     """setup_denoiser with swapped blocks (simulated transfers on the CPU: an offloaded block holds empty
     placeholders, so a block used without being streamed in fails) trains to the same adapter weights."""
     arch = architectures.get("flux1_dev")
@@ -95,7 +95,7 @@ def test_block_swapping_in_the_trainer_setup_matches_no_swapping(tiny, checkpoin
         arch.configure_objective(comps, s)
         comps.denoiser.requires_grad_(False)
         plan = dataclasses.replace(base, blocks_to_swap=swap, gradient_checkpointing=checkpointing,
-                                   compile="off")
+                                   compile="off", quantize_base=quantize)
         results[swap] = _train_steps(arch, comps, s, plan)
     (plain, _), (swapped, loads) = results[0], results[3]
     assert loads > 0, "no block was streamed in: the swap path did not run"

@@ -229,3 +229,15 @@ def test_loading_ram_is_checked():
     assert not any("short for loading" in r for r in roomy.reasons)
     sdxl = plan_for("sdxl", 1024, 12)
     assert 5 < sdxl.estimate.load_ram_gb < 10   # UNet + both CLIPs + VAE in bf16 ≈ 6.6 GB
+
+
+def test_four_bit_base_with_swapping_is_quanto(monkeypatch):
+    """bitsandbytes' nf4 weights cannot be streamed: the swapping families' 4-bit rung is qint4, the UNets' nf4."""
+    import core.plan as plan_mod
+    monkeypatch.setattr(plan_mod, "bitsandbytes_available", lambda: True)  # installed on CUDA machines
+    flux = plan_for("flux1_dev", 1024, 4, AMPERE)
+    assert flux.quantize_base == "qint4" and flux.blocks_to_swap > 0
+    sdxl = plan_for("sdxl", 1024, 4, AMPERE)
+    assert sdxl.quantize_base == "nf4" and sdxl.blocks_to_swap == 0
+    with pytest.raises(ValueError, match="cannot be\n?.*streamed|cannot be streamed"):
+        plan_for("flux1_dev", 1024, 8, AMPERE, quantize_base="nf4", blocks_to_swap=10)
