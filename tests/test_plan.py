@@ -239,5 +239,5 @@ def test_four_bit_base_with_swapping_is_quanto(monkeypatch):
     assert flux.quantize_base == "qint4" and flux.blocks_to_swap > 0
     sdxl = plan_for("sdxl", 1024, 4, AMPERE)
     assert sdxl.quantize_base == "nf4" and sdxl.blocks_to_swap == 0
-    with pytest.raises(ValueError, match="cannot be\n?.*streamed|cannot be streamed"):
+    with pytest.raises(ValueError, match="cannot be streamed"):
         plan_for("flux1_dev", 1024, 8, AMPERE, quantize_base="nf4", blocks_to_swap=10)
