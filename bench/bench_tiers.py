@@ -124,8 +124,8 @@ def random_components(arch, dtype):
     import torch
 
     from architectures.base import Components
-    meta = arch.build_denoiser_on_meta()
-    denoiser = meta.to_empty(device="cpu").to(dtype)
+    # cast on the meta device first: materialising fp32 would need twice the RAM (FLUX.2 dev: 128 GB)
+    denoiser = torch.nn.Module.to(arch.build_denoiser_on_meta(), dtype).to_empty(device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in list(denoiser.named_parameters()) + list(denoiser.named_buffers()):

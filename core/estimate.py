@@ -577,7 +577,8 @@ def _trace_run(arch, model, network, resolution, batch_size, precision) -> Activ
     from architectures.base import Components
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     full = network.algorithm == "full_finetune"
-    model.to(torch.float32 if full else weight_dtype)
+    # nn.Module.to: diffusers' override warns about fp32 modules even when its list of them is empty
+    nn.Module.to(model, torch.float32 if full else weight_dtype)
     model.requires_grad_(full)
     net = None if full else _build_adapter(arch, model, network)
     if net is not None:
