@@ -130,6 +130,15 @@ def choose_dropdown(page, dotted: str, value: str) -> None:
     page.wait_for_timeout(200)
 
 
+def expect_text(locator, text: str, timeout_s: float = 20) -> None:
+    """Wait until ``locator`` shows ``text`` (the plan is recomputed on the server after each change)."""
+    deadline = time.time() + timeout_s
+    while text not in locator.inner_text():
+        if time.time() > deadline:
+            raise AssertionError(f"{text!r} not shown; the element says: {locator.inner_text()[:500]}")
+        time.sleep(0.2)
+
+
 def is_shown(page, dotted: str) -> bool:
     return page.locator(sid(dotted)).first.is_visible()
 
@@ -196,8 +205,15 @@ def test_train_a_tiny_lora_in_the_browser(studio, page):
     assert saved["schedule"]["max_train_steps"] == 4 and saved["schedule"]["log_every_n_steps"] == 1
     assert saved["sampling"]["prompts"] == "a red square" and saved["sampling"]["sample_every_n_steps"] == 2
 
-    # Run
+    # Run: the plan and its estimate follow the settings live (the tiny model's own config is estimated)
     open_tab(page, "Run")
+    plan = page.locator("#run-plan")
+    expect_text(plan, "RAM estimate ≈")
+    expect_text(plan, "gradient checkpointing off")
+    choose(page, "memory.gradient_checkpointing", "on")
+    expect_text(plan, "gradient checkpointing on")
+    choose(page, "memory.gradient_checkpointing", "auto")
+    expect_text(plan, "gradient checkpointing off")
     page.locator("#run-start").click()
     final = _wait_for_final(page)
     assert final.suffix == ".safetensors" and final.is_file()

@@ -243,8 +243,12 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
 
         plan_components = [controls[d] for d in plan_inputs]
         for component in plan_components:
-            component.change(show_plan, inputs=plan_components, outputs=w["plan"], queue=False,
-                             show_progress="hidden")
+            # a text field re-plans when it is left or submitted, not per keystroke (a new adapter shape
+            # means a new trace of the model for the estimate)
+            events = ([component.blur, component.submit] if isinstance(component, gr.Textbox)
+                      else [component.change])
+            for event in events:
+                event(show_plan, inputs=plan_components, outputs=w["plan"], queue=False, show_progress="hidden")
         demo.load(show_plan, inputs=plan_components, outputs=w["plan"], queue=False)
 
         def start(*vals):
