@@ -30,6 +30,7 @@ class TextCache:
         self.folder = None if folder is None else Path(folder) / f"text-{self.key}"
         self.pin = pin
         self.entries: dict[str, dict[str, torch.Tensor]] = {}
+        self.disk_error: str | None = None       # why the disk cache stopped being written, if it did
 
     def _path(self, caption: str) -> Path:
         return self.folder / (hashlib.sha256(caption.encode()).hexdigest()[:32] + ".safetensors")
@@ -66,7 +67,11 @@ class TextCache:
         """One caption's outputs (batch dimension 1), from any device."""
         cond = {k: v.detach().to("cpu").contiguous() for k, v in cond.items()}
         if self.mode == "disk":
-            atomic_save_safetensors(self._path(caption), cond, {"format": _FORMAT, "caption": caption})
+            try:
+                atomic_save_safetensors(self._path(caption), cond, {"format": _FORMAT, "caption": caption})
+            except OSError as exc:  # disk full, read-only folder: the run goes on with the copy in memory
+                self.disk_error = f"{self.folder}: {exc}"
+                self.mode = "memory"
         self._keep(caption, cond)
 
     def batch(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:

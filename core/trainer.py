@@ -292,6 +292,9 @@ class _Run:
                 cond = self.encode_captions(chunk)
                 for j, caption in enumerate(chunk):
                     self.text_cache.add(caption, {k: v[j:j + 1] for k, v in cond.items()})
+        if self.text_cache.disk_error:
+            self.log(f"Text-encoder outputs are kept in memory only; the disk cache could not be written "
+                     f"({self.text_cache.disk_error})", level="warning")
         # cached: the encoders stay in CPU memory (previews bring them back for their prompts only)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -162,3 +162,16 @@ def test_text_encoder_outputs_are_reused_from_the_disk_cache(tiny, tmp_path):
     assert any("4 caption(s) read from the disk cache" in m for m in second)
     for k, v in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][k], v, rtol=0, atol=0, msg=k)
+
+
+def test_text_cache_survives_an_unwritable_disk(tmp_path):
+    """Disk full or a read-only folder: the outputs stay in memory and the reason is kept for the log."""
+    from core.text_cache import TextCache
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")     # makes every write fail
+    cache = TextCache("disk", blocker, {"arch": "sd15"}, pin=False)
+    assert cache.load_existing(["a cat"]) == ["a cat"]
+    cache.add("a cat", {"encoder_hidden_states": torch.ones(1, 3, 4)})
+    assert cache.disk_error and cache.mode == "memory"
+    got = cache.batch(["a cat", "a cat"], torch.device("cpu"))
+    assert got["encoder_hidden_states"].shape == (2, 3, 4)
