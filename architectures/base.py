@@ -117,6 +117,10 @@ class Architecture:
     checkpointing_below_gb: float = 24.0
 
     # -- loading ---------------------------------------------------------------------------------------
+    #: whether ``load`` accepts ``text_encoders=False`` (everything but the text encoders: a run whose caption
+    #: embeddings are all cached on disk and that renders no previews never needs them)
+    loads_without_text_encoders = False
+
     def load(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype, **options) -> Components:
         """``options``: what :meth:`load_options` returned (none for most families)."""
         raise NotImplementedError

@@ -102,12 +102,16 @@ class Flux2Family(FlowMatchingFamily):
     def load_options(self, settings, resolve_path) -> dict:
         return {"components_path": resolve_optional(resolve_path, settings.model.components_path)}
 
+    #: ``load(..., text_encoders=False)`` skips the text encoder (the trainer asks when every caption's outputs
+    #: are cached on disk: FLUX.2 dev's is 24B parameters)
+    loads_without_text_encoders = True
+
     def load(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype,
-             components_path: Path | None = None) -> Components:
+             components_path: Path | None = None, text_encoders: bool = True) -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from architectures.flux2_loading import load_flux2_components
-        parts = load_flux2_components(self.id, Path(model_path), config_dir, dtype, components_path)
+        parts = load_flux2_components(self.id, Path(model_path), config_dir, dtype, components_path, text_encoders)
         return Components(denoiser=parts["transformer"], vae=parts["vae"], text_encoders=parts["text_encoders"],
                           tokenizers=parts["tokenizers"],
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler_config"]),

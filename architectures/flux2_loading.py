@@ -217,8 +217,9 @@ def _text_encoder_class(arch_id: str):
 
 
 def _load_components(arch_id: str, folder: Path, dtype: torch.dtype, transformer_cfg: dict[str, Any],
-                     what: str) -> dict[str, Any]:
-    """VAE, text encoder, tokenizer and scheduler config from a diffusers-layout ``folder``."""
+                     what: str, text_encoders: bool = True) -> dict[str, Any]:
+    """VAE, text encoder, tokenizer and scheduler config from a diffusers-layout ``folder`` (``text_encoders``
+    False: no text encoder is loaded, its folder is still checked)."""
     from diffusers import AutoencoderKLFlux2
 
     from architectures.sd_loading import _variant
@@ -239,19 +240,21 @@ def _load_components(arch_id: str, folder: Path, dtype: torch.dtype, transformer
         str(folder), subfolder="vae", torch_dtype=dtype, local_files_only=True, variant=_variant(folder / "vae")))
     cls = _text_encoder_class(arch_id)
     text_encoder = load("text_encoder", lambda: cls.from_pretrained(
-        str(folder / "text_encoder"), dtype=dtype, local_files_only=True, variant=_variant(folder / "text_encoder")))
+        str(folder / "text_encoder"), dtype=dtype, local_files_only=True,
+        variant=_variant(folder / "text_encoder"))) if text_encoders else None
     tokenizer = load_tokenizer(arch_id, folder / "tokenizer")
     sched = folder / "scheduler" / "scheduler_config.json"
     if not sched.is_file():
         sched = default_config_dir(arch_id) / "scheduler" / "scheduler_config.json"
-    return {"vae": vae, "text_encoders": [text_encoder], "tokenizers": [tokenizer], "scheduler_config": _read_json(sched)}
+    return {"vae": vae, "text_encoders": [text_encoder] if text_encoders else [], "tokenizers": [tokenizer],
+            "scheduler_config": _read_json(sched)}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Diffusers folder
 # ---------------------------------------------------------------------------------------------------------
 
-def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype) -> dict[str, Any]:
+def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype, text_encoders: bool = True) -> dict[str, Any]:
     from diffusers import Flux2Transformer2DModel
 
     from architectures.dit_loading import describe_dit_folder
@@ -265,7 +268,7 @@ def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype) -> dict[str, An
     pipeline = index.get("_class_name", "")
     check_variant(arch_id, f"{folder}{f' ({pipeline})' if pipeline else ''}", config_features(cfg))
     check_distilled(arch_id, folder, index)
-    parts = _load_components(arch_id, folder, dtype, cfg, "The model folder")
+    parts = _load_components(arch_id, folder, dtype, cfg, "The model folder", text_encoders)
     load = _loader(folder)
     parts["transformer"] = load("transformer", lambda: Flux2Transformer2DModel.from_pretrained(
         str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True,
@@ -285,7 +288,7 @@ def _strip(keys: list[str]) -> tuple[list[str], str]:
 
 
 def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.dtype,
-                      components: Path | None) -> dict[str, Any]:
+                      components: Path | None, text_encoders: bool = True) -> dict[str, Any]:
     from diffusers import Flux2Transformer2DModel
 
     from architectures.dit_loading import describe_dit_checkpoint
@@ -328,7 +331,7 @@ def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.d
     if not components.is_dir():
         raise ModelLoadError(f"model.components_path: {components} is not a folder (a diffusers-layout folder with "
                              "text_encoder/, tokenizer/ and vae/ subfolders is expected).")
-    parts = _load_components(arch_id, components, dtype, cfg, "model.components_path:")
+    parts = _load_components(arch_id, components, dtype, cfg, "model.components_path:", text_encoders)
     sd = ckpt.read(prefix) if prefix else ckpt.read("")
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items()}
@@ -356,8 +359,10 @@ def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.d
 # ---------------------------------------------------------------------------------------------------------
 
 def load_flux2_components(arch_id: str, model_path: Path, config_dir: Path | None = None,
-                          dtype: torch.dtype = torch.float32, components_path: Path | None = None) -> dict[str, Any]:
-    """FLUX.2 from a diffusers folder, or a BFL transformer file plus a components folder.
+                          dtype: torch.dtype = torch.float32, components_path: Path | None = None,
+                          text_encoders: bool = True) -> dict[str, Any]:
+    """FLUX.2 from a diffusers folder, or a BFL transformer file plus a components folder (``text_encoders``
+    False: everything but the text encoder, for a run whose caption embeddings are all cached on disk).
 
     Returns ``{"transformer", "vae", "text_encoders": [Mistral3 or Qwen3], "tokenizers": [tokenizer or
     processor], "scheduler_config"}``."""
@@ -367,9 +372,9 @@ def load_flux2_components(arch_id: str, model_path: Path, config_dir: Path | Non
     if not path.exists():
         raise ModelLoadError(f"Model path {path} does not exist.")
     if path.is_dir():
-        return _load_folder(arch_id, path, dtype)
+        return _load_folder(arch_id, path, dtype, text_encoders)
     configs = Path(config_dir).expanduser() if config_dir else default_config_dir(arch_id)
-    return _load_single_file(arch_id, path, configs, dtype, components_path)
+    return _load_single_file(arch_id, path, configs, dtype, components_path, text_encoders)
 
 
 __all__ = ["load_flux2_components", "load_tokenizer", "check_variant", "config_features", "file_features",

@@ -192,7 +192,15 @@ class _Run:
         self.load_options = self.arch.load_options(s, lambda p: self.config.resolve(p, "models_dir"))
         # full fine-tuning trains fp32 master weights; frozen parts are cast to the plan's dtype later
         load_dtype = torch.float32 if self.full_ft else self.plan.weight_dtype
-        self.components = self.arch.load(self.model_path, self.config_dir, load_dtype, **self.load_options)
+        extra = [p for p in self.load_options.values() if isinstance(p, Path) and p.exists()]
+        self.model_fingerprints = [model_fingerprint(self.model_path), *map(model_fingerprint, extra)]
+        self.open_text_cache()
+        skip_te = self.text_encoders_never_needed()
+        if skip_te:
+            self.log("Every caption's text-encoder outputs are in the disk cache and no previews are rendered: "
+                     "the text encoders are not loaded")
+        self.components = self.arch.load(self.model_path, self.config_dir, load_dtype, **self.load_options,
+                                         **({"text_encoders": False} if skip_te else {}))
         self.arch.configure_objective(self.components, s)
         c = self.components
         for module in [c.denoiser, c.vae, *c.text_encoders]:
@@ -241,8 +249,6 @@ class _Run:
             return self.arch.encode_latents(c, pixels).float().cpu()
 
         # latents follow the VAE: the model path and any separate model files (e.g. FLUX's ae.safetensors)
-        extra = [p for p in self.load_options.values() if isinstance(p, Path) and p.exists()]
-        self.model_fingerprints = [model_fingerprint(self.model_path), *map(model_fingerprint, extra)]
         cache_tag = "-".join([self.arch.id, *self.model_fingerprints])
         self.latent_cache = ds_mod.LatentCache(s.dataset.cache_latents, encode, cache_tag)
         self.latent_cache.fill(self.items, s.dataset.flip_aug, s.schedule.train_batch_size,
@@ -263,15 +269,12 @@ class _Run:
         c = self.components
         return self.arch.encode_text(c, self.arch.tokenize(c, captions), self.s.model.clip_skip)
 
-    def prepare_text(self) -> None:
-        c = self.components
-        trained = self.full_ft and self.s.network.train_text_encoder
+    def open_text_cache(self) -> None:
+        """Before loading: the caption embeddings already on disk (which decides whether the text encoders are
+        needed at all)."""
         self.text_cache: TextCache | None = None
-        self.text_encoders_quantized = False
+        self.missing_captions: list[str] = []
         if not self.plan.cache_text_encoder_outputs:
-            self.quantize_text_encoders()
-            for te in c.text_encoders:
-                te.to(self.device, torch.float32 if trained else self.plan.weight_dtype)
             return
         m = self.s.model
         key = {"arch": self.arch.id, "model": self.model_fingerprints, "clip_skip": m.clip_skip,
@@ -280,9 +283,25 @@ class _Run:
         folder = self.dataset_root / ds_mod.CACHE_DIR_NAME if self.s.dataset.cache_latents == "disk" else None
         self.text_cache = TextCache("disk" if folder else "memory", folder, key, pin=self.device.type == "cuda")
         captions = sorted({i.caption for i in self.items} | ({""} if self.s.dataset.caption_dropout_rate > 0 else set()))
-        missing = self.text_cache.load_existing(captions)
-        if len(missing) < len(captions):
-            self.log(f"Text-encoder outputs of {len(captions) - len(missing)} caption(s) read from the disk cache")
+        self.missing_captions = self.text_cache.load_existing(captions)
+        if len(self.missing_captions) < len(captions):
+            self.log(f"Text-encoder outputs of {len(captions) - len(self.missing_captions)} caption(s) read from the "
+                     "disk cache")
+
+    def text_encoders_never_needed(self) -> bool:
+        return (self.arch.loads_without_text_encoders and self.text_cache is not None and not self.missing_captions
+                and not self.wants_previews() and not self.full_ft and not self.s.network.train_text_encoder)
+
+    def prepare_text(self) -> None:
+        c = self.components
+        trained = self.full_ft and self.s.network.train_text_encoder
+        self.text_encoders_quantized = False
+        if not self.plan.cache_text_encoder_outputs:
+            self.quantize_text_encoders()
+            for te in c.text_encoders:
+                te.to(self.device, torch.float32 if trained else self.plan.weight_dtype)
+            return
+        missing = self.missing_captions
         if not missing:
             return
         self.status(f"Caching text-encoder outputs ({len(missing)} captions)")

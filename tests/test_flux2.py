@@ -409,3 +409,28 @@ def test_memory_probe_inputs_fit_predict(tiny):
     assert noisy.shape == (2, 32, 4, 4) and cond["prompt_embeds"].shape == (2, 512, 96)
     with torch.no_grad():
         assert arch.predict(comps, noisy, t, cond, batch).shape == noisy.shape
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "bfl"])
+def test_rerun_with_cached_captions_never_loads_the_text_encoder(tiny, tmp_path, layout):
+    """FLUX.2 dev's text encoder is 24B parameters: with every caption's outputs on disk and no previews, a rerun
+    loads everything but it, and trains exactly as the run that encoded the captions."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny["data"], data)
+    runs = []
+    for i in range(2):
+        events = []
+        s, config = tiny_train_settings("flux2_klein_4b", settings_paths(tiny["models"][("flux2_klein_4b", layout)]),
+                                        data, tmp_path / f"run{i}", dataset__cache_latents="disk",
+                                        schedule__max_train_steps=2)
+        result = core.train(s, on_event=events.append, config=config)
+        runs.append(([e["message"] for e in events if e["type"] in ("log", "status")], load_file(result.final)))
+    (first, first_file), (second, second_file) = runs
+    assert any(m.startswith("Caching text-encoder outputs") for m in first)
+    assert not any("text encoders are not loaded" in m for m in first)
+    assert any("text encoders are not loaded" in m for m in second)
+    assert not any(m.startswith("Caching text-encoder outputs") for m in second)
+    assert first_file.keys() == second_file.keys()
+    for k in first_file:
+        torch.testing.assert_close(second_file[k], first_file[k], rtol=0, atol=0, msg=k)
