@@ -227,7 +227,8 @@ def _loader(folder: Path) -> Callable[[str, Callable[[], nn.Module]], nn.Module]
     return load
 
 
-def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype, use_t5: bool) -> dict[str, Any]:
+def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype, use_t5: bool,
+                 with_text_encoders: bool = True) -> dict[str, Any]:
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
@@ -253,7 +254,8 @@ def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype, use_t5: bool) -
                "text_encoder_2": CLIPTextModelWithProjection if sd3 else T5EncoderModel,
                "text_encoder_3": T5EncoderModel}
     text_encoders = [load(sub, lambda sub=sub: classes[sub].from_pretrained(
-        str(folder / sub), dtype=dtype, local_files_only=True, variant=_variant(folder / sub))) for sub in encoders]
+        str(folder / sub), dtype=dtype, local_files_only=True, variant=_variant(folder / sub)))
+        for sub in (encoders if with_text_encoders else [])]
     clip_dirs = [folder / "tokenizer", folder / "tokenizer_2"] if sd3 else [folder / "tokenizer"]
     tokenizers = load_clip_tokenizers(arch_id, clip_dirs)
     if use_t5 or not sd3:
@@ -328,8 +330,8 @@ def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def _load_sd3_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.dtype, use_t5: bool
-                          ) -> dict[str, Any]:
+def _load_sd3_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.dtype, use_t5: bool,
+                          with_text_encoders: bool = True) -> dict[str, Any]:
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
     from transformers import CLIPTextModelWithProjection
@@ -360,11 +362,12 @@ def _load_sd3_single_file(arch_id: str, path: Path, config_dir: Path, dtype: tor
         _load_clip(CLIPTextModelWithProjection, _strip(ckpt.read(SD3_CLIP_L_PREFIX), SD3_CLIP_L_PREFIX), config_dir,
                    "text_encoder", "CLIP-L", path, dtype),
         _load_clip(CLIPTextModelWithProjection, _strip(ckpt.read(SD3_CLIP_G_PREFIX), SD3_CLIP_G_PREFIX), config_dir,
-                   "text_encoder_2", "CLIP-G", path, dtype)]
+                   "text_encoder_2", "CLIP-G", path, dtype)] if with_text_encoders else []
     tokenizers = load_clip_tokenizers(arch_id, [config_dir / "tokenizer", config_dir / "tokenizer_2"])
     if use_t5:
-        text_encoders.append(_load_t5(_strip(ckpt.read(SD3_T5_PREFIX), SD3_T5_PREFIX), config_dir, "text_encoder_3",
-                                      "T5-XXL", path, dtype))
+        if with_text_encoders:
+            text_encoders.append(_load_t5(_strip(ckpt.read(SD3_T5_PREFIX), SD3_T5_PREFIX), config_dir,
+                                          "text_encoder_3", "T5-XXL", path, dtype))
         where = find_t5_tokenizer([config_dir / "tokenizer_3", path.parent / "tokenizer_3", path.parent / "t5_tokenizer"],
                                   f"{short_label(arch_id)} ({path.name})")
         tokenizers.append(load_t5_tokenizer(where))
@@ -391,7 +394,7 @@ def _check_component(sd: dict[str, torch.Tensor], path: Path, setting: str, what
 
 
 def _load_flux_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.dtype, clip_l: Path | None,
-                           t5xxl: Path | None, ae: Path | None) -> dict[str, Any]:
+                           t5xxl: Path | None, ae: Path | None, with_text_encoders: bool = True) -> dict[str, Any]:
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel
 
@@ -403,8 +406,9 @@ def _load_flux_single_file(arch_id: str, path: Path, config_dir: Path, dtype: to
     check_family(arch_id, path, family, phrase)
     _check_config_dir(arch_id, config_dir, ["transformer/config.json", "vae/config.json", "text_encoder/config.json",
                                             "text_encoder_2/config.json"])
-    clip_sd = _read_component(clip_l, "model.clip_l_path", "CLIP-L text encoder")
-    t5_sd = _read_component(t5xxl, "model.t5xxl_path", "T5-XXL text encoder")
+    # without text encoders the CLIP-L and T5 files (9.5 GB for T5) are not read at all
+    clip_sd = _read_component(clip_l, "model.clip_l_path", "CLIP-L text encoder") if with_text_encoders else {}
+    t5_sd = _read_component(t5xxl, "model.t5xxl_path", "T5-XXL text encoder") if with_text_encoders else {}
     ae_sd = _read_component(ae, "model.ae_path", "autoencoder (ae.safetensors)")
     for pre in ("text_encoders.clip_l.transformer.",):
         if any(k.startswith(pre) for k in clip_sd):
@@ -414,10 +418,12 @@ def _load_flux_single_file(arch_id: str, path: Path, config_dir: Path, dtype: to
             t5_sd = _strip(t5_sd, pre)
     if any(k.startswith("vae.") for k in ae_sd):
         ae_sd = _strip(ae_sd, "vae.")
-    _check_component(clip_sd, Path(clip_l), "model.clip_l_path", "CLIP-L text encoder",
-                     lambda ks: any(".self_attn.q_proj." in k for k in ks) and not any("SelfAttention" in k for k in ks))
-    _check_component(t5_sd, Path(t5xxl), "model.t5xxl_path", "T5-XXL text encoder",
-                     lambda ks: any(".SelfAttention.q." in k for k in ks))
+    if with_text_encoders:
+        _check_component(clip_sd, Path(clip_l), "model.clip_l_path", "CLIP-L text encoder",
+                         lambda ks: any(".self_attn.q_proj." in k for k in ks) and not any("SelfAttention" in k
+                                                                                           for k in ks))
+        _check_component(t5_sd, Path(t5xxl), "model.t5xxl_path", "T5-XXL text encoder",
+                         lambda ks: any(".SelfAttention.q." in k for k in ks))
     _check_component(ae_sd, Path(ae), "model.ae_path", "autoencoder (ae.safetensors)",
                      lambda ks: any(k.startswith("encoder.down.") for k in ks) and any(k.startswith("decoder.up.") for k in ks))
 
@@ -431,7 +437,8 @@ def _load_flux_single_file(arch_id: str, path: Path, config_dir: Path, dtype: to
     _assign(transformer, sd, "transformer", path, config_dir / "transformer", dtype)
     vae = _load_vae(ae_sd, config_dir, "autoencoder", Path(ae), dtype)
     text_encoders = [_load_clip(CLIPTextModel, clip_sd, config_dir, "text_encoder", "CLIP-L", Path(clip_l), dtype),
-                     _load_t5(t5_sd, config_dir, "text_encoder_2", "T5-XXL", Path(t5xxl), dtype)]
+                     _load_t5(t5_sd, config_dir, "text_encoder_2", "T5-XXL", Path(t5xxl), dtype)
+                     ] if with_text_encoders else []
     tokenizers = load_clip_tokenizers(arch_id, [config_dir / "tokenizer"])
     t5_dir = Path(t5xxl).expanduser().parent
     where = find_t5_tokenizer([config_dir / "tokenizer_2", t5_dir / "tokenizer_2", t5_dir / "t5_tokenizer", t5_dir],
@@ -453,7 +460,8 @@ def _resolve(arch_id: str, model_path: Path, config_dir: Path | None) -> tuple[P
 
 
 def load_sd3_components(arch_id: str, model_path: Path, config_dir: Path | None = None,
-                        dtype: torch.dtype = torch.float32, use_t5: bool = True) -> dict[str, Any]:
+                        dtype: torch.dtype = torch.float32, use_t5: bool = True,
+                        text_encoders: bool = True) -> dict[str, Any]:
     """SD3 Medium / SD3.5 Medium / SD3.5 Large, from a diffusers folder or an all-in-one original file.
 
     Returns ``{"transformer", "vae", "text_encoders": [CLIP-L, CLIP-G(, T5)], "tokenizers": [...],
@@ -462,13 +470,14 @@ def load_sd3_components(arch_id: str, model_path: Path, config_dir: Path | None 
         raise ModelLoadError(f"{arch_id!r} is not an SD3 architecture ({', '.join(SD3_IDS)})")
     path, configs = _resolve(arch_id, model_path, config_dir)
     if path.is_dir():
-        return _load_folder(arch_id, path, dtype, use_t5)
-    return _load_sd3_single_file(arch_id, path, configs, dtype, use_t5)
+        return _load_folder(arch_id, path, dtype, use_t5, text_encoders)
+    return _load_sd3_single_file(arch_id, path, configs, dtype, use_t5, text_encoders)
 
 
 def load_flux_components(arch_id: str, model_path: Path, config_dir: Path | None = None,
                          dtype: torch.dtype = torch.float32, clip_l_path: Path | None = None,
-                         t5xxl_path: Path | None = None, ae_path: Path | None = None) -> dict[str, Any]:
+                         t5xxl_path: Path | None = None, ae_path: Path | None = None,
+                         text_encoders: bool = True) -> dict[str, Any]:
     """FLUX.1 dev / schnell, from a diffusers folder or a BFL transformer file plus CLIP-L, T5-XXL and AE files.
 
     Returns ``{"transformer", "vae", "text_encoders": [CLIP-L, T5], "tokenizers": [CLIP, T5], "scheduler_config"}``."""
@@ -476,8 +485,8 @@ def load_flux_components(arch_id: str, model_path: Path, config_dir: Path | None
         raise ModelLoadError(f"{arch_id!r} is not a FLUX.1 architecture ({', '.join(FLUX_IDS)})")
     path, configs = _resolve(arch_id, model_path, config_dir)
     if path.is_dir():
-        return _load_folder(arch_id, path, dtype, True)
-    return _load_flux_single_file(arch_id, path, configs, dtype, clip_l_path, t5xxl_path, ae_path)
+        return _load_folder(arch_id, path, dtype, True, text_encoders)
+    return _load_flux_single_file(arch_id, path, configs, dtype, clip_l_path, t5xxl_path, ae_path, text_encoders)
 
 
 __all__ = ["load_sd3_components", "load_flux_components", "describe_dit_checkpoint", "describe_dit_folder",

@@ -58,12 +58,15 @@ class FluxFamily(FlowMatchingFamily):
                 "t5xxl_path": resolve_optional(resolve_path, m.t5xxl_path),
                 "ae_path": resolve_optional(resolve_path, m.ae_path)}
 
+    loads_without_text_encoders = True
+
     def load(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype, clip_l_path: Path | None = None,
-             t5xxl_path: Path | None = None, ae_path: Path | None = None) -> Components:
+             t5xxl_path: Path | None = None, ae_path: Path | None = None, text_encoders: bool = True) -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from architectures.dit_loading import load_flux_components
-        parts = load_flux_components(self.id, Path(model_path), config_dir, dtype, clip_l_path, t5xxl_path, ae_path)
+        parts = load_flux_components(self.id, Path(model_path), config_dir, dtype, clip_l_path, t5xxl_path, ae_path,
+                                     text_encoders=text_encoders)
         return Components(denoiser=parts["transformer"], vae=parts["vae"], text_encoders=parts["text_encoders"],
                           tokenizers=parts["tokenizers"],
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler_config"]),

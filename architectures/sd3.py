@@ -45,11 +45,15 @@ class SD3Family(FlowMatchingFamily):
     def load_options(self, settings, resolve_path) -> dict:
         return {"use_t5": bool(settings.model.use_t5)}
 
-    def load(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype, use_t5: bool = True) -> Components:
+    loads_without_text_encoders = True
+
+    def load(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype, use_t5: bool = True,
+             text_encoders: bool = True) -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from architectures.dit_loading import load_sd3_components
-        parts = load_sd3_components(self.id, Path(model_path), config_dir, dtype, use_t5=use_t5)
+        parts = load_sd3_components(self.id, Path(model_path), config_dir, dtype, use_t5=use_t5,
+                                    text_encoders=text_encoders)
         return Components(denoiser=parts["transformer"], vae=parts["vae"], text_encoders=parts["text_encoders"],
                           tokenizers=parts["tokenizers"],
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler_config"]),

@@ -364,3 +364,26 @@ def test_t5_in_fp16_keeps_its_output_projections_in_fp32(tiny):
     assert t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
     assert t5.shared.weight.dtype == torch.float16 and half.dtype == torch.float16
     torch.testing.assert_close(half.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("arch_id,layout", [("flux1_dev", "bfl"), ("sd3", "single_file"), ("sd35_medium", "diffusers")])
+def test_rerun_with_cached_captions_loads_no_text_encoder(tiny, tmp_path, arch_id, layout):
+    """With every caption's outputs on disk and no previews, a rerun reads neither CLIP nor T5 (FLUX.1's T5 file is
+    9.5 GB) and trains exactly as the run that encoded them."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny["data"], data)
+    runs = []
+    for i in range(2):
+        events = []
+        model_fields = {**settings_paths(tiny["models"][(arch_id, layout)]), "model.t5_max_length": 24,
+                        "model.use_t5": arch_id != "sd3"}      # the tiny SD3 file has no T5
+        s, config = tiny_train_settings(arch_id, model_fields, data, tmp_path / f"run{i}", dataset__cache_latents="disk",
+                                        schedule__max_train_steps=2)
+        result = core.train(s, on_event=events.append, config=config)
+        runs.append(([e["message"] for e in events if e["type"] in ("log", "status")], load_file(str(result.final))))
+    (first, first_file), (second, second_file) = runs
+    assert not any("text encoders are not loaded" in m for m in first)
+    assert any("text encoders are not loaded" in m for m in second)
+    for k in first_file:
+        torch.testing.assert_close(second_file[k], first_file[k], rtol=0, atol=0, msg=k)
