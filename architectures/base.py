@@ -118,7 +118,9 @@ class Architecture:
 
     # -- loading ---------------------------------------------------------------------------------------
     #: whether ``load`` accepts ``text_encoders=False`` (everything but the text encoders: a run whose caption
-    #: embeddings are all cached on disk and that renders no previews never needs them)
+    #: embeddings are all cached on disk and that renders no previews never needs them) and ``denoiser=False``
+    #: (``Components.denoiser`` None: the text encoders can be run and dropped before the denoiser is read, so
+    #: loading never holds both in memory)
     loads_without_text_encoders = False
 
     def load(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype, **options) -> Components:

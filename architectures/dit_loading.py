@@ -228,7 +228,7 @@ def _loader(folder: Path) -> Callable[[str, Callable[[], nn.Module]], nn.Module]
 
 
 def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype, use_t5: bool,
-                 with_text_encoders: bool = True) -> dict[str, Any]:
+                 with_text_encoders: bool = True, with_denoiser: bool = True) -> dict[str, Any]:
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
@@ -247,7 +247,7 @@ def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype, use_t5: bool,
     tr_cls = SD3Transformer2DModel if sd3 else FluxTransformer2DModel
     transformer = load("transformer", lambda: tr_cls.from_pretrained(
         str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True,
-        variant=_variant(folder / "transformer")))
+        variant=_variant(folder / "transformer"))) if with_denoiser else None
     vae = load("vae", lambda: AutoencoderKL.from_pretrained(
         str(folder), subfolder="vae", torch_dtype=dtype, local_files_only=True, variant=_variant(folder / "vae")))
     classes = {"text_encoder": CLIPTextModelWithProjection if sd3 else CLIPTextModel,
@@ -331,7 +331,7 @@ def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
 
 
 def _load_sd3_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.dtype, use_t5: bool,
-                          with_text_encoders: bool = True) -> dict[str, Any]:
+                          with_text_encoders: bool = True, with_denoiser: bool = True) -> dict[str, Any]:
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
     from transformers import CLIPTextModelWithProjection
@@ -354,9 +354,12 @@ def _load_sd3_single_file(arch_id: str, path: Path, config_dir: Path, dtype: tor
     needed = ["transformer/config.json", "vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json"]
     _check_config_dir(arch_id, config_dir, needed + (["text_encoder_3/config.json"] if use_t5 else []))
 
-    transformer = _build(SD3Transformer2DModel, config_dir, "transformer")
-    sd = _convert("MMDiT", path, convert_sd3_transformer_checkpoint_to_diffusers, ckpt.read(SD3_TRANSFORMER_PREFIX))
-    _assign(transformer, sd, "MMDiT", path, config_dir / "transformer", dtype)
+    transformer = None
+    if with_denoiser:
+        transformer = _build(SD3Transformer2DModel, config_dir, "transformer")
+        sd = _convert("MMDiT", path, convert_sd3_transformer_checkpoint_to_diffusers,
+                      ckpt.read(SD3_TRANSFORMER_PREFIX))
+        _assign(transformer, sd, "MMDiT", path, config_dir / "transformer", dtype)
     vae = _load_vae(_strip(ckpt.read(SD3_VAE_PREFIX), SD3_VAE_PREFIX), config_dir, "VAE", path, dtype)
     text_encoders = [
         _load_clip(CLIPTextModelWithProjection, _strip(ckpt.read(SD3_CLIP_L_PREFIX), SD3_CLIP_L_PREFIX), config_dir,
@@ -394,7 +397,8 @@ def _check_component(sd: dict[str, torch.Tensor], path: Path, setting: str, what
 
 
 def _load_flux_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.dtype, clip_l: Path | None,
-                           t5xxl: Path | None, ae: Path | None, with_text_encoders: bool = True) -> dict[str, Any]:
+                           t5xxl: Path | None, ae: Path | None, with_text_encoders: bool = True,
+                           with_denoiser: bool = True) -> dict[str, Any]:
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel
 
@@ -427,14 +431,15 @@ def _load_flux_single_file(arch_id: str, path: Path, config_dir: Path, dtype: to
     _check_component(ae_sd, Path(ae), "model.ae_path", "autoencoder (ae.safetensors)",
                      lambda ks: any(k.startswith("encoder.down.") for k in ks) and any(k.startswith("decoder.up.") for k in ks))
 
-    transformer = _build(FluxTransformer2DModel, config_dir, "transformer")
-    try:
-        sd = flux_bfl_to_diffusers(ckpt.read(""), transformer.config)
-    except (KeyError, ValueError) as e:
-        raise ModelLoadError(f"The transformer in {path} does not match the config folder "
-                             f"{config_dir / 'transformer'}: {e}. Pass the config folder that belongs to this "
-                             f"checkpoint (model.config_path).") from e
-    _assign(transformer, sd, "transformer", path, config_dir / "transformer", dtype)
+    transformer = _build(FluxTransformer2DModel, config_dir, "transformer") if with_denoiser else None
+    if with_denoiser:
+        try:
+            sd = flux_bfl_to_diffusers(ckpt.read(""), transformer.config)
+        except (KeyError, ValueError) as e:
+            raise ModelLoadError(f"The transformer in {path} does not match the config folder "
+                                 f"{config_dir / 'transformer'}: {e}. Pass the config folder that belongs to this "
+                                 f"checkpoint (model.config_path).") from e
+        _assign(transformer, sd, "transformer", path, config_dir / "transformer", dtype)
     vae = _load_vae(ae_sd, config_dir, "autoencoder", Path(ae), dtype)
     text_encoders = [_load_clip(CLIPTextModel, clip_sd, config_dir, "text_encoder", "CLIP-L", Path(clip_l), dtype),
                      _load_t5(t5_sd, config_dir, "text_encoder_2", "T5-XXL", Path(t5xxl), dtype)
@@ -461,7 +466,7 @@ def _resolve(arch_id: str, model_path: Path, config_dir: Path | None) -> tuple[P
 
 def load_sd3_components(arch_id: str, model_path: Path, config_dir: Path | None = None,
                         dtype: torch.dtype = torch.float32, use_t5: bool = True,
-                        text_encoders: bool = True) -> dict[str, Any]:
+                        text_encoders: bool = True, denoiser: bool = True) -> dict[str, Any]:
     """SD3 Medium / SD3.5 Medium / SD3.5 Large, from a diffusers folder or an all-in-one original file.
 
     Returns ``{"transformer", "vae", "text_encoders": [CLIP-L, CLIP-G(, T5)], "tokenizers": [...],
@@ -470,14 +475,14 @@ def load_sd3_components(arch_id: str, model_path: Path, config_dir: Path | None 
         raise ModelLoadError(f"{arch_id!r} is not an SD3 architecture ({', '.join(SD3_IDS)})")
     path, configs = _resolve(arch_id, model_path, config_dir)
     if path.is_dir():
-        return _load_folder(arch_id, path, dtype, use_t5, text_encoders)
-    return _load_sd3_single_file(arch_id, path, configs, dtype, use_t5, text_encoders)
+        return _load_folder(arch_id, path, dtype, use_t5, text_encoders, denoiser)
+    return _load_sd3_single_file(arch_id, path, configs, dtype, use_t5, text_encoders, denoiser)
 
 
 def load_flux_components(arch_id: str, model_path: Path, config_dir: Path | None = None,
                          dtype: torch.dtype = torch.float32, clip_l_path: Path | None = None,
                          t5xxl_path: Path | None = None, ae_path: Path | None = None,
-                         text_encoders: bool = True) -> dict[str, Any]:
+                         text_encoders: bool = True, denoiser: bool = True) -> dict[str, Any]:
     """FLUX.1 dev / schnell, from a diffusers folder or a BFL transformer file plus CLIP-L, T5-XXL and AE files.
 
     Returns ``{"transformer", "vae", "text_encoders": [CLIP-L, T5], "tokenizers": [CLIP, T5], "scheduler_config"}``."""
@@ -485,8 +490,9 @@ def load_flux_components(arch_id: str, model_path: Path, config_dir: Path | None
         raise ModelLoadError(f"{arch_id!r} is not a FLUX.1 architecture ({', '.join(FLUX_IDS)})")
     path, configs = _resolve(arch_id, model_path, config_dir)
     if path.is_dir():
-        return _load_folder(arch_id, path, dtype, True, text_encoders)
-    return _load_flux_single_file(arch_id, path, configs, dtype, clip_l_path, t5xxl_path, ae_path, text_encoders)
+        return _load_folder(arch_id, path, dtype, True, text_encoders, denoiser)
+    return _load_flux_single_file(arch_id, path, configs, dtype, clip_l_path, t5xxl_path, ae_path, text_encoders,
+                                  denoiser)
 
 
 __all__ = ["load_sd3_components", "load_flux_components", "describe_dit_checkpoint", "describe_dit_folder",

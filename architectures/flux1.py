@@ -61,12 +61,13 @@ class FluxFamily(FlowMatchingFamily):
     loads_without_text_encoders = True
 
     def load(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype, clip_l_path: Path | None = None,
-             t5xxl_path: Path | None = None, ae_path: Path | None = None, text_encoders: bool = True) -> Components:
+             t5xxl_path: Path | None = None, ae_path: Path | None = None, text_encoders: bool = True,
+             denoiser: bool = True) -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from architectures.dit_loading import load_flux_components
         parts = load_flux_components(self.id, Path(model_path), config_dir, dtype, clip_l_path, t5xxl_path, ae_path,
-                                     text_encoders=text_encoders)
+                                     text_encoders=text_encoders, denoiser=denoiser)
         return Components(denoiser=parts["transformer"], vae=parts["vae"], text_encoders=parts["text_encoders"],
                           tokenizers=parts["tokenizers"],
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler_config"]),

@@ -107,11 +107,13 @@ class Flux2Family(FlowMatchingFamily):
     loads_without_text_encoders = True
 
     def load(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype,
-             components_path: Path | None = None, text_encoders: bool = True) -> Components:
+             components_path: Path | None = None, text_encoders: bool = True,
+             denoiser: bool = True) -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from architectures.flux2_loading import load_flux2_components
-        parts = load_flux2_components(self.id, Path(model_path), config_dir, dtype, components_path, text_encoders)
+        parts = load_flux2_components(self.id, Path(model_path), config_dir, dtype, components_path, text_encoders,
+                                      denoiser)
         return Components(denoiser=parts["transformer"], vae=parts["vae"], text_encoders=parts["text_encoders"],
                           tokenizers=parts["tokenizers"],
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler_config"]),

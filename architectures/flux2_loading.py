@@ -254,7 +254,8 @@ def _load_components(arch_id: str, folder: Path, dtype: torch.dtype, transformer
 # Diffusers folder
 # ---------------------------------------------------------------------------------------------------------
 
-def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype, text_encoders: bool = True) -> dict[str, Any]:
+def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype, text_encoders: bool = True,
+                 denoiser: bool = True) -> dict[str, Any]:
     from diffusers import Flux2Transformer2DModel
 
     from architectures.dit_loading import describe_dit_folder
@@ -272,7 +273,7 @@ def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype, text_encoders: 
     load = _loader(folder)
     parts["transformer"] = load("transformer", lambda: Flux2Transformer2DModel.from_pretrained(
         str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True,
-        variant=_variant(folder / "transformer")))
+        variant=_variant(folder / "transformer"))) if denoiser else None
     return parts
 
 
@@ -288,7 +289,8 @@ def _strip(keys: list[str]) -> tuple[list[str], str]:
 
 
 def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.dtype,
-                      components: Path | None, text_encoders: bool = True) -> dict[str, Any]:
+                      components: Path | None, text_encoders: bool = True,
+                      denoiser: bool = True) -> dict[str, Any]:
     from diffusers import Flux2Transformer2DModel
 
     from architectures.dit_loading import describe_dit_checkpoint
@@ -332,6 +334,9 @@ def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.d
         raise ModelLoadError(f"model.components_path: {components} is not a folder (a diffusers-layout folder with "
                              "text_encoder/, tokenizer/ and vae/ subfolders is expected).")
     parts = _load_components(arch_id, components, dtype, cfg, "model.components_path:", text_encoders)
+    if not denoiser:
+        parts["transformer"] = None
+        return parts
     sd = ckpt.read(prefix) if prefix else ckpt.read("")
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items()}
@@ -360,7 +365,7 @@ def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.d
 
 def load_flux2_components(arch_id: str, model_path: Path, config_dir: Path | None = None,
                           dtype: torch.dtype = torch.float32, components_path: Path | None = None,
-                          text_encoders: bool = True) -> dict[str, Any]:
+                          text_encoders: bool = True, denoiser: bool = True) -> dict[str, Any]:
     """FLUX.2 from a diffusers folder, or a BFL transformer file plus a components folder (``text_encoders``
     False: everything but the text encoder, for a run whose caption embeddings are all cached on disk).
 
@@ -372,9 +377,9 @@ def load_flux2_components(arch_id: str, model_path: Path, config_dir: Path | Non
     if not path.exists():
         raise ModelLoadError(f"Model path {path} does not exist.")
     if path.is_dir():
-        return _load_folder(arch_id, path, dtype, text_encoders)
+        return _load_folder(arch_id, path, dtype, text_encoders, denoiser)
     configs = Path(config_dir).expanduser() if config_dir else default_config_dir(arch_id)
-    return _load_single_file(arch_id, path, configs, dtype, components_path, text_encoders)
+    return _load_single_file(arch_id, path, configs, dtype, components_path, text_encoders, denoiser)
 
 
 __all__ = ["load_flux2_components", "load_tokenizer", "check_variant", "config_features", "file_features",

@@ -48,16 +48,23 @@ class SD3Family(FlowMatchingFamily):
     loads_without_text_encoders = True
 
     def load(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype, use_t5: bool = True,
-             text_encoders: bool = True) -> Components:
+             text_encoders: bool = True, denoiser: bool = True) -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from architectures.dit_loading import load_sd3_components
         parts = load_sd3_components(self.id, Path(model_path), config_dir, dtype, use_t5=use_t5,
-                                    text_encoders=text_encoders)
+                                    text_encoders=text_encoders, denoiser=denoiser)
+        if parts["transformer"] is not None:
+            joint = parts["transformer"].config.joint_attention_dim
+        else:  # text encoders only: the width T5's place is padded to comes from the transformer's config
+            from architectures.dit_loading import _read_json, default_config_dir
+            folder = Path(model_path) if Path(model_path).is_dir() else Path(config_dir or default_config_dir(self.id))
+            joint = _read_json(folder / "transformer" / "config.json")["joint_attention_dim"]
         return Components(denoiser=parts["transformer"], vae=parts["vae"], text_encoders=parts["text_encoders"],
                           tokenizers=parts["tokenizers"],
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler_config"]),
-                          extra={"scheduler_config": parts["scheduler_config"], "use_t5": use_t5})
+                          extra={"scheduler_config": parts["scheduler_config"], "use_t5": use_t5,
+                                 "joint_attention_dim": joint})
 
     # -- adapters --------------------------------------------------------------------------------------
     def lora_slots(self, components: Components) -> dict[str, ExportSlot]:
@@ -104,7 +111,7 @@ class SD3Family(FlowMatchingFamily):
         out_g = te_g(tokens[1].to(te_g.device), output_hidden_states=True)
         h = torch.cat([out_l.hidden_states[layer], out_g.hidden_states[layer].to(out_l.hidden_states[layer].dtype)], -1)
         pooled = torch.cat([out_l.text_embeds, out_g.text_embeds.to(out_l.text_embeds.dtype)], -1)
-        joint = components.denoiser.config.joint_attention_dim
+        joint = components.extra["joint_attention_dim"]
         ids, mask = tokens[2], tokens[3]
         if components.extra.get("use_t5", True) and len(components.text_encoders) > 2:
             t5 = self.t5_encode(components, components.text_encoders[2], ids, mask).to(h.dtype)

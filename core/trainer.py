@@ -187,7 +187,6 @@ class _Run:
             torch.cuda.reset_peak_memory_stats()
         set_seed(s.schedule.seed)
 
-        self.status(f"Loading {self.arch.label} from {self.model_path}")
         # family-specific load arguments (e.g. FLUX's separate text-encoder / autoencoder files)
         self.load_options = self.arch.load_options(s, lambda p: self.config.resolve(p, "models_dir"))
         # full fine-tuning trains fp32 master weights; frozen parts are cast to the plan's dtype later
@@ -195,10 +194,26 @@ class _Run:
         extra = [p for p in self.load_options.values() if isinstance(p, Path) and p.exists()]
         self.model_fingerprints = [model_fingerprint(self.model_path), *map(model_fingerprint, extra)]
         self.open_text_cache()
+        self.text_encoders_quantized = False
         skip_te = self.text_encoders_never_needed()
         if skip_te:
             self.log("Every caption's text-encoder outputs are in the disk cache and no previews are rendered: "
                      "the text encoders are not loaded")
+        elif self.text_encoders_only_for_caching():
+            # text encoders first, alone: encode, drop them, then read the denoiser, so loading never holds both
+            self.status(f"Loading {self.arch.label}'s text encoders")
+            self.components = self.arch.load(self.model_path, self.config_dir, load_dtype, **self.load_options,
+                                             denoiser=False)
+            self.arch.configure_objective(self.components, s)
+            for te in self.components.text_encoders:
+                te.requires_grad_(False)
+            with run_context(self.plan):
+                self.encode_missing_captions()
+            self.components = None
+            import gc
+            gc.collect()
+            skip_te = True
+        self.status(f"Loading {self.arch.label} from {self.model_path}")
         self.components = self.arch.load(self.model_path, self.config_dir, load_dtype, **self.load_options,
                                          **({"text_encoders": False} if skip_te else {}))
         self.arch.configure_objective(self.components, s)
@@ -288,20 +303,26 @@ class _Run:
             self.log(f"Text-encoder outputs of {len(captions) - len(self.missing_captions)} caption(s) read from the "
                      "disk cache")
 
+    def text_encoders_only_for_caching(self) -> bool:
+        """The text encoders are needed for caching captions and nothing after (no previews, not trained)."""
+        return (self.arch.loads_without_text_encoders and self.text_cache is not None and not self.wants_previews()
+                and not self.full_ft and not self.s.network.train_text_encoder)
+
     def text_encoders_never_needed(self) -> bool:
-        return (self.arch.loads_without_text_encoders and self.text_cache is not None and not self.missing_captions
-                and not self.wants_previews() and not self.full_ft and not self.s.network.train_text_encoder)
+        return self.text_encoders_only_for_caching() and not self.missing_captions
 
     def prepare_text(self) -> None:
         c = self.components
         trained = self.full_ft and self.s.network.train_text_encoder
-        self.text_encoders_quantized = False
         if not self.plan.cache_text_encoder_outputs:
             self.quantize_text_encoders()
             for te in c.text_encoders:
                 te.to(self.device, torch.float32 if trained else self.plan.weight_dtype)
             return
-        missing = self.missing_captions
+        self.encode_missing_captions()
+
+    def encode_missing_captions(self) -> None:
+        missing, self.missing_captions = self.missing_captions, []
         if not missing:
             return
         self.status(f"Caching text-encoder outputs ({len(missing)} captions)")

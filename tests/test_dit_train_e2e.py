@@ -385,5 +385,8 @@ def test_rerun_with_cached_captions_loads_no_text_encoder(tiny, tmp_path, arch_i
     (first, first_file), (second, second_file) = runs
     assert not any("text encoders are not loaded" in m for m in first)
     assert any("text encoders are not loaded" in m for m in second)
+    # the first run reads the text encoders alone, encodes, drops them, and only then reads the denoiser
+    statuses = [m for m in first if m.startswith("Loading ")]
+    assert len(statuses) == 2 and statuses[0].endswith("'s text encoders"), statuses
     for k in first_file:
         torch.testing.assert_close(second_file[k], first_file[k], rtol=0, atol=0, msg=k)

@@ -429,6 +429,9 @@ def test_rerun_with_cached_captions_never_loads_the_text_encoder(tiny, tmp_path,
     (first, first_file), (second, second_file) = runs
     assert any(m.startswith("Caching text-encoder outputs") for m in first)
     assert not any("text encoders are not loaded" in m for m in first)
+    # the first run reads the text encoders alone, encodes, drops them, and only then reads the denoiser
+    statuses = [m for m in first if m.startswith("Loading ")]
+    assert len(statuses) == 2 and statuses[0].endswith("'s text encoders"), statuses
     assert any("text encoders are not loaded" in m for m in second)
     assert not any(m.startswith("Caching text-encoder outputs") for m in second)
     assert first_file.keys() == second_file.keys()
