@@ -646,6 +646,7 @@ class Estimate:
     swappable_blocks: int
     text_encoder_ram_gb: float = 0.0         # text encoders parked in CPU memory after caching
     load_ram_gb: float = 0.0                 # every part dense in CPU memory while loading (before quantizing)
+    load_text_encoders_gb: float = 0.0       # of which the text encoders (loaded alone first where possible)
     activations: ActivationProfile | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -735,4 +736,5 @@ def _estimate(arch_id: str, x: EstimateInputs) -> Estimate:
                     text_encoder_ram_gb=te_ram / GIB,
                     load_ram_gb=(stats.total.nbytes(4 if full else elem) + sum(g.nbytes(elem) for g in te)
                                  + vae.nbytes(4)) / GIB,
+                    load_text_encoders_gb=sum(g.nbytes(elem) for g in te) / GIB,
                     swappable_blocks=len(stats.blocks), activations=act, notes=notes)

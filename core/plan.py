@@ -437,9 +437,10 @@ def _fit_memory(plan: Plan, profile, settings, arch, config_dir, budget, budget_
                  f"GB) + swapped blocks / offloaded activations (≈ {final.ram_gb:.1f} GB) exceed the "
                  f"{ram_free:.1f} GB that can be spared: free the text encoders after caching (previews then "
                  f"reload them)")
-    if final.load_ram_gb > profile.ram_total_gb:
+    load_gb = loading_ram_gb(final, settings, arch, plan)
+    if load_gb > profile.ram_total_gb:
         r.insert(0, f"CPU RAM is short for loading: the model's files are read into RAM whole (≈ "
-                    f"{final.load_ram_gb:.0f} GB in {plan.mixed_precision if plan.mixed_precision != 'no' else 'fp32'}, "
+                    f"{load_gb:.0f} GB in {plan.mixed_precision if plan.mixed_precision != 'no' else 'fp32'}, "
                     f"before any quantization) and this machine has {profile.ram_total_gb:.0f} GB; without enough "
                     f"swap space the system will stop the app while loading")
     if m.activation_offload == "auto" and cuda and offload:
@@ -455,6 +456,18 @@ def _fit_memory(plan: Plan, profile, settings, arch, config_dir, budget, budget_
         r.insert(0, f"DOES NOT FIT: the run needs ≈ {final.total_gb:.1f} GB, the {where} budget is {budget:.1f} GB "
                     f"({budget_text}, {margin:.2f} GB kept free) even with every saving applied. Lower the "
                     f"resolution or the batch size, train fewer layers, or use a larger GPU.")
+
+
+def loading_ram_gb(e, settings, arch, plan) -> float:
+    """CPU memory while the model is read.  Families that can load their text encoders alone do so when only
+    caption caching needs them (no previews, no text-encoder training): one of the two is in RAM at a time."""
+    previews = settings.sampling.sample_every_n_steps > 0 and settings.sampling.prompts.strip()
+    alone = (arch.loads_without_text_encoders and plan.cache_text_encoder_outputs and not previews
+             and settings.network.algorithm != "full_finetune" and not settings.network.train_text_encoder)
+    if not alone:
+        return e.load_ram_gb
+    rest = e.load_ram_gb - e.load_text_encoders_gb      # denoiser + VAE (the VAE, < 0.4 GB, is read both times)
+    return max(rest, e.load_text_encoders_gb)
 
 
 def _ram_needed(e) -> float:
