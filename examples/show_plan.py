@@ -26,5 +26,8 @@ if args.vram:
 profile = detect_hardware()
 print(profile.summary())
 print()
-plan = make_plan(profile, settings, architectures.get(settings.model.architecture))
+try:
+    plan = make_plan(profile, settings, architectures.get(settings.model.architecture))
+except ValueError as exc:  # an explicit choice this machine cannot follow: the message names the setting
+    sys.exit(f"Cannot plan this run here: {exc}")
 print(plan.summary())
