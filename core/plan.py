@@ -27,6 +27,11 @@ RAM_RESERVE_GB = 4.0
 EIGHT_BIT_OPTIMIZERS = ("AdamW", "Lion")
 
 
+def precision_name(mixed_precision: str) -> str:
+    """What people call it: accelerate's "no" mixed precision is fp32."""
+    return "fp32" if mixed_precision == "no" else mixed_precision
+
+
 class PlanRefusal(ValueError):
     """An explicit setting this machine cannot follow (the message names it)."""
 
@@ -60,7 +65,7 @@ class Plan:
 
     def brief(self) -> str:
         """The choices in one short line (bench tables, logs)."""
-        parts = [{"no": "fp32"}.get(self.mixed_precision, self.mixed_precision), f"attn {self.attention}"]
+        parts = [precision_name(self.mixed_precision), f"attn {self.attention}"]
         if self.gradient_checkpointing:
             parts.append("checkpointing")
         if self.blocks_to_swap:
@@ -81,7 +86,7 @@ class Plan:
 
     def summary(self) -> str:
         on = {True: "on", False: "off"}
-        first = (f"device {self.device}, precision {self.mixed_precision}, TF32 {on[self.tf32]}, "
+        first = (f"device {self.device}, precision {precision_name(self.mixed_precision)}, TF32 {on[self.tf32]}, "
                  f"gradient checkpointing {on[self.gradient_checkpointing]}, text-encoder cache "
                  f"{on[self.cache_text_encoder_outputs]}, compile {self.compile}, attention {self.attention}")
         if self.device == "cuda":
@@ -166,7 +171,7 @@ def make_plan(profile, settings, arch, config_dir=None) -> Plan:
     reasons = []
     precision = choose_precision(profile, m.mixed_precision)
     if m.mixed_precision == "auto":
-        reasons.append(f"precision {precision}: " + (
+        reasons.append(f"precision {precision_name(precision)}: " + (
             "no GPU, fp32 on the CPU (bf16 autocast is slower than fp32 on most CPUs and less exact)"
             if gpu is None else f"{gpu.name} {'supports' if precision == 'bf16' else 'lacks'} bf16"
             + ("" if precision == "bf16" else ", fp16 with loss scaling")))
