@@ -24,7 +24,6 @@ folder of the user's model folder (or of ``model.components_path``).
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from architectures.base import ModelLoadError, check_family, short_label
+from architectures.dit_loading import _read_json
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,6 @@ BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 def default_config_dir(arch_id: str) -> Path:
     return CONFIG_ROOT / arch_id
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {path}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------

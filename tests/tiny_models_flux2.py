@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tests.tiny_models_dit import _quiet
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "architectures" / "configs"
 
@@ -154,18 +156,6 @@ def build_models(arch_id: str) -> dict[str, Any]:
     return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder}
 
 
-def _quiet():
-    from transformers.utils import logging as hf_logging
-
-    class _Ctx:
-        def __enter__(self):
-            self.on = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()
-
-        def __exit__(self, *a):
-            if self.on:
-                hf_logging.enable_progress_bar()
-    return _Ctx()
 
 
 def _write_folder(arch_id: str, models: dict[str, Any], folder: Path, with_weights: bool,
