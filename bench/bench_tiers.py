@@ -8,7 +8,8 @@ checkpointing, attention kernel) and runs LoRA rank-16 steps at batch 1 on rando
 embeddings at the family's native resolution.  Text encoders and the VAE are not loaded: in a real run their
 outputs are cached first and they leave the GPU, so they do not count against the training step.
 
-    python bench/bench_tiers.py                          # every family, tiers 4 6 8 10 12 16 24 and uncapped
+    python bench/bench_tiers.py                          # every family at its target tier (the quick check)
+    python bench/bench_tiers.py --all-tiers              # every family × tiers 4 6 8 10 12 16 24 and uncapped
     python bench/bench_tiers.py flux1_dev --tiers 8 12 --resolution 512 --steps 6
     python bench/bench_tiers.py sd15 --cpu --steps 2     # the CPU-only plan and its s/it
     python bench/bench_tiers.py --markdown               # also print the table for bench/README.md
@@ -32,13 +33,19 @@ sys.path.insert(0, str(ROOT))
 FAMILIES = {"sd15": 512, "sdxl": 1024, "sd35_medium": 1024, "sd35_large": 1024, "flux1_dev": 1024,
             "flux2_klein_4b": 1024, "flux2_klein_9b": 1024, "flux2_dev": 1024}
 TIERS = (4, 6, 8, 10, 12, 16, 24, 0)  # 0: the whole GPU
+#: issue 6's targets: the tier each family must train in (LoRA r16, batch 1, native resolution)
+TARGETS = [("sd15", 512, 4), ("sdxl", 1024, 6), ("sd35_medium", 1024, 6), ("sd35_large", 1024, 12),
+           ("flux1_dev", 1024, 8), ("flux1_dev", 512, 6), ("flux2_klein_4b", 1024, 6), ("flux2_klein_9b", 1024, 8),
+           ("flux2_dev", 1024, 24)]
 GIB = 2 ** 30
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("archs", nargs="*", default=list(FAMILIES))
-    ap.add_argument("--tiers", nargs="*", type=float, default=list(TIERS), help="GB; 0 = uncapped")
+    ap.add_argument("--tiers", nargs="*", type=float, default=None,
+                    help="GB; 0 = uncapped (default: each family's target tier)")
+    ap.add_argument("--all-tiers", action="store_true", help=f"tiers {' '.join(f'{t:g}' for t in TIERS)} (0: uncapped)")
     ap.add_argument("--resolution", type=int, default=0, help="0: the family's native resolution")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
@@ -54,25 +61,27 @@ def main() -> None:
         return
 
     rows = []
-    tiers = [0.0] if args.cpu else args.tiers
-    for arch_id in args.archs:
-        resolution = args.resolution or FAMILIES.get(arch_id, 1024)
-        for tier in tiers:
-            cmd = [sys.executable, __file__, "--child", arch_id, str(tier), str(resolution),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--cpu"] if args.cpu else [])
-            t0 = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                row = json.loads(lines[-1][7:]) if lines else {
-                    "arch": arch_id, "tier_gb": tier, "resolution": resolution, "fits": False,
-                    "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-            except subprocess.TimeoutExpired:
-                row = {"arch": arch_id, "tier_gb": tier, "resolution": resolution, "fits": False,
-                       "error": f"timed out after {args.timeout:.0f} s"}
-            row["wall_s"] = round(time.perf_counter() - t0, 1)
-            rows.append(row)
-            print(format_row(row), flush=True)
+    if args.cpu or args.tiers is not None or args.all_tiers:
+        tiers = [0.0] if args.cpu else args.tiers if args.tiers is not None else list(TIERS)
+        runs = [(a, args.resolution or FAMILIES.get(a, 1024), float(t)) for a in args.archs for t in tiers]
+    else:  # the issue's targets, for the families asked for
+        runs = [(a, args.resolution or r, float(t)) for a, r, t in TARGETS if a in args.archs]
+    for arch_id, resolution, tier in runs:
+        cmd = [sys.executable, __file__, "--child", arch_id, str(tier), str(resolution),
+               "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--cpu"] if args.cpu else [])
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            row = json.loads(lines[-1][7:]) if lines else {
+                "arch": arch_id, "tier_gb": tier, "resolution": resolution, "fits": False,
+                "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+        except subprocess.TimeoutExpired:
+            row = {"arch": arch_id, "tier_gb": tier, "resolution": resolution, "fits": False,
+                   "error": f"timed out after {args.timeout:.0f} s"}
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        print(format_row(row), flush=True)
     if args.markdown:
         print()
         print(markdown_table(rows))
@@ -115,7 +124,7 @@ def cap_gpu(tier_gb: float) -> float:
     return context_gb
 
 
-def random_components(arch, dtype):
+def random_components(arch, dtype, config_dir=None):
     """The family's full-size denoiser with random weights (small normal values, so activations stay finite)
     and its noise scheduler, from the shipped configs; no text encoders or VAE (their outputs are random)."""
     import json
@@ -125,7 +134,7 @@ def random_components(arch, dtype):
 
     from architectures.base import Components
     # cast on the meta device first: materialising fp32 would need twice the RAM (FLUX.2 dev: 128 GB)
-    denoiser = torch.nn.Module.to(arch.build_denoiser_on_meta(), dtype).to_empty(device="cpu")
+    denoiser = torch.nn.Module.to(arch.build_denoiser_on_meta(config_dir), dtype).to_empty(device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in list(denoiser.named_parameters()) + list(denoiser.named_buffers()):
@@ -136,7 +145,7 @@ def random_components(arch, dtype):
                     p.fill_(1.0)
                 else:
                     p.zero_()
-    sched_dir = arch.config_dir() / "scheduler"
+    sched_dir = Path(config_dir or arch.config_dir()) / "scheduler"
     config = json.loads((sched_dir / "scheduler_config.json").read_text())
     scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     return Components(denoiser=denoiser, vae=None, text_encoders=[], tokenizers=[], noise_scheduler=scheduler,
@@ -154,7 +163,10 @@ def random_inputs(arch, denoiser, resolution: int, device, dtype):
     return latents, cond, batch
 
 
-def run_one(arch_id: str, tier_gb: float, resolution: int, steps: int, warmup: int, cpu: bool) -> dict:
+def run_one(arch_id: str, tier_gb: float, resolution: int, steps: int, warmup: int, cpu: bool,
+            config_dir=None) -> dict:
+    """One (family, tier) in this process.  ``config_dir``: another diffusers-layout config folder than the
+    shipped full-size one (the tests run a tiny model through the same code)."""
     import torch
 
     import architectures
@@ -180,12 +192,12 @@ def run_one(arch_id: str, tier_gb: float, resolution: int, steps: int, warmup: i
     s.schedule.train_batch_size = 1
     if tier_gb > 0:
         s.memory.vram_budget_gb = tier_gb
-    plan = make_plan(profile, s, arch)
+    plan = make_plan(profile, s, arch, config_dir)
     row["plan"] = plan.brief()
     row["estimate_gb"] = round(plan.estimate.total_gb, 2)
     try:
         device = torch.device("cpu" if cpu else "cuda")
-        components = random_components(arch, plan.weight_dtype)
+        components = random_components(arch, plan.weight_dtype, config_dir)
         arch.configure_objective(components, s)
         setup: DenoiserSetup = setup_denoiser(arch, components, s, plan, device, log=lambda m: None)
         latents, cond, batch = random_inputs(arch, components.denoiser, resolution, device, plan.weight_dtype)
