@@ -713,7 +713,7 @@ def offload_activations(pin_memory: bool = True, min_bytes: int = 1 << 20, simul
 
 # -- a self-check to run on a GPU machine ---------------------------------------------------------------
 
-def _selfcheck(device: str = "cuda", n_blocks: int = 8, swap: int = 6, width: int = 2048, tokens: int = 1024,
+def self_check(device: str = "cuda", n_blocks: int = 8, swap: int = 6, width: int = 2048, tokens: int = 1024,
                steps: int = 3, dtype: torch.dtype = torch.bfloat16) -> None:
     """Same outputs / LoRA gradients with and without swapping, with and without gradient checkpointing, plus
     step time and peak memory: ``python -m core.block_swap [cuda|cpu]``."""
@@ -803,10 +803,3 @@ def _selfcheck(device: str = "cuda", n_blocks: int = 8, swap: int = 6, width: in
         # nondeterministic kernels
         assert d_out <= 1e-3 * ref_out.abs().max().item() and d_grad <= 1e-3, "swapping changed the results"
 
-
-if __name__ == "__main__":
-    import sys
-    if len(sys.argv) > 1 and sys.argv[1] == "cpu":
-        _selfcheck("cpu", n_blocks=4, swap=3, width=64, tokens=32, steps=1, dtype=torch.float32)
-    else:
-        _selfcheck(*(sys.argv[1:2] or ["cuda"]))

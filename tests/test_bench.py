@@ -14,3 +14,14 @@ def test_tier_bench_child_runs_on_the_cpu(tmp_path):
     table = markdown_table([row, {"arch": "flux1_dev", "tier_gb": 8.0, "resolution": 1024, "fits": False,
                                   "error": "out of memory", "plan": "bf16"}])
     assert "| sd15 | 64 | CPU | yes |" in table and "| flux1_dev | 1024 | 8 GB | no |" in table
+
+
+def test_block_swap_bench_runs_its_check_on_the_cpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "bench/bench_block_swap.py", "--cpu"], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("max |out diff| 0, max rel grad diff 0;") == 2, proc.stdout
