@@ -72,6 +72,12 @@ class FlowMatchingFamily(Architecture):
         return {}
 
     # -- objective -------------------------------------------------------------------------------------
+    def guidance_input(self, components: Components, batch_size: int, device) -> torch.Tensor | None:
+        """The training guidance value per sample for guidance-distilled transformers (FLUX dev), else None."""
+        if not components.denoiser.config.get("guidance_embeds", False):
+            return None
+        return torch.full((batch_size,), self._objective(components)["guidance"], device=device, dtype=torch.float32)
+
     def configure_objective(self, components: Components, settings) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
         n = settings.network

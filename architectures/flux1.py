@@ -112,10 +112,7 @@ class FluxFamily(FlowMatchingFamily):
         tr = components.denoiser
         b, _, h, w = noisy.shape
         text = cond["prompt_embeds"]
-        guidance = None
-        if tr.config.guidance_embeds:
-            guidance = torch.full((b,), self._objective(components)["guidance"], device=noisy.device,
-                                  dtype=torch.float32)
+        guidance = self.guidance_input(components, b, noisy.device)
         out = tr(hidden_states=fm.pack_latents(noisy), encoder_hidden_states=text, pooled_projections=cond["pooled"],
                  timestep=timesteps, img_ids=fm.image_position_ids(h, w, noisy.device, noisy.dtype),
                  txt_ids=fm.text_position_ids(text.shape[1], noisy.device, noisy.dtype), guidance=guidance,

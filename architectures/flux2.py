@@ -208,10 +208,7 @@ class Flux2Family(FlowMatchingFamily):
         tr = components.denoiser
         b, c, h, w = noisy.shape
         text = cond["prompt_embeds"]
-        guidance = None
-        if tr.config.guidance_embeds:
-            guidance = torch.full((b,), self._objective(components)["guidance"], device=noisy.device,
-                                  dtype=torch.float32)
+        guidance = self.guidance_input(components, b, noisy.device)
         tokens = noisy.reshape(b, c, h * w).permute(0, 2, 1)
         out = tr(hidden_states=tokens, encoder_hidden_states=text, timestep=timesteps,
                  img_ids=latent_ids(h, w, noisy.device), txt_ids=text_ids(text.shape[1], noisy.device),

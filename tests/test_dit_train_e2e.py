@@ -16,7 +16,7 @@ import core
 from architectures.base import Components
 from architectures.dit_keys import flux_bfl_to_diffusers, flux_diffusers_to_bfl, sd3_diffusers_to_original
 from core.adapters import build_network
-from tests.tiny_models import build_tiny_dataset, tiny_train_settings
+from tests.tiny_models import build_tiny_dataset, tiny_train_settings, train_twice_with_disk_cache
 from tests.tiny_models_dit import FLUX_IDS, SD3_IDS, build_tiny_dit, load_kwargs, settings_paths
 
 LAYOUTS = {("sd3", "single_file"), ("sd35_medium", "diffusers"), ("sd35_large", "diffusers"), ("flux1_dev", "bfl"),
@@ -370,18 +370,9 @@ def test_t5_in_fp16_keeps_its_output_projections_in_fp32(tiny):
 def test_rerun_with_cached_captions_loads_no_text_encoder(tiny, tmp_path, arch_id, layout):
     """With every caption's outputs on disk and no previews, a rerun reads neither CLIP nor T5 (FLUX.1's T5 file is
     9.5 GB) and trains exactly as the run that encoded them."""
-    import shutil
-    data = tmp_path / "data"
-    shutil.copytree(tiny["data"], data)
-    runs = []
-    for i in range(2):
-        events = []
-        model_fields = {**settings_paths(tiny["models"][(arch_id, layout)]), "model.t5_max_length": 24,
-                        "model.use_t5": arch_id != "sd3"}      # the tiny SD3 file has no T5
-        s, config = tiny_train_settings(arch_id, model_fields, data, tmp_path / f"run{i}", dataset__cache_latents="disk",
-                                        schedule__max_train_steps=2)
-        result = core.train(s, on_event=events.append, config=config)
-        runs.append(([e["message"] for e in events if e["type"] in ("log", "status")], load_file(str(result.final))))
+    model_fields = {**settings_paths(tiny["models"][(arch_id, layout)]), "model.t5_max_length": 24,
+                    "model.use_t5": arch_id != "sd3"}      # the tiny SD3 file has no T5
+    runs = train_twice_with_disk_cache(arch_id, model_fields, tiny["data"], tmp_path)
     (first, first_file), (second, second_file) = runs
     assert not any("text encoders are not loaded" in m for m in first)
     assert any("text encoders are not loaded" in m for m in second)

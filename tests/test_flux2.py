@@ -18,7 +18,7 @@ import core
 from architectures.base import ModelLoadError
 from architectures.flux2_keys import flux2_bfl_to_diffusers, flux2_diffusers_to_bfl
 from core.adapters import build_network
-from tests.tiny_models import build_tiny_dataset, tiny_train_settings
+from tests.tiny_models import build_tiny_dataset, tiny_train_settings, train_twice_with_disk_cache
 from tests.tiny_models_flux2 import FLUX2_IDS, build_tiny_flux2, fake_full_size_bfl, load_kwargs, settings_paths
 
 LAYOUTS = {("flux2_dev", "diffusers"), ("flux2_dev", "bfl"), ("flux2_klein_4b", "diffusers"),
@@ -415,17 +415,8 @@ def test_memory_probe_inputs_fit_predict(tiny):
 def test_rerun_with_cached_captions_never_loads_the_text_encoder(tiny, tmp_path, layout):
     """FLUX.2 dev's text encoder is 24B parameters: with every caption's outputs on disk and no previews, a rerun
     loads everything but it, and trains exactly as the run that encoded the captions."""
-    import shutil
-    data = tmp_path / "data"
-    shutil.copytree(tiny["data"], data)
-    runs = []
-    for i in range(2):
-        events = []
-        s, config = tiny_train_settings("flux2_klein_4b", settings_paths(tiny["models"][("flux2_klein_4b", layout)]),
-                                        data, tmp_path / f"run{i}", dataset__cache_latents="disk",
-                                        schedule__max_train_steps=2)
-        result = core.train(s, on_event=events.append, config=config)
-        runs.append(([e["message"] for e in events if e["type"] in ("log", "status")], load_file(result.final)))
+    runs = train_twice_with_disk_cache("flux2_klein_4b", settings_paths(tiny["models"][("flux2_klein_4b", layout)]),
+                                       tiny["data"], tmp_path)
     (first, first_file), (second, second_file) = runs
     assert any(m.startswith("Caching text-encoder outputs") for m in first)
     assert not any("text encoders are not loaded" in m for m in first)

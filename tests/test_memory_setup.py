@@ -16,7 +16,7 @@ from core.memory_setup import repeated_layers, setup_denoiser, text_encoder_on_d
 from core.plan import make_plan
 from core.settings import Settings
 from core.trainer import diffusion_loss
-from tests.tiny_models import build_tiny_dataset, build_tiny_sd15, tiny_train_settings
+from tests.tiny_models import build_tiny_dataset, build_tiny_sd15, tiny_train_settings, train_twice_with_disk_cache
 from tests.tiny_models_dit import build_tiny_dit, load_kwargs
 
 pytest.importorskip("optimum.quanto")
@@ -144,19 +144,10 @@ def test_the_estimate_reaches_the_run_tabs_memory_line(tiny, tmp_path):
 def test_text_encoder_outputs_are_reused_from_the_disk_cache(tiny, tmp_path):
     """cache_latents='disk' keeps the text-encoder outputs beside the images: a rerun reads them instead of
     encoding, and trains exactly as the first run did."""
-    import shutil
-    data = tmp_path / "data"
-    shutil.copytree(tiny["data"], data)
-    runs = []
-    for i in range(2):
-        events = []
-        s, config = tiny_train_settings("sd15", {"model.model_path": str(tiny["sd15"])}, data, tmp_path / f"r{i}",
-                                        dataset__cache_latents="disk", schedule__max_train_steps=3)
-        result = core.train(s, on_event=events.append, config=config)
-        runs.append((events, load_file(result.final)))
-    files = list((data / ".cache").glob("text-*/*.safetensors"))
+    runs = train_twice_with_disk_cache("sd15", {"model.model_path": str(tiny["sd15"])}, tiny["data"], tmp_path)
+    files = list((tmp_path / "data" / ".cache").glob("text-*/*.safetensors"))
     assert len(files) == 4                                       # one per caption of the 4 images
-    first, second = ([e["message"] for e in ev if e["type"] in ("log", "status")] for ev, _ in runs)
+    (first, _), (second, _) = runs
     assert any(m.startswith("Caching text-encoder outputs (4 captions)") for m in first)
     assert not any(m.startswith("Caching text-encoder outputs") for m in second)
     assert any("4 caption(s) read from the disk cache" in m for m in second)

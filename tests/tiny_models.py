@@ -237,3 +237,22 @@ def tiny_train_settings(arch_id: str, model_fields: dict, data: Path, tmp_path: 
         setattr(getattr(s, section), name, value)
     config = AppConfig(outputs_dir=str(tmp_path / "outputs"), models_dir=str(tmp_path), datasets_dir=str(tmp_path))
     return s, config
+
+
+def train_twice_with_disk_cache(arch_id: str, model_fields: dict, data: Path, tmp_path: Path, **overrides):
+    """Two short runs on a copy of ``data`` with the disk caches on; returns, per run, its log/status messages and
+    the final adapter's tensors (the second run finds every latent and caption embedding on disk)."""
+    import shutil
+
+    import core
+    from safetensors.torch import load_file
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    runs = []
+    for i in range(2):
+        events = []
+        s, config = tiny_train_settings(arch_id, model_fields, copy, tmp_path / f"run{i}",
+                                        dataset__cache_latents="disk", schedule__max_train_steps=2, **overrides)
+        result = core.train(s, on_event=events.append, config=config)
+        runs.append(([e["message"] for e in events if e["type"] in ("log", "status")], load_file(str(result.final))))
+    return runs
