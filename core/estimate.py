@@ -148,29 +148,13 @@ class DenoiserStats:
         return resident, min(len(sizes), 2) * max(sizes, default=0), sum(sizes)
 
 
-class _no_init:
-    """Skip weight initialisation while building on the meta device (nothing to initialise there)."""
-    NAMES = ("kaiming_uniform_", "kaiming_normal_", "uniform_", "normal_", "zeros_", "ones_", "constant_",
-             "xavier_uniform_", "xavier_normal_", "trunc_normal_", "orthogonal_")
-
-    def __enter__(self):
-        self.saved = {n: getattr(nn.init, n) for n in self.NAMES if hasattr(nn.init, n)}
-        for n in self.saved:
-            setattr(nn.init, n, lambda t, *a, **k: t)
-
-    def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(nn.init, n, f)
-
-
 _LOCK = threading.RLock()
 
 
 @functools.lru_cache(maxsize=4)
 def _meta_denoiser(arch_id: str, config_key: str) -> nn.Module:
     import architectures
-    with _no_init():
-        return architectures.get(arch_id).build_denoiser_on_meta(Path(config_key))
+    return architectures.get(arch_id).build_denoiser_on_meta(Path(config_key))
 
 
 def _config_key(arch, config_dir) -> str:
@@ -207,7 +191,7 @@ def _meta_module(sub: Path) -> nn.Module | None:
         cls = getattr(diffusers, config["_class_name"], None)
         if cls is None:
             return None
-        with torch.device("meta"), _no_init():
+        with torch.device("meta"):
             return cls.from_config(config)
     import transformers
     names = config.get("architectures") or []
@@ -215,7 +199,7 @@ def _meta_module(sub: Path) -> nn.Module | None:
     if cls is None:
         return None
     cfg = transformers.AutoConfig.from_pretrained(str(sub), local_files_only=True)
-    with torch.device("meta"), _no_init():
+    with torch.device("meta"):
         return cls._from_config(cfg)
 
 
@@ -539,7 +523,7 @@ def _build_adapter(arch, model: nn.Module, network):
                             extra={"network": network})
     targets = arch.select_adapter_targets(components, network.target, False, include=network.include,
                                           exclude=network.exclude)
-    with torch.device("meta"), _no_init():
+    with torch.device("meta"):
         net = build_network(targets, network.algorithm, network.rank, network.alpha, network.dropout,
                             AdapterOptions.from_settings(network))
     return net.to("meta", torch.float32)
