@@ -108,12 +108,52 @@ class AdapterModule(nn.Module):
         self.rank_dropout = float(rank_dropout)
         self.module_dropout = float(module_dropout)
         self.alpha_value: float | None = None
+        self.init_rules: dict[str, tuple[str, float]] = {}
         self.dora = bool(dora)
         self.dora_on_output = bool(dora_on_output)
         if self.dora:
             with torch.no_grad():
                 magnitude = dora_norm(dequantized_weight(base).float(), self.dora_on_output).cpu()
             self.dora_scale = nn.Parameter(magnitude)
+
+    # -- initialisation --------------------------------------------------------------------------------
+    def init_params(self, rule: str, *names: str, std: float = 1.0) -> None:
+        """Initialise the named parameters by ``rule`` and remember it for :meth:`init_problems`: "zeros",
+        "ones", "kaiming" (``kaiming_uniform_`` with a=√5, as nn.Linear and LyCORIS) or "normal" (``std``)."""
+        init = {"zeros": nn.init.zeros_, "ones": nn.init.ones_,
+                "kaiming": lambda p: nn.init.kaiming_uniform_(p, a=math.sqrt(5)),
+                "normal": lambda p: nn.init.normal_(p, std=std)}[rule]
+        for name in names:
+            init(self.get_parameter(name))
+            self.init_rules[name] = (rule, std)
+
+    def init_problems(self) -> list[str]:
+        """What is wrong with a freshly built module, one message per parameter: not finite, or not what its
+        initialisation rule gives (the trace of an init function replaced elsewhere in the process, which
+        leaves ``torch.empty`` memory: zeros, or values up to 1e38).  Meta tensors are not checked."""
+        out = []
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            t = p.detach().float()
+            where = f"adapter {self.name}: {name}"
+            if not bool(torch.isfinite(t).all()):
+                out.append(f"{where} holds NaN or infinite values")
+                continue
+            rule, std = self.init_rules.get(name, ("", 0.0))
+            peak = float(t.abs().max()) if t.numel() else 0.0
+            if rule in ("zeros", "ones"):
+                if not bool((t == (0.0 if rule == "zeros" else 1.0)).all()):
+                    out.append(f"{where} should start at {rule[:-1]} everywhere (largest |value| {peak:.3g})")
+            elif rule:
+                fan_in = t.shape[1] * math.prod(t.shape[2:]) if t.dim() > 1 else t.numel()
+                bound = 1 / math.sqrt(fan_in) if rule == "kaiming" else 8 * std
+                expected = bound / math.sqrt(3) if rule == "kaiming" else std
+                spread = float(t.std()) if t.numel() > 1 else peak
+                if peak > bound * 1.001 or peak == 0 or (t.numel() >= 64 and not 0.5 < spread / expected < 2):
+                    out.append(f"{where} is not a {rule} initialisation (std {spread:.3g}, expected ≈{expected:.3g}; "
+                               f"largest |value| {peak:.3g})")
+        return out
 
     # -- hooking the base layer ------------------------------------------------------------------------
     def apply_to(self) -> None:

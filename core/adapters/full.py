@@ -16,8 +16,9 @@ class FullModule(AdapterModule):
 
     def __init__(self, name: str, base: nn.Module, *_, module_dropout: float = 0.0, **__):
         super().__init__(name, base, module_dropout=module_dropout)
-        self.diff = nn.Parameter(torch.zeros(self.shape))
-        self.diff_b = nn.Parameter(torch.zeros(self.out_dim)) if base.bias is not None else None
+        self.diff = nn.Parameter(torch.empty(self.shape))
+        self.diff_b = nn.Parameter(torch.empty(self.out_dim)) if base.bias is not None else None
+        self.init_params("zeros", "diff", *(["diff_b"] if self.diff_b is not None else []))
 
     def weight_delta(self) -> torch.Tensor:
         return self.diff

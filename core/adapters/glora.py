@@ -6,7 +6,6 @@ Keys (LyCORIS / ComfyUI layout): ``a1.weight`` (in, r[, 1, 1]), ``a2.weight`` (r
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -31,15 +30,13 @@ class GLoRAModule(AdapterModule):
         self.b1 = nn.Parameter(torch.empty(self.out_dim, rank, *one))
         self.b2 = nn.Parameter(torch.empty(rank, self.in_dim, *k))
         self.scale, self.alpha_value = rank_scale(alpha, rank, rs_lora)
-        nn.init.kaiming_uniform_(self.a1, a=math.sqrt(5))
-        nn.init.kaiming_uniform_(self.b1, a=math.sqrt(5))
+        self.init_params("kaiming", "a1", "b1")
         if use_scalar:
-            nn.init.kaiming_uniform_(self.a2, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(self.b2, a=math.sqrt(5))
-            self.scalar = nn.Parameter(torch.tensor(0.0))
+            self.init_params("kaiming", "a2", "b2")
+            self.scalar = nn.Parameter(torch.empty(()))
+            self.init_params("zeros", "scalar")
         else:
-            nn.init.zeros_(self.a2)
-            nn.init.zeros_(self.b2)
+            self.init_params("zeros", "a2", "b2")
 
     def weight_delta(self) -> torch.Tensor:
         w = self.base_weight().to(self.a1.dtype)

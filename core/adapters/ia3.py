@@ -18,7 +18,8 @@ class IA3Module(AdapterModule):
     def __init__(self, name: str, base: nn.Module, *_, module_dropout: float = 0.0, **__):
         super().__init__(name, base, module_dropout=module_dropout)
         shape = (1, self.out_dim, 1, 1) if self.is_conv else (self.out_dim,)
-        self.weight = nn.Parameter(torch.zeros(shape))
+        self.weight = nn.Parameter(torch.empty(shape))
+        self.init_params("zeros", "weight")
         self.register_buffer("on_input", torch.tensor(0), persistent=False)
 
     def weight_delta(self) -> torch.Tensor:

@@ -55,8 +55,7 @@ class LoHaModule(AdapterModule):
             self.hada_w1_b = nn.Parameter(torch.empty(rank, in_dim))
             self.hada_w2_a = nn.Parameter(torch.empty(rank, out_dim))
             self.hada_w2_b = nn.Parameter(torch.empty(rank, in_dim))
-            nn.init.normal_(self.hada_t1, std=0.1)
-            nn.init.normal_(self.hada_t2, std=0.1)
+            self.init_params("normal", "hada_t1", "hada_t2", std=0.1)
         else:
             flat_in = in_dim * (self.kernel[0] * self.kernel[1] if self.is_conv else 1)
             self.hada_w1_a = nn.Parameter(torch.empty(out_dim, rank))
@@ -65,14 +64,14 @@ class LoHaModule(AdapterModule):
             self.hada_w2_b = nn.Parameter(torch.empty(rank, flat_in))
         self.scale, self.alpha_value = rank_scale(alpha, rank, rs_lora)
         # LyCORIS' initialisation: the second product starts at zero (or the scalar does)
-        nn.init.normal_(self.hada_w1_b, std=1.0)
-        nn.init.normal_(self.hada_w1_a, std=0.1)
-        nn.init.normal_(self.hada_w2_b, std=1.0)
+        self.init_params("normal", "hada_w1_b", "hada_w2_b", std=1.0)
+        self.init_params("normal", "hada_w1_a", std=0.1)
         if use_scalar:
-            nn.init.normal_(self.hada_w2_a, std=0.1)
-            self.scalar = nn.Parameter(torch.tensor(0.0))
+            self.init_params("normal", "hada_w2_a", std=0.1)
+            self.scalar = nn.Parameter(torch.empty(()))
+            self.init_params("zeros", "scalar")
         else:
-            nn.init.zeros_(self.hada_w2_a)
+            self.init_params("zeros", "hada_w2_a")
 
     def weight_delta(self) -> torch.Tensor:
         if self.tucker:

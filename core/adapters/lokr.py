@@ -59,21 +59,16 @@ class LoKrModule(AdapterModule):
             self.scale, self.alpha_value = rank_scale(alpha, rank, rs_lora)
 
         # LyCORIS' initialisation: the w2 side starts at zero (or the scalar does)
+        gated = "kaiming" if use_scalar else "zeros"
         if self.use_w2:
-            (nn.init.kaiming_uniform_(self.lokr_w2, a=math.sqrt(5)) if use_scalar else nn.init.zeros_(self.lokr_w2))
+            self.init_params(gated, "lokr_w2")
         else:
-            if self.tucker:
-                nn.init.kaiming_uniform_(self.lokr_t2, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
-            (nn.init.kaiming_uniform_(self.lokr_w2_b, a=math.sqrt(5)) if use_scalar
-             else nn.init.zeros_(self.lokr_w2_b))
-        if self.use_w1:
-            nn.init.kaiming_uniform_(self.lokr_w1, a=math.sqrt(5))
-        else:
-            nn.init.kaiming_uniform_(self.lokr_w1_a, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(self.lokr_w1_b, a=math.sqrt(5))
+            self.init_params("kaiming", "lokr_w2_a", *(["lokr_t2"] if self.tucker else []))
+            self.init_params(gated, "lokr_w2_b")
+        self.init_params("kaiming", *(["lokr_w1"] if self.use_w1 else ["lokr_w1_a", "lokr_w1_b"]))
         if use_scalar:
-            self.scalar = nn.Parameter(torch.tensor(0.0))
+            self.scalar = nn.Parameter(torch.empty(()))
+            self.init_params("zeros", "scalar")
 
     def w1(self) -> torch.Tensor:
         return self.lokr_w1 if self.use_w1 else self.lokr_w1_a @ self.lokr_w1_b

@@ -8,7 +8,6 @@ with the layer's stride and padding, ``up`` a 1x1 conv), optionally Tucker-decom
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -49,15 +48,14 @@ class LoRAModule(AdapterModule):
         self.scale, self.alpha_value = rank_scale(alpha, rank, rs_lora)
         self.register_buffer("alpha", torch.tensor(self.alpha_value), persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        if self.tucker:
-            nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
+        self.init_params("kaiming", "lora_down.weight", *(["lora_mid.weight"] if self.tucker else []))
         if use_scalar:
             # LyCORIS' scalar: the up side starts random and a learned scalar (0 at the start) gates it
-            nn.init.kaiming_uniform_(self.lora_up.weight, a=math.sqrt(5))
-            self.scalar = nn.Parameter(torch.tensor(0.0))
+            self.init_params("kaiming", "lora_up.weight")
+            self.scalar = nn.Parameter(torch.empty(()))
+            self.init_params("zeros", "scalar")
         else:
-            nn.init.zeros_(self.lora_up.weight)
+            self.init_params("zeros", "lora_up.weight")
 
     def bypass_delta(self, x: torch.Tensor) -> torch.Tensor:
         lx = self.lora_down(self.dropout(x.to(self.lora_down.weight.dtype)))

@@ -231,6 +231,10 @@ def build_network(targets: list[AdapterTarget], algorithm: str, rank: int, alpha
         parts[t.name] = t.part
     if not modules:
         raise ValueError("no layer matched the adapter's target list")
+    problems = [p for m in modules.values() for p in m.init_problems()]
+    if problems:
+        raise RuntimeError(f"The {algorithm} adapter was built wrong ({len(problems)} problem(s)); training it would "
+                           "save garbage. " + "; ".join(problems[:5]))
     return AdapterNetwork(modules, parts, algorithm, rank, alpha, o)
 
 

@@ -34,7 +34,8 @@ class _OFTBase(AdapterModule):
         self.alpha_value = 0.0
         self.rescaled = bool(rescale)
         if rescale:
-            self.rescale = nn.Parameter(torch.ones(self.out_dim, *[1] * (len(self.shape) - 1)))
+            self.rescale = nn.Parameter(torch.empty(self.out_dim, *[1] * (len(self.shape) - 1)))
+            self.init_params("ones", "rescale")
 
     def rotate(self, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -62,7 +63,8 @@ class DiagOFTModule(_OFTBase):
                  module_dropout: float = 0.0, **__):
         super().__init__(name, base, rescale=rescale, module_dropout=module_dropout)
         self.block_size, self.block_num = factorization(self.out_dim, rank)
-        self.oft_blocks = nn.Parameter(torch.zeros(self.block_num, self.block_size, self.block_size))
+        self.oft_blocks = nn.Parameter(torch.empty(self.block_num, self.block_size, self.block_size))
+        self.init_params("zeros", "oft_blocks")
 
     def rotate(self, w: torch.Tensor) -> torch.Tensor:
         r = cayley(self.oft_blocks, self.constraint)
@@ -83,7 +85,8 @@ class BOFTModule(_OFTBase):
                              f"(it needs an even block size times a power of two); raise network.rank")
         self.block_size, self.block_num = b, n
         self.boft_m = bin(n - 1).count("1") + 1
-        self.oft_blocks = nn.Parameter(torch.zeros(self.boft_m, n, b, b))
+        self.oft_blocks = nn.Parameter(torch.empty(self.boft_m, n, b, b))
+        self.init_params("zeros", "oft_blocks")
 
     def rotate(self, w: torch.Tensor) -> torch.Tensor:
         r = cayley(self.oft_blocks, self.constraint)
