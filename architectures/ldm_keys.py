@@ -369,12 +369,14 @@ def save_single_file(components: Mapping[str, Any], path: str | Path, arch_id: s
     when the UNet is given as a plain state dict."""
     from safetensors.torch import save_file  # local: keeps importing this module cheap
 
+    from core.io import check_finite
     state = checkpoint_state_dict(components, arch_id, unet_config)
     # safetensors refuses views into shared storage and non-contiguous tensors; clone() makes each own its memory.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", **(dict(metadata) if metadata else {})}
+    check_finite(tensors, str(path))
     save_file(tensors, str(path), metadata=meta)
     return path
 

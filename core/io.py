@@ -32,8 +32,36 @@ def atomic_write_json(path: Path, data) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+class NonFiniteError(ValueError):
+    """Tensors about to be saved hold NaN or infinite values; nothing was written."""
+
+
+def non_finite_keys(tensors: dict) -> list[str]:
+    """The keys of the floating-point tensors that hold a NaN or an infinity (one device read per device)."""
+    import torch
+    by_device: dict = {}
+    for k, t in tensors.items():
+        if torch.is_tensor(t) and t.is_floating_point():
+            by_device.setdefault(t.device, []).append((k, t))
+    bad = set()
+    for items in by_device.values():
+        ok = torch.stack([torch.isfinite(t).all() for _, t in items]).cpu()
+        bad |= {k for (k, _), fine in zip(items, ok.tolist()) if not fine}
+    return [k for k in tensors if k in bad]
+
+
+def check_finite(tensors: dict, what: str) -> None:
+    """Raise NonFiniteError naming the first bad tensor: a file of NaN weights is never written."""
+    bad = non_finite_keys(tensors)
+    if bad:
+        raise NonFiniteError(f"{what}: {len(bad)} of {len(tensors)} tensors hold NaN or infinite values "
+                             f"(first: {bad[0]}); nothing was written")
+
+
 def atomic_save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> Path:
+    """Every tensor is checked finite first (NonFiniteError otherwise)."""
     from safetensors.torch import save_file
+    check_finite(tensors, str(path))
     return _atomic(path, lambda p: save_file(tensors, str(p), metadata=metadata))
 
 
