@@ -135,6 +135,20 @@ class Architecture:
     def configure_objective(self, components: Components, settings) -> None:
         """Apply the user's objective settings (prediction type, schedule shift, …) after loading."""
 
+    def check_settings(self, settings) -> list[str]:
+        """What this family cannot do with ``settings``, found before anything loads: one message per problem,
+        naming the setting and what to choose.  The trainer refuses to start on any (``check_consistency``),
+        and the Run tab's plan lists them."""
+        n = settings.network
+        if n.algorithm == "full_finetune":
+            if not self.supports_full_checkpoint:
+                return [f"network.algorithm: full fine-tuning is not available for {self.label} (this trainer "
+                        "saves whole checkpoints of SD1.5 and SDXL only); choose an adapter algorithm such as LoRA"]
+            return []
+        if n.target not in self.adapter_presets:
+            return [f"network.target: {self.label} supports {', '.join(self.adapter_presets)}, not {n.target!r}"]
+        return []
+
     # -- adapters --------------------------------------------------------------------------------------
     #: the target presets this family knows (``settings.network.target``)
     adapter_presets: tuple[str, ...] = ("attn", "attn_mlp")

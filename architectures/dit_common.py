@@ -78,18 +78,21 @@ class FlowMatchingFamily(Architecture):
             return None
         return torch.full((batch_size,), self._objective(components)["guidance"], device=device, dtype=torch.float32)
 
-    def configure_objective(self, components: Components, settings) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    def check_settings(self, settings) -> list[str]:
+        problems = super().check_settings(settings)
         n = settings.network
-        algorithm = getattr(n, "algorithm", "lora")
-        dora = bool(getattr(n, "dora", False))
-        if algorithm not in FUSABLE_ALGORITHMS or dora:
-            what = f"{algorithm}{' with DoRA' if dora else ''}"
-            raise ValueError(
+        if n.algorithm != "full_finetune" and (n.algorithm not in FUSABLE_ALGORITHMS or n.dora):
+            what = f"{n.algorithm}{' with DoRA' if n.dora else ''}"
+            problems.append(
                 f"network.algorithm: {self.label} adapters are saved in the original layout, where q, k and v are "
                 f"one fused layer (kohya/BFL names that ComfyUI and sd-scripts load). LoRA trained on q, k and v "
                 f"separately can be written exactly as one fused LoRA; {what} cannot. Choose LoRA (or LoCon) "
                 f"without DoRA for {self.label}.")
+        return problems
+
+    def configure_objective(self, components: Components, settings) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        n = settings.network
         m = settings.model
         components.extra["network"] = n
         components.extra["objective"] = {
@@ -162,10 +165,6 @@ class FlowMatchingFamily(Architecture):
 
     # -- adapters --------------------------------------------------------------------------------------
     def _block_modules(self, components: Components, preset: str) -> list[tuple[str, nn.Module]]:
-        if preset not in self.adapter_presets:
-            raise ValueError(f"network.target: {self.label} supports {', '.join(self.adapter_presets)} "
-                             f"(attention; attention + MLP; every linear layer of the transformer blocks), "
-                             f"not {preset!r}. It has no convolutions to adapt.")
         wanted = self.preset_modules[preset]
         found = []
         for list_name in self.block_lists:

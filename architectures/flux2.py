@@ -156,10 +156,16 @@ class Flux2Family(FlowMatchingFamily):
                      self.label)
         return super().adapter_targets(components, target, text_encoder)
 
+    def check_settings(self, settings) -> list[str]:
+        problems = super().check_settings(settings)
+        if settings.network.train_text_encoder:
+            problems.append(f"network.train_text_encoder: {self.label} adapters cover the transformer only "
+                            "(diffusers' FLUX.2 LoRA loader and the BFL layout have no text-encoder keys). Turn off "
+                            "'Train text encoder(s)'.")
+        return problems
+
     def text_encoder_targets(self, components: Components, network) -> list[AdapterTarget]:
-        raise ValueError(f"network.train_text_encoder: {self.label} adapters cover the transformer only (diffusers' "
-                         "FLUX.2 LoRA loader and the BFL layout have no text-encoder keys). Turn off 'Train text "
-                         "encoder(s)'.")
+        return []  # check_settings refuses network.train_text_encoder
 
     def adapter_metadata(self, settings, suffix: str) -> dict[str, str]:
         n = settings.network

@@ -556,7 +556,13 @@ def check_consistency(settings: Settings) -> list[str]:
                         "LoCon (or another algorithm), or the target 'full-lin'")
     if not settings.saving.output_name.strip() or any(c in settings.saving.output_name for c in "/\\:"):
         problems.append("saving.output_name must be a plain file name (no slashes)")
-    return problems
+    from core.adapters.network import parse_block_ranks
+    try:
+        parse_block_ranks(n.block_ranks)
+    except ValueError as exc:
+        problems.append(str(exc))
+    import architectures
+    return problems + architectures.get(settings.model.architecture).check_settings(settings)
 
 
 def write_training_json(path: str | os.PathLike | None = None) -> Path:

@@ -334,17 +334,19 @@ def plan_markdown(settings: Settings, config: AppConfig | None = None) -> str:
                                          if settings.model.model_path else None,
                                          config.resolve(settings.model.config_path, "models_dir")
                                          if settings.model.config_path else None)
+    arch = architectures.get(settings.model.architecture)
+    refusals = "".join(f"✗ **Cannot start**: {p}  \n" for p in arch.check_settings(settings))
     try:
-        plan = make_plan(_hardware_profile(), settings, architectures.get(settings.model.architecture), config_dir)
+        plan = make_plan(_hardware_profile(), settings, arch, config_dir)
     except ValueError as exc:
-        return f"**Plan**  \n✗ {exc}"
+        return f"**Plan**  \n{refusals}✗ {exc}"
     lines = plan.summary().splitlines()
-    head = ""
+    head = refusals
     if plan.estimate is not None:
         where = "VRAM" if plan.device == "cuda" else "RAM"
         verdict = ("✓ fits" if plan.fits else "✗ **does not fit**: lower the resolution or batch size, or let "
                    "the memory choices below be 'auto'")
-        head = f"**{where} estimate ≈ {plan.estimate.total_gb:.1f} GB of {plan.budget_gb:.1f} GB** {verdict}  \n"
+        head += f"**{where} estimate ≈ {plan.estimate.total_gb:.1f} GB of {plan.budget_gb:.1f} GB** {verdict}  \n"
     return ("**Plan** (every 'auto' below can be overridden above)  \n" + head + lines[0] +
             "".join(f"  \n{r.strip()}" for r in lines[1:]))
 
