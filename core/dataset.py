@@ -136,13 +136,14 @@ def read_caption(path: Path) -> str:
     return ", ".join(line for line in lines if line)
 
 
-def scan_dataset(ds, root: Path, reg: bool = False) -> list[ImageItem]:
+def scan_dataset(ds, root: Path, reg: bool = False, progress: Callable[[int], None] | None = None) -> list[ImageItem]:
     """Every image under ``root`` (png, jpg, jpeg, webp, bmp; subfolders included) with its caption, repeats
     and size.  Raises one DatasetError listing all unreadable images and all images without a caption (when
     no default caption is set).
 
     ``reg=True`` scans a DreamBooth regularization folder (``ds.reg_path``) by the same rules: the items are
-    marked ``is_reg`` and folders without an ``N_name`` prefix repeat ``ds.reg_num_repeats`` times."""
+    marked ``is_reg`` and folders without an ``N_name`` prefix repeat ``ds.reg_num_repeats`` times.
+    ``progress(images seen)`` is called for every image (the trainer stops there when asked)."""
     root = Path(root).expanduser()
     what = "regularization folder (dataset.reg_path)" if reg else "dataset folder"
     if not root.exists():
@@ -164,7 +165,9 @@ def scan_dataset(ds, root: Path, reg: bool = False) -> list[ImageItem]:
     broken: list[str] = []
     uncaptioned: list[str] = []
     bad_captions: list[str] = []
-    for path in _walk_images(root):
+    for seen, path in enumerate(_walk_images(root), 1):
+        if progress:
+            progress(seen)
         rel = path.relative_to(root)
         repeats = folder_repeats(rel, default_repeats)
         if repeats < 1:

@@ -13,14 +13,21 @@ Every event is a plain dict with a ``type`` key:
 - ``{"type": "sample", "step", "paths": [str], "prompts": [str]}``: preview images written.
 - ``{"type": "saved", "step", "path", "kind": "adapter"|"checkpoint"|"state"}``: "checkpoint" is a
   full fine-tune's whole model (a single file or a diffusers folder)
-- ``{"type": "done", "outputs": [str], "final": str|None, "stopped": bool, "peak_vram_gb": float|None}``
-- ``{"type": "error", "message": str}``: the run failed; ``core.train`` raises after sending it.
+- ``{"type": "done", "outputs": [str], "final": str|None, "stopped": bool, "peak_vram_gb": float|None}``, with
+  ``"message": str`` when Stop came before the first training step (nothing saved, ``final`` None)
+- ``{"type": "error", "message": str}``: the run failed; ``core.train`` raises after sending it
+  (``TrainingDiverged`` when a loss, gradient norm or weight stopped being finite).
 """
 from __future__ import annotations
 
 from typing import Callable
 
 EventCallback = Callable[[dict], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss, gradient norm or weight stopped being finite; the message says where, what was kept and what to
+    change.  Nothing non-finite was written."""
 
 
 def emit(callback: EventCallback | None, type: str, **fields) -> None:

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 import architectures
 from core import dataset as ds_mod
 from core.config import AppConfig, load_config
-from core.events import emit
+from core.events import TrainingDiverged, emit
 from core.full_finetune import EMA, FULL_FINETUNE, FullFineTune
 from core.export import adapter_metadata, save_adapter_files, tag_frequency
 from core.memory_setup import run_context, setup_denoiser, text_encoder_on_device
-from core.io import atomic_save_image, atomic_torch_save, atomic_write_json, unused_path
+from core.io import (NonFiniteError, atomic_save_image, atomic_save_safetensors, atomic_torch_save,
+                     atomic_write_json, check_finite, unused_path)
 from core.optim import build_fused_backward_optimizer, build_optimizer, build_scheduler
 from core.plan import estimate_config_dir, make_plan
 from core.text_cache import TextCache
@@ -44,7 +45,40 @@ class TrainResult:
 
 
 class TrainingStopped(Exception):
-    pass
+    """Stop was pressed before the first training step of this run: there is nothing new to save."""
+
+
+class DivergenceGuard:
+    """The first optimizer step whose loss (or gradient norm) was not finite, recorded on the device.
+
+    ``update`` is called every optimizer step and only queues a few scalar kernels; the host reads the record
+    (``first_bad``) when it needs it anyway (a loss report, a save, a preview, the end), so the step never
+    waits for the device."""
+
+    LOSS_NAN, LOSS_INF, GRAD_NORM = 1, 2, 3
+
+    def __init__(self, device: torch.device, step: int):
+        self.step = torch.full((), step, dtype=torch.long, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_kind = torch.zeros((), dtype=torch.long, device=device)
+
+    def update(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
+        self.step += 1
+        kind = torch.where(torch.isnan(loss), self.LOSS_NAN, torch.where(torch.isinf(loss), self.LOSS_INF, 0))
+        if grad_norm is not None:
+            kind = torch.where((kind == 0) & ~torch.isfinite(grad_norm), self.GRAD_NORM, kind)
+        first = (self.bad_step < 0) & (kind > 0)
+        self.bad_step = torch.where(first, self.step, self.bad_step)
+        self.bad_kind = torch.where(first, kind, self.bad_kind)
+
+    def first_bad(self) -> tuple[int, str] | None:
+        """(step, what) of the first non-finite value, or None (reads the device)."""
+        step = int(self.bad_step.item())
+        if step < 0:
+            return None
+        what = {self.LOSS_NAN: "Loss became NaN", self.LOSS_INF: "Loss became infinite",
+                self.GRAD_NORM: "The gradient norm became NaN or infinite"}[int(self.bad_kind.item())]
+        return step, what
 
 
 def train(settings: Settings, on_event=None, stop_event: threading.Event | None = None,
@@ -78,12 +112,62 @@ def steps_per_epoch(batches_per_epoch: int, accumulation: int) -> int:
     return max(1, math.ceil(batches_per_epoch / accumulation))
 
 
+def accumulation_group(batch_index: int, batches_per_epoch: int, accumulation: int) -> tuple[int, bool]:
+    """(size of the accumulation group this batch belongs to, whether the optimizer steps after it).
+
+    Groups never cross an epoch's end: the last, partial group of an epoch steps too (its loss averaged over
+    its own size), so every epoch makes ``steps_per_epoch`` optimizer steps."""
+    start = batch_index - batch_index % accumulation
+    end = min(start + accumulation, batches_per_epoch)
+    return end - start, batch_index + 1 == end
+
+
 def total_steps_and_epochs(settings: Settings, batches_per_epoch: int) -> tuple[int, int]:
     per_epoch = steps_per_epoch(batches_per_epoch, settings.schedule.gradient_accumulation_steps)
     if settings.schedule.max_train_epochs > 0:
         return settings.schedule.max_train_epochs * per_epoch, settings.schedule.max_train_epochs
     total = settings.schedule.max_train_steps
     return total, math.ceil(total / per_epoch)
+
+
+def check_resume(state_dir: Path, settings: Settings) -> dict:
+    """The state folder's ``train_state.json`` after checking, before anything loads, that this run can
+    continue it: the same architecture and the same value for every network setting (a difference is named)."""
+    info_path = state_dir / "train_state.json"
+    if not info_path.is_file():
+        raise SettingsError(f"saving.resume_from: {state_dir} is not a state folder written by this trainer "
+                            f"(no train_state.json)")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    arch_id = settings.model.architecture
+    if info["architecture"] != arch_id:
+        raise SettingsError(f"saving.resume_from: that state is from a {info['architecture']} run; this run is "
+                            f"{arch_id}. Choose that architecture, or a state of a {arch_id} run.")
+    # states written before a network setting existed hold no value for it: compare with its default
+    saved = {**type(settings.network)().model_dump(mode="json"), **info["network"]}
+    ours = settings.network.model_dump(mode="json")
+    differ = [f"network.{k} is {ours[k]!r} here but {saved.get(k)!r} in that run" for k in ours if saved.get(k) != ours[k]]
+    if differ:
+        raise SettingsError("saving.resume_from: a run can only continue with the network it was trained with: "
+                            + "; ".join(differ) + ". Set them back, or start a new run without resuming.")
+    return info
+
+
+def optimizer_tensors(state: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of an optimizer's state dict, keyed by where it sits (for the finite check before saving)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, value) -> None:
+        if torch.is_tensor(value):
+            out[prefix] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+
+    walk("optimizer", state)
+    return out
 
 
 def diffusion_loss(arch, components, latents: torch.Tensor, cond: dict, batch: dict, settings: Settings,
@@ -134,8 +218,35 @@ class _Run:
         self.config_dir = c.resolve(s.model.config_path, "models_dir") if s.model.config_path else None
         self.output_dir = c.resolve(s.saving.output_dir or s.saving.output_name, "outputs_dir")
 
+    def check_stop(self) -> None:
+        """Called between the pieces of every phase before training: Stop is honoured within seconds."""
+        if self.stop_event.is_set():
+            raise TrainingStopped
+
     # -- the run ---------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        try:
+            return self.prepare_and_train()
+        except TrainingStopped:
+            self.release()
+            self.result.stopped = True
+            message = "Stopped before the first training step; nothing was saved."
+            self.log(message)
+            emit(self.on_event, "done", outputs=[], final=None, stopped=True, peak_vram_gb=None, message=message)
+            self.status("Stopped")
+            return self.result
+        except TrainingDiverged:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Unhook the adapters and give back what setup took (pinned swap buffers, hooks); once per run."""
+        setup, self.setup = getattr(self, "setup", None), None
+        if setup is not None:
+            setup.network.restore()
+            setup.release()
+
+    def prepare_and_train(self) -> TrainResult:
         s = self.s
         problems = check_consistency(s)
         if problems:
@@ -143,13 +254,12 @@ class _Run:
         self.resolve_paths()
         self.arch = architectures.get(s.model.architecture)
         self.full_ft = s.network.algorithm == FULL_FINETUNE
-        if self.full_ft and not self.arch.supports_full_checkpoint:
-            raise SettingsError(f"network.algorithm: full fine-tuning is not available for {self.arch.label} "
-                                "(this trainer can save whole checkpoints of SD1.5 and SDXL only); choose an "
-                                "adapter algorithm such as LoRA")
+        self.resume_dir = self.config.resolve(s.saving.resume_from, "outputs_dir") if s.saving.resume_from else None
+        self.resume_info = check_resume(self.resume_dir, s) if self.resume_dir else None
+        self.check_stop()
 
         self.status("Reading the dataset")
-        self.items = ds_mod.scan_dataset(s.dataset, self.dataset_root)
+        self.items = ds_mod.scan_dataset(s.dataset, self.dataset_root, progress=lambda n: self.check_stop())
         if self.reg_root is not None:
             self.items += self.scan_reg_images()
         ds_mod.assign_buckets(self.items, s.dataset)
@@ -172,12 +282,17 @@ class _Run:
                     "or set the memory choices to 'auto' so the plan may save more. To try anyway, raise "
                     "memory.vram_budget_gb above the estimate.")
             self.log(self.plan.reasons[0], level="warning")
+        if s.optimizer.fused_backward_pass and s.optimizer.optimizer_type == "Adafactor" \
+                and self.plan.mixed_precision == "fp16":
+            raise SettingsError("optimizer.fused_backward_pass cannot use fp16 loss scaling (this GPU has no "
+                                "bf16): turn it off or train in fp32 (memory.mixed_precision 'no')")
+        self.check_stop()
 
         from accelerate import Accelerator
         from accelerate.utils import set_seed
-        self.accelerator = Accelerator(mixed_precision=self.plan.mixed_precision,
-                                       gradient_accumulation_steps=s.schedule.gradient_accumulation_steps,
-                                       cpu=self.plan.device == "cpu")
+        # gradient accumulation is done by the loop itself (accumulation_group): accelerate's counter runs
+        # across epoch ends and would drop or merge the last micro-batches of an epoch
+        self.accelerator = Accelerator(mixed_precision=self.plan.mixed_precision, cpu=self.plan.device == "cpu")
         self.device = self.accelerator.device
         if self.device.type == "cpu" and self.plan.cpu_threads > 0:
             torch.set_num_threads(self.plan.cpu_threads)
@@ -204,6 +319,7 @@ class _Run:
             self.status(f"Loading {self.arch.label}'s text encoders")
             self.components = self.arch.load(self.model_path, self.config_dir, load_dtype, **self.load_options,
                                              denoiser=False)
+            self.check_stop()
             self.arch.configure_objective(self.components, s)
             for te in self.components.text_encoders:
                 te.requires_grad_(False)
@@ -213,9 +329,11 @@ class _Run:
             import gc
             gc.collect()
             skip_te = True
+        self.check_stop()
         self.status(f"Loading {self.arch.label} from {self.model_path}")
         self.components = self.arch.load(self.model_path, self.config_dir, load_dtype, **self.load_options,
                                          **({"text_encoders": False} if skip_te else {}))
+        self.check_stop()
         self.arch.configure_objective(self.components, s)
         c = self.components
         for module in [c.denoiser, c.vae, *c.text_encoders]:
@@ -229,6 +347,7 @@ class _Run:
             self.prepare_text()
             # seeded again after caching: what caching drew (VAE sampling) depends on what was on disk already
             set_seed(s.schedule.seed)
+            self.check_stop()
             self.prepare_network()
             self.release_text_encoders()
             return self.train_loop()
@@ -244,7 +363,7 @@ class _Run:
         if reg_root in train_root.parents:
             raise ds_mod.DatasetError(f"The training folder {self.dataset_root} lies inside the regularization "
                                       f"folder {self.reg_root}. Keep the two folders apart.")
-        reg_items = ds_mod.scan_dataset(s.dataset, self.reg_root, reg=True)
+        reg_items = ds_mod.scan_dataset(s.dataset, self.reg_root, reg=True, progress=lambda n: self.check_stop())
         per_epoch = sum(i.repeats for i in self.items if not i.is_reg)
         pool = sum(i.repeats for i in reg_items)
         self.log(f"{len(reg_items)} regularization images ({pool} with repeats), cycled to {per_epoch} per epoch; "
@@ -266,8 +385,11 @@ class _Run:
         # latents follow the VAE: the model path and any separate model files (e.g. FLUX's ae.safetensors)
         cache_tag = "-".join([self.arch.id, *self.model_fingerprints])
         self.latent_cache = ds_mod.LatentCache(s.dataset.cache_latents, encode, cache_tag)
-        self.latent_cache.fill(self.items, s.dataset.flip_aug, s.schedule.train_batch_size,
-                               progress=lambda done, total: self.status(f"Caching latents {done}/{total}"))
+        def progress(done: int, total: int) -> None:
+            self.check_stop()
+            self.status(f"Caching latents {done}/{total}")
+
+        self.latent_cache.fill(self.items, s.dataset.flip_aug, s.schedule.train_batch_size, progress=progress)
         self.sampler = ds_mod.BucketBatchSampler(self.items, s.schedule.train_batch_size, s.schedule.seed)
         self.data = ds_mod.TrainingDataset(self.items, s.dataset, self.latent_cache, s.schedule.seed)
         if s.dataset.cache_latents != "off" and not self.wants_previews():
@@ -328,6 +450,7 @@ class _Run:
         self.status(f"Caching text-encoder outputs ({len(missing)} captions)")
         with self.text_encoders_on_device(), self.accelerator.autocast():
             for start in range(0, len(missing), 16):
+                self.check_stop()
                 chunk = missing[start:start + 16]
                 cond = self.encode_captions(chunk)
                 for j, caption in enumerate(chunk):
@@ -434,9 +557,6 @@ class _Run:
         acc = self.accelerator
         params = self.network.param_groups(s.optimizer.learning_rate, s.optimizer.text_encoder_lr)
         self.fused_backward = s.optimizer.optimizer_type == "Adafactor" and s.optimizer.fused_backward_pass
-        if self.fused_backward and self.plan.mixed_precision == "fp16":
-            raise SettingsError("optimizer.fused_backward_pass cannot use fp16 loss scaling (this GPU has no "
-                                "bf16): turn it off or train in fp32 (memory.mixed_precision 'no')")
         make = build_fused_backward_optimizer if self.fused_backward else build_optimizer
         if self.setup.optimizer_type != s.optimizer.optimizer_type:
             self.log(f"Optimizer {self.setup.optimizer_type}: the plan keeps the optimizer state in 8 bits")
@@ -452,71 +572,104 @@ class _Run:
         self.global_step, start_epoch, skip_batches = 0, 0, 0
         self.saved_adapters: list[str] = []
         self.saved_states: list[str] = []
+        self.last_good_save: Path | None = None
         self.output_stem = None
-        if s.saving.resume_from:
-            start_epoch, skip_batches = self.load_state(self.config.resolve(s.saving.resume_from, "outputs_dir"))
+        if self.resume_dir is not None:
+            start_epoch, skip_batches = self.load_state(self.resume_dir)
         if self.output_stem is None:
             self.output_stem = unused_path(self.output_dir / f"{s.saving.output_name}.safetensors").stem
         self.started_at = time.time()
         self.status(f"Training: {self.total_steps} steps, {self.total_epochs} epoch(s), {batches} batches per epoch")
 
+        accumulation = s.schedule.gradient_accumulation_steps
+        clipping = s.optimizer.max_grad_norm > 0 and not self.fused_backward
+        # fp16 loss scaling meets infinite gradients by design (the scaler skips those steps): only the loss counts
+        guard_grad_norm = clipping and self.plan.mixed_precision != "fp16"
+        self.guard = DivergenceGuard(self.device, self.global_step)
+        first_step = self.global_step
         loss_sum = torch.zeros((), device=self.device)
         loss_count = 0
-        t0, step0 = time.time(), self.global_step
+        t0 = time.time()
         epoch = start_epoch
-        done = self.global_step >= self.total_steps
-        while not done and epoch < self.total_epochs:
+        while self.global_step < self.total_steps and epoch < self.total_epochs:
             self.sampler.set_epoch(epoch)
             for batch_index, indices in enumerate(self.sampler):
                 if epoch == start_epoch and batch_index < skip_batches:
                     continue
+                if self.stop_event.is_set():
+                    if self.global_step == first_step:
+                        raise TrainingStopped
+                    self.log(f"Stopped at step {self.global_step}; saving")
+                    self.result.stopped = True
+                    return self.finish()
+                group_size, steps_now = accumulation_group(batch_index, batches, accumulation)
                 batch = self.data.get_batch(indices, epoch, batch_index)
-                with acc.accumulate(self.network):
+                with contextlib.nullcontext() if steps_now else acc.no_sync(self.network):
                     loss = self.training_step(batch)
-                    acc.backward(loss)
-                    if acc.sync_gradients and s.optimizer.max_grad_norm > 0 and not self.fused_backward:
-                        acc.clip_grad_norm_(self.network.parameters(), s.optimizer.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    acc.backward(loss / group_size)
                 loss_sum += loss.detach()
                 loss_count += 1
-                if not acc.sync_gradients:
+                if not steps_now:
                     continue
+                grad_norm = acc.clip_grad_norm_(self.network.parameters(), s.optimizer.max_grad_norm) \
+                    if clipping else None
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.guard.update(loss_sum, grad_norm if guard_grad_norm else None)
                 self.global_step += 1
                 if self.ema is not None:
                     self.ema.update()
-                self.position = (epoch, batch_index + 1)
+                self.position = (epoch, batch_index + 1) if batch_index + 1 < batches else (epoch + 1, 0)
                 last = self.global_step >= self.total_steps
                 if self.global_step % s.schedule.log_every_n_steps == 0 or last:
-                    self.report(epoch, loss_sum, loss_count, t0, step0)
+                    self.report(epoch, loss_sum, loss_count, t0, first_step)
                     loss_sum = torch.zeros((), device=self.device)
                     loss_count = 0
                 if self.wants_previews() and self.global_step % s.sampling.sample_every_n_steps == 0:
                     self.preview()
                 if not last and s.saving.save_every_n_steps and self.global_step % s.saving.save_every_n_steps == 0:
                     self.save(final=False)
-                if self.stop_event.is_set():
-                    self.log(f"Stopped at step {self.global_step}; saving")
-                    self.result.stopped = True
-                    return self.finish()
                 if last:
-                    done = True
                     break
             epoch += 1
-            if not done and s.saving.save_every_n_epochs and epoch % s.saving.save_every_n_epochs == 0:
+            if self.global_step < self.total_steps and s.saving.save_every_n_epochs \
+                    and epoch % s.saving.save_every_n_epochs == 0:
                 self.position = (epoch, 0)
                 self.save(final=False)
         return self.finish()
 
+    def check_finite(self) -> None:
+        """Stop the run (TrainingDiverged) if any step so far had a non-finite loss or gradient norm."""
+        bad = self.guard.first_bad()
+        if bad is not None:
+            self.diverged(*bad)
+
+    def diverged(self, step: int, what: str) -> None:
+        o = self.s.optimizer
+        clipping = f"max_grad_norm {o.max_grad_norm:g}" if o.max_grad_norm > 0 else "off"
+        adapter, state = self.last_good_save, self.result.state_dir  # a resumed run starts from its state
+        if adapter is not None or state is not None:
+            saved = f"{adapter} (resumable state {state})" if adapter and state else f"{adapter or state}"
+            last = (f"The last good save is {saved}; nothing after it was written. Lower the learning rate or turn "
+                    "on clipping (optimizer.max_grad_norm), then "
+                    + ("resume from that state." if state is not None else "train again."))
+        else:
+            last = ("Nothing was saved before it. Lower the learning rate or turn on clipping "
+                    "(optimizer.max_grad_norm) and start again.")
+        raise TrainingDiverged(f"{what} near step {step} (learning rate {o.learning_rate:g}, gradient clipping "
+                               f"{clipping}). {last}")
+
     def report(self, epoch: int, loss_sum: torch.Tensor, loss_count: int, t0: float, step0: int) -> None:
         from core.hardware import current_memory_use
+        loss = float(loss_sum.item()) / max(1, loss_count)  # the one read of the device per report
+        self.check_finite()
         elapsed = time.time() - t0
         done = self.global_step - step0
         rate = done / elapsed if elapsed > 0 else 0.0
         mem = current_memory_use()
         emit(self.on_event, "progress", step=self.global_step, total_steps=self.total_steps, epoch=epoch + 1,
-             total_epochs=self.total_epochs, loss=float(loss_sum.item()) / max(1, loss_count),
+             total_epochs=self.total_epochs, loss=loss,
              lr=float(self.lr_scheduler.get_last_lr()[0]), elapsed_s=elapsed,
              eta_s=(self.total_steps - self.global_step) / rate if rate > 0 else None, it_per_s=rate,
              vram_gb=mem.get("vram_gb"), ram_gb=mem.get("ram_gb"))
@@ -525,6 +678,7 @@ class _Run:
     def preview(self) -> None:
         s, c = self.s, self.components
         prompts = self.prompts()
+        self.check_finite()
         self.status(f"Preview images at step {self.global_step}")
         width = s.sampling.width or s.dataset.resolution
         height = s.sampling.height or s.dataset.resolution
@@ -567,9 +721,20 @@ class _Run:
                                 tensors_hash=tensors_hash) | reg_md | self.arch.adapter_metadata(self.s, suffix)
 
     def save(self, final: bool) -> Path:
+        """The adapter (or checkpoint) and, when asked, the resumable state.  Nothing is written once a loss,
+        gradient norm or weight is not finite: the run stops (TrainingDiverged) and the earlier saves stay."""
+        self.check_finite()
+        try:
+            path = self.save_checkpoint(final) if self.full_ft else self.save_adapter(final)
+            if self.s.saving.save_state:
+                self.save_state()
+        except NonFiniteError as exc:
+            self.diverged(self.global_step, f"The weights became NaN or infinite ({exc})")
+        self.last_good_save = path
+        return path
+
+    def save_adapter(self, final: bool) -> Path:
         s = self.s
-        if self.full_ft:
-            return self.save_checkpoint(final)
         name = f"{self.output_stem}.safetensors" if final else f"{self.output_stem}-step{self.global_step:06d}.safetensors"
         # the family may write more than one file (e.g. SD3: kohya layout + <name>.diffusers.safetensors)
         paths = save_adapter_files(self.output_dir / name, self.network, self.metadata, s.saving.save_precision,
@@ -581,8 +746,6 @@ class _Run:
         if not final:
             self.saved_adapters.append(name)
             self.prune(self.saved_adapters, self.delete_adapter)
-        if s.saving.save_state:
-            self.save_state()
         return path
 
     def save_checkpoint(self, final: bool) -> Path:
@@ -608,8 +771,6 @@ class _Run:
         if not final:
             self.saved_adapters.append(path.name)
             self.prune(self.saved_adapters, self.delete_adapter)
-        if s.saving.save_state:
-            self.save_state()
         return path
 
     def delete_adapter(self, name: str) -> None:
@@ -627,19 +788,19 @@ class _Run:
 
     def save_state(self) -> None:
         """Everything needed to continue exactly: adapter weights in fp32, optimizer, scheduler, position, RNG."""
-        from safetensors.torch import save_file
         name = f"{STATE_PREFIX}{self.global_step:06d}"
         final_dir = self.output_dir / name
         tmp = self.output_dir / f".{name}.tmp"
+        weights = {"model.safetensors" if self.full_ft else "adapter.safetensors": self.network.training_state_dict()}
+        if self.full_ft and self.ema is not None:  # the trained model's fp32 weights and their average
+            weights["ema.safetensors"] = self.ema.state_dict()
+        optimizer_state = self.optimizer.state_dict()
+        check_finite(optimizer_tensors(optimizer_state), "optimizer state")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        if self.full_ft:  # the trained model's fp32 weights (and their average)
-            save_file(self.network.training_state_dict(), str(tmp / "model.safetensors"))
-            if self.ema is not None:
-                save_file(self.ema.state_dict(), str(tmp / "ema.safetensors"))
-        else:
-            save_file(self.network.training_state_dict(), str(tmp / "adapter.safetensors"))
-        atomic_torch_save(tmp / "optimizer.pt", self.optimizer.state_dict())
+        for file_name, tensors in weights.items():
+            atomic_save_safetensors(tmp / file_name, tensors)
+        atomic_torch_save(tmp / "optimizer.pt", optimizer_state)
         atomic_torch_save(tmp / "scheduler.pt", self.lr_scheduler.state_dict())
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -659,19 +820,9 @@ class _Run:
         self.prune(self.saved_states, lambda n: shutil.rmtree(self.output_dir / n, ignore_errors=True))
 
     def load_state(self, state_dir: Path) -> tuple[int, int]:
+        """Continue the run that wrote ``state_dir`` (checked by ``check_resume`` before loading)."""
         from safetensors.torch import load_file
-        if not (state_dir / "train_state.json").is_file():
-            raise SettingsError(f"saving.resume_from: {state_dir} is not a state folder written by this trainer "
-                                f"(no train_state.json)")
-        info = json.loads((state_dir / "train_state.json").read_text())
-        if info["architecture"] != self.arch.id:
-            raise SettingsError(f"saving.resume_from: that state is from a {info['architecture']} run, this run "
-                                f"is {self.arch.id}")
-        # states written before a network setting existed hold no value for it: compare with its default
-        saved = {**type(self.s.network)().model_dump(mode="json"), **info["network"]}
-        if saved != self.s.network.model_dump(mode="json"):
-            raise SettingsError("saving.resume_from: the network settings differ from the run that wrote the "
-                                f"state ({info['network']})")
+        info = self.resume_info
         if self.full_ft:
             self.network.load_training_state_dict(load_file(str(state_dir / "model.safetensors"),
                                                             device=str(self.device)))
@@ -682,6 +833,8 @@ class _Run:
         self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True,
                                                   map_location=self.device))
         self.lr_scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=True))
+        self.apply_learning_rates()
+        self.result.state_dir = state_dir
         rng = torch.load(state_dir / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -692,14 +845,31 @@ class _Run:
         self.log(f"Resumed from {state_dir} at step {self.global_step}")
         return info["epoch"], info["batch_in_epoch"]
 
+    def apply_learning_rates(self) -> None:
+        """A resumed run uses the learning rates of its settings, not the saved run's (a run that diverged is
+        resumed with a lower one): the schedule's base rates are replaced and the current rate recomputed."""
+        s = self.s
+        scheduler = self.lr_scheduler.scheduler
+        wanted = [group["lr"] for group in self.network.param_groups(s.optimizer.learning_rate,
+                                                                     s.optimizer.text_encoder_lr)]
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if lambdas is None or len(wanted) != len(scheduler.base_lrs) or list(scheduler.base_lrs) == wanted:
+            return
+        self.log(f"Learning rate {', '.join(f'{lr:g}' for lr in wanted)} (the saved run used "
+                 f"{', '.join(f'{lr:g}' for lr in scheduler.base_lrs)})")
+        scheduler.base_lrs = wanted
+        for group, base, factor in zip(self.optimizer.param_groups, wanted, lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def finish(self) -> TrainResult:
         self.status("Saving")
         final = self.save(final=True)
         self.result.final = final
         self.result.steps = self.global_step
         peak = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else None
-        self.network.restore()
-        self.setup.release()
+        self.release()
         emit(self.on_event, "done", outputs=[str(p) for p in self.result.outputs], final=str(final),
              stopped=self.result.stopped, peak_vram_gb=peak)
         self.status("Stopped" if self.result.stopped else "Finished")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from core.events import TrainingDiverged
 from core.settings import Settings, SettingsError
 
 LOG_LINES = 500
@@ -178,7 +179,8 @@ class RunState:
                     self.peak_vram_gb = float(event["peak_vram_gb"])
                 stopped = bool(event.get("stopped"))
                 self.phase = "stopped" if stopped else "finished"
-                self.status = "Stopped early; saved what was trained." if stopped else "Finished."
+                self.status = event.get("message") or (
+                    "Stopped early; saved what was trained." if stopped else "Finished.")
                 self._bump("status", "outputs", "memory", "run")
             elif kind == "error":
                 self.error = event.get("message", "")
@@ -192,7 +194,8 @@ class RunState:
         with self.lock:
             self.running = False
             if error is not None:
-                msg = str(error) if isinstance(error, SettingsError) else f"{type(error).__name__}: {error}"
+                msg = str(error) if isinstance(error, (SettingsError, TrainingDiverged)) \
+                    else f"{type(error).__name__}: {error}"
                 already_reported = self.phase == "failed" and self.error is not None and self.error in msg
                 if not already_reported:
                     self.error = msg
@@ -291,7 +294,7 @@ class RunController:
         try:
             result = train(settings, on_event=self.state.handle, stop_event=stop_event, config=self.config)
         except BaseException as exc:  # shown in the page; the traceback goes to the log only
-            detail = "" if isinstance(exc, SettingsError) else traceback.format_exc()
+            detail = "" if isinstance(exc, (SettingsError, TrainingDiverged)) else traceback.format_exc()
             self.state.finish(error=exc, detail=detail)
         else:
             self.state.finish(result=result)
