@@ -68,8 +68,9 @@ class DivergenceGuard:
         if grad_norm is not None:
             kind = torch.where((kind == 0) & ~torch.isfinite(grad_norm), self.GRAD_NORM, kind)
         first = (self.bad_step < 0) & (kind > 0)
-        self.bad_step = torch.where(first, self.step, self.bad_step)
-        self.bad_kind = torch.where(first, kind, self.bad_kind)
+        # in place: the record keeps its storage, as a captured step needs
+        self.bad_step.copy_(torch.where(first, self.step, self.bad_step))
+        self.bad_kind.copy_(torch.where(first, kind, self.bad_kind))
 
     def first_bad(self) -> tuple[int, str] | None:
         """(step, what) of the first non-finite value, or None (reads the device)."""
