@@ -4,9 +4,33 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ROOT = Path(__file__).resolve().parent.parent
+
+AUTH_SHAPE = ('"auth": ["user", "password"] for one login, or [["alice", "pw1"], ["bob", "pw2"]] for several '
+              "(every password non-empty)")
+
+
+def parse_auth(value: Any) -> list[tuple[str, str]] | None:
+    """config.json's ``auth``: None, one ``[user, password]`` pair or a list of pairs; a ValueError naming
+    ``auth`` and the expected shape otherwise."""
+    if value is None:
+        return None
+    pairs = [value] if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value) \
+        else value
+    if not isinstance(pairs, (list, tuple)) or not pairs:
+        raise ValueError(f"auth must be null (no login) or {AUTH_SHAPE}; got {value!r}")
+    out = []
+    for pair in pairs:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, str) for v in pair)
+                and pair[0].strip() and pair[1]):
+            raise ValueError(f"auth: {pair!r} is not a [user, password] pair with a non-empty user and password; "
+                             f"write {AUTH_SHAPE}")
+        out.append((pair[0], pair[1]))
+    return out
 
 
 class AppConfig(BaseModel):
@@ -15,12 +39,25 @@ class AppConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=0, le=65535)
     share: bool = False
-    auth: list[str] | None = Field(None, description="[user, password] to require a login")
+    auth: list[tuple[str, str]] | None = Field(None, description="[user, password], or a list of such pairs: "
+                                                                 "the login the page asks for")
     models_dir: str = "models"
     datasets_dir: str = "datasets"
     outputs_dir: str = "outputs"
     presets_dir: str = "presets"
     training_defaults: str = "training.json"
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth_pairs(cls, value):
+        return parse_auth(value)
+
+    @model_validator(mode="after")
+    def _no_open_share_link(self):
+        if self.share and not self.auth:
+            raise ValueError('"share": true opens a public link that anyone holding it can use: set a login '
+                             f"first ({AUTH_SHAPE}), or set \"share\": false")
+        return self
 
     def path(self, name: str) -> Path:
         p = Path(getattr(self, name))

@@ -3,20 +3,33 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+def _new_temp_file(folder: Path, name: str) -> Path:
+    """An empty, new hidden file beside ``name``, created with mode 0666 less the umask (what any other new
+    file of the user gets: a ComfyUI server running as another user can read the result); mkstemp's 0600
+    would follow the file into place."""
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _new_temp_file(path.parent, path.name)
+    mode = tmp.stat().st_mode & 0o777
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # some writers (safetensors) make their file 0600 whatever the umask
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -439,7 +439,7 @@ def launch(config: AppConfig, *, prevent_thread_lock: bool = False, quiet: bool 
     port = config.port or _free_port(config.host)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=config.host, server_port=port, share=config.share,
-                auth=tuple(config.auth) if config.auth else None, prevent_thread_lock=prevent_thread_lock,
+                auth=list(config.auth) if config.auth else None, prevent_thread_lock=prevent_thread_lock,
                 allowed_paths=[str(config.path("outputs_dir"))], show_error=True, quiet=quiet,
                 theme=gr.themes.Soft(primary_hue="indigo"), css=CSS)
     return demo
