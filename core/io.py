@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -87,19 +86,6 @@ def atomic_save_image(path: Path, image) -> Path:
     return _atomic(path, lambda p: image.save(p, format="PNG"))
 
 
-def atomic_replace_dir(src: Path, dst: Path) -> None:
-    """Move a fully written folder into place; an older folder of that name is replaced only afterwards."""
-    dst = Path(dst)
-    if dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
 def unused_path(path: Path) -> Path:
     """``path`` if free, else ``name-1.ext``, ``name-2.ext`` …: a user's file is never overwritten."""
     path = Path(path)
@@ -111,3 +97,25 @@ def unused_path(path: Path) -> Path:
         if not cand.exists():
             return cand
         i += 1
+
+
+def unused_stem(folder: Path, stem: str, run: bool = False) -> str:
+    """``stem`` or ``stem-1``, ``stem-2`` …: the first that names nothing in ``folder`` yet, so no file of
+    another save is replaced.  A save's stem is taken by ``stem.*`` and ``stem_diffusers``; a run's stem
+    (``run=True``) also by its intermediate saves, state folders and previews (``stem-step…``,
+    ``stem-state-…``, ``samples/stem-step…``)."""
+    import glob
+
+    def taken(candidate: str) -> bool:
+        c = glob.escape(candidate)
+        patterns = [f"{c}.*", f"{c}_diffusers"]
+        if run:
+            patterns += [f"{c}-step*", f"{c}-state-*", f"samples/{c}-step*"]
+        return any(next(Path(folder).glob(p), None) is not None for p in patterns)
+
+    candidate, i = stem, 0
+    while taken(candidate):
+        i += 1
+        candidate = f"{stem}-{i}"
+    return candidate
+

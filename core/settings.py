@@ -342,7 +342,7 @@ class SavingSettings(Section):
     save_state: bool = setting(True, "Save resumable state", "Keep optimizer and scheduler state with each "
                                "save so the run can be resumed.")
     resume_from: str = setting("", "Resume from state", "A state folder written by an earlier run "
-                               "(…/state-000100).", widget="path")
+                               "(…/<output name>-state-000100).", widget="path")
     trigger_phrase: str = setting("", "Trigger phrase", "Written into the file's metadata.", advanced=True)
 
 

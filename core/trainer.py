@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import threading
 import time
@@ -25,13 +26,13 @@ from core.full_finetune import EMA, FULL_FINETUNE, FullFineTune
 from core.export import adapter_metadata, save_adapter_files, tag_frequency
 from core.memory_setup import run_context, setup_denoiser, text_encoder_on_device
 from core.io import (NonFiniteError, atomic_save_image, atomic_save_safetensors, atomic_torch_save,
-                     atomic_write_json, check_finite, unused_path)
+                     atomic_write_json, check_finite, unused_path, unused_stem)
 from core.optim import build_fused_backward_optimizer, build_optimizer, build_scheduler
 from core.plan import estimate_config_dir, make_plan
 from core.text_cache import TextCache
 from core.settings import Settings, SettingsError, check_consistency
 
-STATE_PREFIX = "state-"
+STATE_INFIX = "-state-"  # state folders are "<run stem>-state-<step>": they belong to the run that wrote them
 
 
 @dataclass
@@ -574,11 +575,13 @@ class _Run:
         self.saved_adapters: list[str] = []
         self.saved_states: list[str] = []
         self.last_good_save: Path | None = None
+        self.saved_step = self.state_step = -1  # a step is saved once, whichever rules ask for it
         self.output_stem = None
         if self.resume_dir is not None:
             start_epoch, skip_batches = self.load_state(self.resume_dir)
         if self.output_stem is None:
-            self.output_stem = unused_path(self.output_dir / f"{s.saving.output_name}.safetensors").stem
+            # a rerun with the same output name never touches an earlier run's files (finished or not)
+            self.output_stem = unused_stem(self.output_dir, s.saving.output_name, run=True)
         self.started_at = time.time()
         self.status(f"Training: {self.total_steps} steps, {self.total_epochs} epoch(s), {batches} batches per epoch")
 
@@ -724,19 +727,31 @@ class _Run:
     def save(self, final: bool) -> Path:
         """The adapter (or checkpoint) and, when asked, the resumable state.  Nothing is written once a loss,
         gradient norm or weight is not finite: the run stops (TrainingDiverged) and the earlier saves stay."""
+        if not final and self.saved_step == self.global_step:
+            return self.last_good_save  # the step rule and the epoch rule both asked for this step
         self.check_finite()
         try:
             path = self.save_checkpoint(final) if self.full_ft else self.save_adapter(final)
-            if self.s.saving.save_state:
+            self.saved_step = self.global_step
+            if self.s.saving.save_state and self.state_step != self.global_step:
                 self.save_state()
         except NonFiniteError as exc:
             self.diverged(self.global_step, f"The weights became NaN or infinite ({exc})")
         self.last_good_save = path
         return path
 
+    def save_name(self, final: bool) -> str:
+        """The file name of a save: ``<stem>.safetensors`` at the end, ``<stem>-step<N>.safetensors`` on the way
+        and at the end of a resumed run whose earlier final file exists (never replaced); ``-1``, ``-2`` … when
+        even that is taken (a run resumed from an older state)."""
+        stem = f"{self.output_stem}-step{self.global_step:06d}"
+        if final and unused_stem(self.output_dir, self.output_stem) == self.output_stem:
+            stem = self.output_stem
+        return unused_stem(self.output_dir, stem) + ".safetensors"
+
     def save_adapter(self, final: bool) -> Path:
         s = self.s
-        name = f"{self.output_stem}.safetensors" if final else f"{self.output_stem}-step{self.global_step:06d}.safetensors"
+        name = self.save_name(final)
         # the family may write more than one file (e.g. SD3: kohya layout + <name>.diffusers.safetensors)
         paths = save_adapter_files(self.output_dir / name, self.network, self.metadata, s.saving.save_precision,
                                    lambda sd: self.arch.export_adapter(self.components, sd))
@@ -754,10 +769,9 @@ class _Run:
         plus a diffusers folder when asked.  Never overwrites an existing file."""
         from core.export import SAVE_DTYPES
         s = self.s
-        name = f"{self.output_stem}.safetensors" if final else f"{self.output_stem}-step{self.global_step:06d}.safetensors"
         dtype = SAVE_DTYPES[s.saving.save_precision]
         state_dicts = self.network.module_state_dicts(self.ema)
-        path = unused_path(self.output_dir / name)
+        path = self.output_dir / self.save_name(final)
         meta = {"ss_training_steps": str(self.global_step), "ss_base_model_version": self.arch.ss_base_model_version,
                 "ss_output_name": s.saving.output_name, "ss_ema": str(self.ema is not None),
                 "ss_training_comment": "full fine-tune"}
@@ -789,8 +803,8 @@ class _Run:
 
     def save_state(self) -> None:
         """Everything needed to continue exactly: adapter weights in fp32, optimizer, scheduler, position, RNG."""
-        name = f"{STATE_PREFIX}{self.global_step:06d}"
-        final_dir = self.output_dir / name
+        final_dir = unused_path(self.output_dir / f"{self.output_stem}{STATE_INFIX}{self.global_step:06d}")
+        name = final_dir.name
         tmp = self.output_dir / f".{name}.tmp"
         weights = {"model.safetensors" if self.full_ft else "adapter.safetensors": self.network.training_state_dict()}
         if self.full_ft and self.ema is not None:  # the trained model's fp32 weights and their average
@@ -811,11 +825,11 @@ class _Run:
         atomic_write_json(tmp / "train_state.json", {
             "global_step": self.global_step, "epoch": epoch, "batch_in_epoch": batch_index,
             "output_stem": self.output_stem, "saved_adapters": self.saved_adapters,
+            "saved_states": [*self.saved_states, name],
             "architecture": self.arch.id, "network": self.s.network.model_dump(mode="json")})
-        from core.io import atomic_replace_dir
-        atomic_replace_dir(tmp, final_dir)
-        if name not in self.saved_states:
-            self.saved_states.append(name)
+        os.replace(tmp, final_dir)
+        self.saved_states.append(name)
+        self.state_step = self.global_step
         self.result.state_dir = final_dir
         emit(self.on_event, "saved", step=self.global_step, path=str(final_dir), kind="state")
         self.prune(self.saved_states, lambda n: shutil.rmtree(self.output_dir / n, ignore_errors=True))
@@ -843,6 +857,10 @@ class _Run:
         self.global_step = info["global_step"]
         self.output_stem = info["output_stem"]
         self.saved_adapters = list(info["saved_adapters"])
+        # keep-last-K goes on counting the states written before the resume (older states name none)
+        self.saved_states = [n for n in info.get("saved_states", [state_dir.name])
+                             if (self.output_dir / n).is_dir()]
+        self.state_step = self.saved_step = self.global_step
         self.log(f"Resumed from {state_dir} at step {self.global_step}")
         return info["epoch"], info["batch_in_epoch"]
 

@@ -139,7 +139,7 @@ def test_resume_continues_from_step_k(tiny, tmp_path):
                   network__ema_decay=0.5)
     s, config = settings(tiny, "sd15", tmp_path / "full", **common)
     full = core.train(s, config=config)
-    state = full.final.parent / "state-000002"
+    state = full.final.parent / "tiny_sd15-state-000002"
     assert (state / "model.safetensors").is_file() and (state / "ema.safetensors").is_file()
 
     s2, config2 = settings(tiny, "sd15", tmp_path / "split", saving__resume_from=str(state), **common)

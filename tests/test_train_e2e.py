@@ -162,9 +162,9 @@ def test_resume_continues_from_step_k_with_same_optimizer_state(tiny, tmp_path):
             stop.set()
     s2, config2 = make_settings(tiny, "sd15", tmp_path / "split", **common)
     first = core.train(s2, on_event=on_event, stop_event=stop, config=config2)
-    assert first.stopped and first.steps == 4 and first.state_dir.name == "state-000004"
+    assert first.stopped and first.steps == 4 and first.state_dir.name == "tiny_sd15-state-000004"
     state_opt = torch.load(first.state_dir / "optimizer.pt", weights_only=True)
-    full_state_4 = torch.load(full.final.parent / "state-000004" / "optimizer.pt", weights_only=True)
+    full_state_4 = torch.load(full.final.parent / "tiny_sd15-state-000004" / "optimizer.pt", weights_only=True)
     for k, v in full_state_4["state"].items():
         torch.testing.assert_close(state_opt["state"][k]["exp_avg"], v["exp_avg"])
 

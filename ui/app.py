@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import re
 import socket
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import gradio as gr
 from core.config import AppConfig
 from core.settings import Settings, SettingsError, check_consistency, field_ui, iter_fields
 from ui import presets as preset_store
+from ui import warmup
 from ui.run_state import (RunController, Snapshot, loss_frame, memory_text, outputs_text, progress_html,
                           samples_for_gallery, status_text)
 from ui.schema_ui import (TABS, GeneratedControls, describe_error, list_models, render_advanced,
@@ -239,6 +239,7 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
         plan_inputs = [d for d in names if d.split(".")[0] in PLAN_SECTIONS or d in PLAN_FIELDS]
 
         def show_plan(*vals):
+            warmup.wait()
             return plan_markdown(values_to_settings_lenient(dict(zip(plan_inputs, vals))), config)
 
         plan_components = [controls[d] for d in plan_inputs]
@@ -261,6 +262,7 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
             problems = check_consistency(settings)
             if problems:
                 return errors_markdown("Fix these settings first", problems)
+            warmup.wait()
             ok, message = controller.start(settings)
             return f"… {message}" if ok else f"✗ {message}"
 
@@ -435,7 +437,7 @@ def launch(config: AppConfig, *, prevent_thread_lock: bool = False, quiet: bool 
     demo = build_app(config)
     # the first plan imports diffusers and traces the model on the meta device (seconds): do it before the
     # first page asks for it
-    threading.Thread(target=_warm_plan, args=(config,), daemon=True).start()
+    warmup.run_in_background(lambda: _warm_plan(config))
     port = config.port or _free_port(config.host)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=config.host, server_port=port, share=config.share,

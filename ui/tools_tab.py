@@ -12,6 +12,7 @@ from typing import Iterable
 import gradio as gr
 
 from core import tools
+from ui import warmup
 
 DTYPES = ("fp16", "bf16", "fp32")
 
@@ -37,6 +38,7 @@ def _error(e: BaseException) -> str:
 
 
 def _run(fn):
+    warmup.wait()  # the tools load models: not while the start-up warm-up imports the same libraries
     try:
         return fn()
     except Exception as e:  # shown as text in the UI, never as a traceback
