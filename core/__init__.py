@@ -5,10 +5,10 @@
     settings.model.architecture = "sdxl"
     result = core.train(settings, on_event=print)
 """
-from core.events import TrainingDiverged
+from core.events import RunFailed, SaveFailed, TrainingDiverged
 from core.settings import Settings, SettingsError, load_settings, save_settings
 
-__all__ = ["Settings", "SettingsError", "TrainingDiverged", "load_settings", "save_settings", "train", "TrainResult"]
+__all__ = ["Settings", "SettingsError", "RunFailed", "SaveFailed", "TrainingDiverged", "load_settings", "save_settings", "train", "TrainResult"]
 
 
 def __getattr__(name):

@@ -16,7 +16,8 @@ Every event is a plain dict with a ``type`` key:
 - ``{"type": "done", "outputs": [str], "final": str|None, "stopped": bool, "peak_vram_gb": float|None}``, with
   ``"message": str`` when Stop came before the first training step (nothing saved, ``final`` None)
 - ``{"type": "error", "message": str}``: the run failed; ``core.train`` raises after sending it
-  (``TrainingDiverged`` when a loss, gradient norm or weight stopped being finite).
+  (a ``RunFailed``: ``TrainingDiverged`` when a loss, gradient norm or weight stopped being finite,
+  ``SaveFailed`` when the disk refused a save).
 """
 from __future__ import annotations
 
@@ -25,9 +26,18 @@ from typing import Callable
 EventCallback = Callable[[dict], None]
 
 
-class TrainingDiverged(RuntimeError):
+class RunFailed(RuntimeError):
+    """The run stopped for a reason its message explains in full (what happened, what was kept, what to do)."""
+
+
+class TrainingDiverged(RunFailed):
     """A loss, gradient norm or weight stopped being finite; the message says where, what was kept and what to
     change.  Nothing non-finite was written."""
+
+
+class SaveFailed(RunFailed):
+    """A save could not be written (disk full, read-only, no permission); its partial files were removed and
+    the earlier saves kept."""
 
 
 def emit(callback: EventCallback | None, type: str, **fields) -> None:

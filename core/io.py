@@ -1,9 +1,12 @@
 """Writing files so that an interrupted run or a full disk never leaves a half-written or clobbered file."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -30,10 +33,31 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         os.chmod(tmp, mode)  # some writers (safetensors) make their file 0600 whatever the umask
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        os_error = _as_os_error(exc, path.parent)
+        if os_error is not None and os_error is not exc:
+            raise os_error from exc
         raise
     return path
+
+
+def _as_os_error(exc: BaseException, folder: Path) -> OSError | None:
+    """The OS error behind a writer's failure: safetensors reports "I/O error: … (os error 28)", torch.save a
+    bare "unexpected pos" when the disk is full.  None when it was something else."""
+    if isinstance(exc, OSError):
+        return exc
+    if not isinstance(exc, Exception):
+        return None
+    found = re.search(r"os error (\d+)", str(exc))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    try:
+        full = shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        full = False
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if full else None
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

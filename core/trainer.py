@@ -6,6 +6,7 @@ free of host synchronisation: losses accumulate on the device and are read once 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 import architectures
 from core import dataset as ds_mod
 from core.config import AppConfig, load_config
-from core.events import TrainingDiverged, emit
+from core.events import RunFailed, SaveFailed, TrainingDiverged, emit
 from core.full_finetune import EMA, FULL_FINETUNE, FullFineTune
 from core.export import adapter_metadata, save_adapter_files, tag_frequency
 from core.memory_setup import run_context, setup_denoiser, text_encoder_on_device
@@ -237,7 +238,7 @@ class _Run:
             emit(self.on_event, "done", outputs=[], final=None, stopped=True, peak_vram_gb=None, message=message)
             self.status("Stopped")
             return self.result
-        except TrainingDiverged:
+        except RunFailed:
             self.release()
             raise
 
@@ -730,15 +731,59 @@ class _Run:
         if not final and self.saved_step == self.global_step:
             return self.last_good_save  # the step rule and the epoch rule both asked for this step
         self.check_finite()
+        with_state = self.s.saving.save_state and self.state_step != self.global_step
+        what = ("checkpoint" if self.full_ft else "adapter") + (" and the resumable state" if with_state else "")
+        needed = self.save_bytes(with_state)
         try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if shutil.disk_usage(self.output_dir).free < needed:
+                raise OSError(errno.ENOSPC, "not enough free space for this save")
             path = self.save_checkpoint(final) if self.full_ft else self.save_adapter(final)
             self.saved_step = self.global_step
-            if self.s.saving.save_state and self.state_step != self.global_step:
+            if with_state:
                 self.save_state()
         except NonFiniteError as exc:
             self.diverged(self.global_step, f"The weights became NaN or infinite ({exc})")
+        except OSError as exc:
+            self.save_failed(exc, what, needed)
         self.last_good_save = path
         return path
+
+    def save_bytes(self, with_state: bool) -> int:
+        """About what a save writes: the file(s) in the save precision, plus the fp32 weights, optimizer state and
+        EMA of a resumable state; with room for headers and metadata."""
+        from core.export import SAVE_DTYPES
+        elem = SAVE_DTYPES[self.s.saving.save_precision].itemsize
+        trained = sum(p.numel() for p in self.network.parameters())
+        c = self.components
+        saved = sum(p.numel() for m in [c.denoiser, c.vae, *c.text_encoders] for p in m.parameters()) \
+            if self.full_ft else trained
+        total = saved * elem
+        if with_state:
+            total += trained * 4 + sum(t.numel() * t.element_size()
+                                       for t in optimizer_tensors(self.optimizer.state_dict()).values())
+            if self.ema is not None:
+                total += trained * 4
+        return int(total * 1.05) + 2**16
+
+    def save_failed(self, exc: OSError, what: str, needed: int) -> None:
+        folder = self.output_dir
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MB free"
+        except OSError:
+            free = "free space unknown"
+        reason, action = {
+            errno.ENOSPC: (f"No space left on {folder}", "free space"),
+            errno.EDQUOT: (f"The disk quota is used up on {folder}", "free space"),
+            errno.EROFS: (f"{folder} is read-only", "make it writable"),
+            errno.EACCES: (f"No permission to write in {folder}", "make it writable"),
+            errno.EPERM: (f"No permission to write in {folder}", "make it writable"),
+        }.get(exc.errno, (f"Writing to {folder} failed ({exc.strerror or exc})", "fix that"))
+        state = self.result.state_dir
+        then = (f"the last good state is {state} — {action} and press Resume." if state is not None else
+                f"no resumable state was saved before — {action} and start again.")
+        raise SaveFailed(f"{reason} while saving the {what} at step {self.global_step} (needs ≈"
+                         f"{needed / 2**20:.1f} MB, {free}). Training stopped; {then}") from exc
 
     def save_name(self, final: bool) -> str:
         """The file name of a save: ``<stem>.safetensors`` at the end, ``<stem>-step<N>.safetensors`` on the way
@@ -812,22 +857,26 @@ class _Run:
         optimizer_state = self.optimizer.state_dict()
         check_finite(optimizer_tensors(optimizer_state), "optimizer state")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for file_name, tensors in weights.items():
-            atomic_save_safetensors(tmp / file_name, tensors)
-        atomic_torch_save(tmp / "optimizer.pt", optimizer_state)
-        atomic_torch_save(tmp / "scheduler.pt", self.lr_scheduler.state_dict())
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        atomic_torch_save(tmp / "rng.pt", rng)
-        epoch, batch_index = getattr(self, "position", (0, 0))
-        atomic_write_json(tmp / "train_state.json", {
-            "global_step": self.global_step, "epoch": epoch, "batch_in_epoch": batch_index,
-            "output_stem": self.output_stem, "saved_adapters": self.saved_adapters,
-            "saved_states": [*self.saved_states, name],
-            "architecture": self.arch.id, "network": self.s.network.model_dump(mode="json")})
-        os.replace(tmp, final_dir)
+        try:  # written into a hidden folder that is moved into place whole, or removed
+            tmp.mkdir(parents=True)
+            for file_name, tensors in weights.items():
+                atomic_save_safetensors(tmp / file_name, tensors)
+            atomic_torch_save(tmp / "optimizer.pt", optimizer_state)
+            atomic_torch_save(tmp / "scheduler.pt", self.lr_scheduler.state_dict())
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            atomic_torch_save(tmp / "rng.pt", rng)
+            epoch, batch_index = getattr(self, "position", (0, 0))
+            atomic_write_json(tmp / "train_state.json", {
+                "global_step": self.global_step, "epoch": epoch, "batch_in_epoch": batch_index,
+                "output_stem": self.output_stem, "saved_adapters": self.saved_adapters,
+                "saved_states": [*self.saved_states, name],
+                "architecture": self.arch.id, "network": self.s.network.model_dump(mode="json")})
+            os.replace(tmp, final_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.saved_states.append(name)
         self.state_step = self.global_step
         self.result.state_dir = final_dir

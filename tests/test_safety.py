@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
 
 import pytest
 import torch
+
+import core
 from PIL import Image
 
 from core.config import AppConfig, load_config
 from core.io import atomic_save_image, atomic_save_safetensors, atomic_torch_save, atomic_write_json
 from ui import warmup
-from tests.test_run_guards import run, tiny  # noqa: F401 - the tiny SD1.5 fixture and its runner
+from tests.test_run_guards import run, settings_for, tiny  # noqa: F401 - the tiny SD1.5 fixture and its runner
 
 
 @pytest.mark.parametrize("auth,pairs", [(None, None), (["u", "pw"], [("u", "pw")]),
@@ -121,3 +125,86 @@ def test_a_step_is_saved_once_when_two_rules_ask(tiny, tmp_path):
     saves = [(e["step"], e["kind"]) for e in events if e["type"] == "saved"]
     assert saves.count((7, "adapter")) == 1 and saves.count((7, "state")) == 1
     assert saves.count((14, "state")) == 1
+
+
+# -- a disk that refuses a save ----------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB tmpfs (the test runs as root, as CI does); skipped where mounting is not allowed."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder, leave_bytes):
+    """A filler file that leaves about ``leave_bytes`` free on ``folder``'s filesystem."""
+    free = shutil.disk_usage(folder).free
+    path = folder / "filler.bin"
+    with open(path, "ab") as f:
+        f.write(b"\0" * max(0, free - leave_bytes))
+    return path
+
+
+def disk_run(tiny, tmp_path, disk, on_event=None, **overrides):
+    s, _ = settings_for(tiny, tmp_path, saving__output_name="disk", saving__save_every_n_steps=2,
+                        schedule__max_train_steps=6, **overrides)
+    config = AppConfig(outputs_dir=str(disk), models_dir=str(tmp_path), datasets_dir=str(tmp_path))
+    events = []
+
+    def on(e):
+        events.append(e)
+        if on_event is not None:
+            on_event(e)
+    try:
+        return core.train(s, on_event=on, config=config), events
+    except Exception as exc:  # noqa: BLE001 - asserted by the caller
+        return exc, events
+
+
+def test_disk_full_before_a_save_stops_with_the_numbers_and_keeps_the_last_state(tiny, tmp_path, small_disk):
+    filler = []
+    # after the first save (step 2), leave too little room for the next one
+    result, events = disk_run(tiny, tmp_path, small_disk, on_event=lambda e: filler.append(fill(small_disk, 100_000))
+                              if e["type"] == "saved" and e["kind"] == "state" and not filler else None)
+    assert isinstance(result, core.SaveFailed), result
+    message = str(result)
+    assert message.startswith(f"No space left on {small_disk / 'disk'} while saving the adapter and the resumable "
+                              "state at step 4 (needs ≈")
+    assert " MB free). Training stopped; the last good state is " in message and "free space and press Resume" in message
+    state = small_disk / "disk" / "disk-state-000002"
+    assert str(state) in message
+    names = sorted(p.name for p in (small_disk / "disk").iterdir())
+    assert names == ["disk-state-000002", "disk-step000002.safetensors"], names  # nothing partial left behind
+    # space freed: Resume goes on from the named state to the end
+    filler[0].unlink()
+    resumed, _ = disk_run(tiny, tmp_path, small_disk, saving__resume_from=str(state))
+    assert not isinstance(resumed, Exception), resumed
+    assert resumed.steps == 6 and resumed.final.name == "disk.safetensors"
+
+
+def test_disk_full_while_writing_removes_the_partial_state(tiny, tmp_path, small_disk):
+    filler = []
+    # the adapter of step 2 is written; the disk fills up before its state is
+    result, events = disk_run(tiny, tmp_path, small_disk, on_event=lambda e: filler.append(fill(small_disk, 20_000))
+                              if e["type"] == "saved" and e["kind"] == "adapter" and not filler else None)
+    assert isinstance(result, core.SaveFailed), result
+    assert "No space left on" in str(result) and "no resumable state was saved before" in str(result)
+    names = sorted(p.name for p in (small_disk / "disk").iterdir())
+    assert names == ["disk-step000002.safetensors"], names  # the state's hidden folder is gone
+
+
+def test_a_read_only_output_folder_is_named(tiny, tmp_path, small_disk):
+    def remount(e):
+        if e["type"] == "saved" and e["kind"] == "state":
+            subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    result, _ = disk_run(tiny, tmp_path, small_disk, on_event=remount)
+    assert isinstance(result, core.SaveFailed), result
+    assert f"{small_disk / 'disk'} is read-only while saving the adapter" in str(result)
+    assert "make it writable and press Resume" in str(result)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from core.events import TrainingDiverged
+from core.events import RunFailed
 from core.settings import Settings, SettingsError
 
 LOG_LINES = 500
@@ -194,7 +194,7 @@ class RunState:
         with self.lock:
             self.running = False
             if error is not None:
-                msg = str(error) if isinstance(error, (SettingsError, TrainingDiverged)) \
+                msg = str(error) if isinstance(error, (SettingsError, RunFailed)) \
                     else f"{type(error).__name__}: {error}"
                 already_reported = self.phase == "failed" and self.error is not None and self.error in msg
                 if not already_reported:
@@ -294,7 +294,7 @@ class RunController:
         try:
             result = train(settings, on_event=self.state.handle, stop_event=stop_event, config=self.config)
         except BaseException as exc:  # shown in the page; the traceback goes to the log only
-            detail = "" if isinstance(exc, (SettingsError, TrainingDiverged)) else traceback.format_exc()
+            detail = "" if isinstance(exc, (SettingsError, RunFailed)) else traceback.format_exc()
             self.state.finish(error=exc, detail=detail)
         else:
             self.state.finish(result=result)
