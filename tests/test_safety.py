@@ -208,3 +208,37 @@ def test_a_read_only_output_folder_is_named(tiny, tmp_path, small_disk):
     assert isinstance(result, core.SaveFailed), result
     assert f"{small_disk / 'disk'} is read-only while saving the adapter" in str(result)
     assert "make it writable and press Resume" in str(result)
+
+
+# -- the web server serves only what the app produced for display -------------------------------------------
+
+def test_the_server_serves_the_files_shown_and_nothing_beside_them(tiny, tmp_path):
+    from ui.app import _poll_updates, launch
+    folders = {k: tmp_path / k for k in ("models_dir", "datasets_dir", "outputs_dir", "presets_dir")}
+    config = AppConfig(port=0, **{k: str(v) for k, v in folders.items()})
+    demo = launch(config, prevent_thread_lock=True, quiet=True)
+    try:
+        warmup.wait()
+        s, _ = settings_for(tiny, tmp_path, saving__output_name="shown", sampling__sample_every_n_steps=2,
+                            sampling__prompts="a red square")
+        out = folders["outputs_dir"] / "shown"
+        out.mkdir(parents=True)
+        (out / "secret.txt").write_text("not for the web")
+        controller = demo.studio_controller
+        assert controller.start(s)[0] and controller.wait(300)
+        snap = controller.state.snapshot()
+        assert snap.final and snap.samples, snap.status
+        _poll_updates(demo, snap, {})  # what the page's timer does: the preview and the final file get shown
+
+        def status(path):
+            try:
+                return urllib.request.urlopen(f"{demo.local_url}gradio_api/file={path}", timeout=30).status
+            except urllib.error.HTTPError as e:
+                return e.code
+        assert status(snap.final) == 200 and status(snap.samples[0][0]) == 200
+        state = next(out.glob("shown-state-*"))
+        for private in [out / "secret.txt", state / "optimizer.pt", state / "adapter.safetensors",
+                        folders["models_dir"], tmp_path / "data" / "img_000.png"]:
+            assert status(private) in (403, 404), private
+    finally:
+        demo.close()

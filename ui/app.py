@@ -388,11 +388,12 @@ def _idle_snapshot() -> Snapshot:
 
 
 def _allow(demo: gr.Blocks, path: str) -> None:
-    """Let the page show files the trainer wrote (previews, the final adapter) wherever the output is."""
-    parent = str(Path(path).resolve().parent)
+    """Let the page show one file the trainer wrote for display (a preview, the final adapter).  Only that
+    file: the folder beside it (other runs, state folders, optimizer state) stays unreachable over HTTP."""
+    file = str(Path(path).resolve())
     allowed = list(getattr(demo, "allowed_paths", None) or [])
-    if parent not in allowed:
-        allowed.append(parent)
+    if file not in allowed:
+        allowed.append(file)
         demo.allowed_paths = allowed
 
 
@@ -442,6 +443,6 @@ def launch(config: AppConfig, *, prevent_thread_lock: bool = False, quiet: bool 
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=config.host, server_port=port, share=config.share,
                 auth=list(config.auth) if config.auth else None, prevent_thread_lock=prevent_thread_lock,
-                allowed_paths=[str(config.path("outputs_dir"))], show_error=True, quiet=quiet,
+                allowed_paths=[], show_error=True, quiet=quiet,
                 theme=gr.themes.Soft(primary_hue="indigo"), css=CSS)
     return demo
