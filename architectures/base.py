@@ -129,7 +129,8 @@ class Architecture:
 
     def load_options(self, settings, resolve_path) -> dict:
         """Extra keyword arguments of :meth:`load` taken from the settings (e.g. FLUX's separate text-encoder
-        and autoencoder files); ``resolve_path(str) -> Path`` resolves user paths like the model path."""
+        and autoencoder files); ``resolve_path(value, setting name) -> Path`` resolves user paths like the model
+        path (inside the app's folders; a refusal names the setting)."""
         return {}
 
     def configure_objective(self, components: Components, settings) -> None:

@@ -232,8 +232,8 @@ class FlowMatchingFamily(Architecture):
         return FlowMatchEulerDiscreteScheduler.from_config(components.extra["scheduler_config"])
 
 
-def resolve_optional(resolve_path, value: str) -> Path | None:
-    return resolve_path(value) if value else None
+def resolve_optional(resolve_path, value: str, setting: str) -> Path | None:
+    return resolve_path(value, setting) if value else None
 
 
 __all__ = ["FlowMatchingFamily", "FUSABLE_ALGORITHMS", "DIT_PRESETS", "t5_targets", "clip_text_targets",

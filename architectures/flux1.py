@@ -54,9 +54,9 @@ class FluxFamily(FlowMatchingFamily):
     # -- loading ---------------------------------------------------------------------------------------
     def load_options(self, settings, resolve_path) -> dict:
         m = settings.model
-        return {"clip_l_path": resolve_optional(resolve_path, m.clip_l_path),
-                "t5xxl_path": resolve_optional(resolve_path, m.t5xxl_path),
-                "ae_path": resolve_optional(resolve_path, m.ae_path)}
+        return {"clip_l_path": resolve_optional(resolve_path, m.clip_l_path, "model.clip_l_path"),
+                "t5xxl_path": resolve_optional(resolve_path, m.t5xxl_path, "model.t5xxl_path"),
+                "ae_path": resolve_optional(resolve_path, m.ae_path, "model.ae_path")}
 
     loads_without_text_encoders = True
 

@@ -100,7 +100,8 @@ class Flux2Family(FlowMatchingFamily):
 
     # -- loading ---------------------------------------------------------------------------------------
     def load_options(self, settings, resolve_path) -> dict:
-        return {"components_path": resolve_optional(resolve_path, settings.model.components_path)}
+        return {"components_path": resolve_optional(resolve_path, settings.model.components_path,
+                                                     "model.components_path")}
 
     #: ``load(..., text_encoders=False)`` skips the text encoder (the trainer asks when every caption's outputs
     #: are cached on disk: FLUX.2 dev's is 24B parameters)

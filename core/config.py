@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.settings import SettingsError
+
 ROOT = Path(__file__).resolve().parent.parent
 
 AUTH_SHAPE = ('"auth": ["user", "password"] for one login, or [["alice", "pw1"], ["bob", "pw2"]] for several '
@@ -33,6 +35,14 @@ def parse_auth(value: Any) -> list[tuple[str, str]] | None:
     return out
 
 
+#: the app's folders; user-given paths stay inside them (or config.json's allowed_roots)
+FOLDERS = ("models_dir", "datasets_dir", "outputs_dir", "presets_dir")
+
+
+class PathNotAllowed(SettingsError):
+    """A user-given path resolves outside the folders config.json allows."""
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -46,6 +56,8 @@ class AppConfig(BaseModel):
     outputs_dir: str = "outputs"
     presets_dir: str = "presets"
     training_defaults: str = "training.json"
+    allowed_roots: list[str] = Field(default_factory=list, description="More folders that paths given in the UI may "
+                                                                       "point into (besides the four above)")
 
     @field_validator("auth", mode="before")
     @classmethod
@@ -63,10 +75,22 @@ class AppConfig(BaseModel):
         p = Path(getattr(self, name))
         return p if p.is_absolute() else ROOT / p
 
-    def resolve(self, value: str, folder: str) -> Path:
-        """A user-given path: absolute as is, relative inside the named app folder."""
+    def roots(self) -> list[Path]:
+        """The folders every user-given path must lie in (symlinks followed)."""
+        return [self.path(name).resolve() for name in FOLDERS] + [Path(r).expanduser().resolve()
+                                                                  for r in self.allowed_roots]
+
+    def resolve(self, value: str, folder: str, setting: str = "path") -> Path:
+        """A user-given path (absolute, or relative to the named app folder), resolved with symlinks and ``..``
+        followed; outside :meth:`roots` it is refused (PathNotAllowed names ``setting`` and the folders)."""
         p = Path(value).expanduser()
-        return p if p.is_absolute() else self.path(folder) / p
+        real = (p if p.is_absolute() else self.path(folder) / p).resolve()
+        roots = self.roots()
+        if not any(real == root or root in real.parents for root in roots):
+            raise PathNotAllowed(f"{setting}: {value} is outside the folders this app may use "
+                                 f"({', '.join(str(r) for r in roots)}). Move it into one of them, or add its "
+                                 "folder to \"allowed_roots\" in config.json.")
+        return real
 
 
 def load_config(path: str | Path | None = None) -> AppConfig:

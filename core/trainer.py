@@ -214,12 +214,14 @@ class _Run:
 
     def resolve_paths(self) -> None:
         s, c = self.s, self.config
-        self.dataset_root = c.resolve(s.dataset.path, "datasets_dir")
+        self.dataset_root = c.resolve(s.dataset.path, "datasets_dir", "dataset.path")
         reg = s.dataset.reg_path.strip()
-        self.reg_root = c.resolve(reg, "datasets_dir") if reg else None
-        self.model_path = c.resolve(s.model.model_path, "models_dir")
-        self.config_dir = c.resolve(s.model.config_path, "models_dir") if s.model.config_path else None
-        self.output_dir = c.resolve(s.saving.output_dir or s.saving.output_name, "outputs_dir")
+        self.reg_root = c.resolve(reg, "datasets_dir", "dataset.reg_path") if reg else None
+        self.model_path = c.resolve(s.model.model_path, "models_dir", "model.model_path")
+        self.config_dir = c.resolve(s.model.config_path, "models_dir", "model.config_path") \
+            if s.model.config_path else None
+        self.output_dir = c.resolve(s.saving.output_dir or s.saving.output_name, "outputs_dir",
+                                    "saving.output_dir" if s.saving.output_dir else "saving.output_name")
 
     def check_stop(self) -> None:
         """Called between the pieces of every phase before training: Stop is honoured within seconds."""
@@ -257,7 +259,8 @@ class _Run:
         self.resolve_paths()
         self.arch = architectures.get(s.model.architecture)
         self.full_ft = s.network.algorithm == FULL_FINETUNE
-        self.resume_dir = self.config.resolve(s.saving.resume_from, "outputs_dir") if s.saving.resume_from else None
+        self.resume_dir = self.config.resolve(s.saving.resume_from, "outputs_dir", "saving.resume_from") \
+            if s.saving.resume_from else None
         self.resume_info = check_resume(self.resume_dir, s) if self.resume_dir else None
         self.check_stop()
 
@@ -306,7 +309,8 @@ class _Run:
         set_seed(s.schedule.seed)
 
         # family-specific load arguments (e.g. FLUX's separate text-encoder / autoencoder files)
-        self.load_options = self.arch.load_options(s, lambda p: self.config.resolve(p, "models_dir"))
+        self.load_options = self.arch.load_options(
+            s, lambda value, setting: self.config.resolve(value, "models_dir", setting))
         # full fine-tuning trains fp32 master weights; frozen parts are cast to the plan's dtype later
         load_dtype = torch.float32 if self.full_ft else self.plan.weight_dtype
         extra = [p for p in self.load_options.values() if isinstance(p, Path) and p.exists()]

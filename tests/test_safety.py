@@ -242,3 +242,90 @@ def test_the_server_serves_the_files_shown_and_nothing_beside_them(tiny, tmp_pat
             assert status(private) in (403, 404), private
     finally:
         demo.close()
+
+
+# -- every user-given path stays inside the app's folders -------------------------------------------------
+
+def app_folders(tmp_path, **extra):
+    folders = {k: tmp_path / k for k in ("models_dir", "datasets_dir", "outputs_dir", "presets_dir")}
+    for f in folders.values():
+        f.mkdir(parents=True, exist_ok=True)
+    return AppConfig(**{k: str(v) for k, v in folders.items()}, **extra), folders
+
+
+def test_paths_resolve_inside_the_folders_or_are_refused(tmp_path):
+    from core.config import PathNotAllowed
+    config, f = app_folders(tmp_path)
+    (f["datasets_dir"] / "cats").mkdir()
+    assert config.resolve("cats", "datasets_dir", "dataset.path") == (f["datasets_dir"] / "cats").resolve()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (f["datasets_dir"] / "link").symlink_to(outside)
+    for value in ["/etc", "../elsewhere", "cats/../../elsewhere", "link", str(outside)]:
+        with pytest.raises(PathNotAllowed, match=r"^dataset\.path: .* is outside the folders this app may use \(.*"
+                                                 r"datasets_dir.*allowed_roots"):
+            config.resolve(value, "datasets_dir", "dataset.path")
+    widened, _ = app_folders(tmp_path, allowed_roots=[str(outside)])
+    assert widened.resolve("link", "datasets_dir", "dataset.path") == outside.resolve()
+
+
+@pytest.mark.parametrize("field,value", [("dataset__path", "/etc"), ("saving__output_dir", "EVIL"),
+                                         ("saving__resume_from", "/etc"), ("dataset__reg_path", "../../..")])
+def test_a_run_refuses_paths_outside_before_touching_anything(tiny, tmp_path, field, value):
+    value = str(tmp_path / "evil") if value == "EVIL" else value  # beside the app's folders, not inside
+    s, _ = settings_for(tiny, tmp_path, **{field: value})
+    config, f = app_folders(tmp_path, allowed_roots=[str(tiny["data"].parent)])
+    events = []
+    with pytest.raises(core.SettingsError, match=rf"^{field.replace('__', '.')}: .* is outside the folders"):
+        core.train(s, on_event=events.append, config=config)
+    assert not any(e["type"] == "status" for e in events)  # not even the dataset was read
+    assert not (tmp_path / "evil").exists() and not any(f["outputs_dir"].iterdir())
+
+
+def test_tools_refuse_paths_outside(tmp_path):
+    from ui import tools_tab
+    config, f = app_folders(tmp_path)
+    roots = config.roots()
+    text = tools_tab.resize_handler("/etc/passwd", "out.safetensors", "fixed", "4", dirs=[f["outputs_dir"]],
+                                    roots=roots)
+    assert text.startswith("✗ Error: Adapter file: /etc/passwd is outside the folders")
+    text = tools_tab.summary_handler("../../x.safetensors", dirs=[f["outputs_dir"]], roots=roots)
+    assert "is outside the folders" in text
+
+
+def test_the_plan_says_when_the_model_path_is_outside(tmp_path):
+    from ui.app import plan_markdown
+    config, _ = app_folders(tmp_path)
+    s = core.load_settings()
+    s.model.model_path = "/etc"
+    assert "model.model_path: /etc is outside the folders" in plan_markdown(s, config)
+
+
+# -- several tabs share one run ----------------------------------------------------------------------------
+
+def test_a_refused_start_names_the_running_run_and_keeps_its_message(tiny, tmp_path):
+    from tests.test_ui_sync import _ordered_inputs, handler
+    from ui.app import build_app
+    from ui.schema_ui import settings_to_values
+    config, _ = app_folders(tmp_path, allowed_roots=[str(tiny["data"].parent)])
+    demo = build_app(config)
+    controller = demo.studio_controller
+    s, _ = settings_for(tiny, tmp_path, saving__output_name="long", schedule__max_train_steps=100_000)
+    assert controller.start(s)[0]
+    try:
+        start = handler(demo, "run-start", "click")
+        values = settings_to_values(s)
+        message = start.fn(*[values[n] for n in _ordered_inputs(start)])
+        assert message.startswith("✗ The run 'long' (started ") and "is in progress" in message
+        notice = demo.studio_run_widgets["notice"]
+        assert notice in start.outputs
+        poll = next(d for d in demo.fns.values() if getattr(d.fn, "__name__", "") == "poll")
+        assert notice not in poll.outputs  # the shared status updates never overwrite a tab's own message
+        ask = handler(demo, "run-stop", "click").fn()
+        assert ask[0]["visible"] and ask[1].startswith("Stop the run 'long' (started ")
+        assert controller.running  # asking stops nothing
+        hide, said = handler(demo, "run-stop-confirm", "click").fn()
+        assert not hide["visible"] and said.startswith("■ Stopping… 'long' (started ")
+    finally:
+        controller.stop()
+        controller.wait(120)

@@ -319,7 +319,11 @@ def test_load_a_preset_then_stop_a_long_run(studio, page):
     else:
         pytest.fail("the long run did not start training")
     assert page.locator("#run-stop").is_enabled() and not page.locator("#run-start").is_enabled()
+    assert "'stopped_lora' (started " in page.locator("#run-status").inner_text()
+    _second_tab_sees_the_run_and_cannot_stop_it_by_accident(studio, page)
     page.locator("#run-stop").click()
+    expect_text(page.locator("#run-stop-confirm-text"), "Stop the run 'stopped_lora' (started ")
+    page.locator("#run-stop-confirm").click()
     page.wait_for_function("document.querySelector('#run-status').innerText.includes('Stopped')",
                            timeout=RUN_TIMEOUT_S * 1000)
     page.wait_for_function("document.querySelector('#run-outputs').innerText.includes('stopped_lora')",
@@ -327,3 +331,24 @@ def test_load_a_preset_then_stop_a_long_run(studio, page):
     saved = re.findall(r"(\S+stopped_lora\S*\.safetensors)", page.locator("#run-outputs").inner_text())
     assert saved and all(Path(p).is_file() for p in saved)
     assert not studio["demo"].studio_controller.running
+
+
+def _second_tab_sees_the_run_and_cannot_stop_it_by_accident(studio, page) -> None:
+    """Another tab (another user of a share link) sees which run is going; its Stop asks first, naming the run,
+    and "Keep training" leaves the run alone."""
+    other = page.context.new_page()
+    try:
+        other.goto(studio["url"])
+        other.wait_for_selector("#setting-dataset-path")
+        open_tab(other, "Run")
+        expect_text(other.locator("#run-status"), "'stopped_lora' (started ")
+        assert not other.locator("#run-start").is_enabled()
+        other.locator("#run-stop").click()
+        expect_text(other.locator("#run-stop-confirm-text"), "Stop the run 'stopped_lora' (started ")
+        other.locator("#run-stop-cancel").click()
+        other.wait_for_timeout(1500)
+        assert not other.locator("#run-stop-confirm").is_visible()
+        assert studio["demo"].studio_controller.running
+    finally:
+        other.close()
+

@@ -235,7 +235,11 @@ def tiny_train_settings(arch_id: str, model_fields: dict, data: Path, tmp_path: 
     for dotted, value in values.items():
         section, name = dotted.split(".")
         setattr(getattr(s, section), name, value)
-    config = AppConfig(outputs_dir=str(tmp_path / "outputs"), models_dir=str(tmp_path), datasets_dir=str(tmp_path))
+    # the tiny models and data of a test module live beside each other, outside this test's folder
+    roots = {str(Path(data).parent)} | {str(Path(v).parent) for k, v in model_fields.items()
+                                         if k.endswith("_path") and isinstance(v, str) and v}
+    config = AppConfig(outputs_dir=str(tmp_path / "outputs"), models_dir=str(tmp_path), datasets_dir=str(tmp_path),
+                       allowed_roots=sorted(roots))
     return s, config
 
 

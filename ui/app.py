@@ -18,7 +18,7 @@ from core.settings import Settings, SettingsError, check_consistency, field_ui, 
 from ui import presets as preset_store
 from ui import warmup
 from ui.run_state import (RunController, Snapshot, loss_frame, memory_text, outputs_text, progress_html,
-                          samples_for_gallery, status_text)
+                          run_label, samples_for_gallery, status_text)
 from ui.schema_ui import (TABS, GeneratedControls, describe_error, list_models, render_advanced,
                           render_section, settings_to_values, values_to_settings, wire_visibility)
 
@@ -179,7 +179,7 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
                         run_widgets = _run_panel(hardware)
             with gr.Tab("Tools", id="tools", elem_id="tab-tools"):
                 from ui.tools_tab import build_tools_tab
-                build_tools_tab(models_dir, config.path("outputs_dir"))
+                build_tools_tab(config)
 
         controls = generated.controls
         missing = [d for d, _ in iter_fields() if d not in controls]
@@ -254,7 +254,8 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
 
         def start(*vals):
             if controller.running:
-                return "✗ A run is already in progress. Stop it first."
+                return (f"✗ The run {run_label(controller.state.snapshot())} is in progress; wait for it to end or "
+                        "stop it first.")
             try:
                 settings = values_to_settings(dict(zip(names, vals)))
             except SettingsError as exc:
@@ -264,13 +265,23 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
                 return errors_markdown("Fix these settings first", problems)
             warmup.wait()
             ok, message = controller.start(settings)
-            return f"… {message}" if ok else f"✗ {message}"
+            return "" if ok else f"✗ {message}"  # started: the shared status line says so in every tab
+
+        def ask_to_stop():
+            """Stop reaches every tab's run: first say which run it is and ask."""
+            label = run_label(controller.state.snapshot())
+            if not controller.running:
+                return gr.update(visible=False), "", "Nothing is running."
+            return (gr.update(visible=True), f"Stop the run {label}? It saves what was trained so far.", "")
 
         def stop():
-            return f"■ {controller.stop()}"
+            label = run_label(controller.state.snapshot())
+            return gr.update(visible=False), f"■ {controller.stop()} {label}".strip()
 
-        w["start"].click(start, inputs=inputs, outputs=w["status"], concurrency_limit=None)
-        w["stop"].click(stop, outputs=w["status"], queue=False)
+        w["start"].click(start, inputs=inputs, outputs=w["notice"], concurrency_limit=None)
+        w["stop"].click(ask_to_stop, outputs=[w["confirm_row"], w["confirm_text"], w["notice"]], queue=False)
+        w["confirm"].click(stop, outputs=[w["confirm_row"], w["notice"]], queue=False)
+        w["cancel"].click(lambda: gr.update(visible=False), outputs=w["confirm_row"], queue=False)
 
         poll_outputs = [w["status"], w["progress"], w["loss"], w["gallery"], w["log"], w["memory"],
                         w["outputs"], w["download"], w["start"], w["stop"], w["seen"]]
@@ -289,6 +300,7 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
         demo.load(None, js=FOLLOW_LOG_JS)
 
     demo.studio_controls = controls          # dotted name → component (used by tests and scripts)
+    demo.studio_run_widgets = w              # the Run tab's widgets by name
     demo.studio_controller = controller
     demo.studio_groups = generated.groups    # (layout piece, fields): shown while any of its fields is
     return demo
@@ -332,10 +344,14 @@ def plan_markdown(settings: Settings, config: AppConfig | None = None) -> str:
     from core.plan import estimate_config_dir, make_plan
     config_dir = None
     if config is not None:
-        config_dir = estimate_config_dir(config.resolve(settings.model.model_path, "models_dir")
-                                         if settings.model.model_path else None,
-                                         config.resolve(settings.model.config_path, "models_dir")
-                                         if settings.model.config_path else None)
+        try:
+            config_dir = estimate_config_dir(
+                config.resolve(settings.model.model_path, "models_dir", "model.model_path")
+                if settings.model.model_path else None,
+                config.resolve(settings.model.config_path, "models_dir", "model.config_path")
+                if settings.model.config_path else None)
+        except SettingsError as exc:  # a path outside the app's folders: said here, refused at Start
+            return f"**Plan**  \n✗ {exc}"
     arch = architectures.get(settings.model.architecture)
     refusals = "".join(f"✗ **Cannot start**: {p}  \n" for p in arch.check_settings(settings))
     try:
@@ -360,6 +376,12 @@ def _run_panel(hardware: str) -> dict[str, Any]:
     with gr.Row(equal_height=True):
         w["start"] = gr.Button("▶  Start training", variant="primary", elem_id="run-start", scale=2)
         w["stop"] = gr.Button("■  Stop", variant="stop", elem_id="run-stop", interactive=False, scale=1)
+    # this tab's own answers (a refused Start, Stop requested): the shared status below never overwrites them
+    w["notice"] = gr.Markdown("", elem_id="run-notice")
+    with gr.Row(visible=False, elem_id="run-stop-confirm-row") as w["confirm_row"]:
+        w["confirm_text"] = gr.Markdown("", elem_id="run-stop-confirm-text")
+        w["confirm"] = gr.Button("Yes, stop it", variant="stop", elem_id="run-stop-confirm", scale=0)
+        w["cancel"] = gr.Button("Keep training", elem_id="run-stop-cancel", scale=0)
     w["status"] = gr.Markdown("○ Ready.", elem_id="run-status")
     w["progress"] = gr.HTML(progress_html(_idle_snapshot()), elem_id="run-progress", js_on_load=None)
     with gr.Row():

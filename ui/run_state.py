@@ -56,6 +56,8 @@ class Snapshot:
     versions: dict[str, int]
     estimate_gb: float | None = None        # the plan's memory estimate for this run
     estimate_device: str = "cuda"           # what it estimates: "cuda" (VRAM) or "cpu" (RAM)
+    run_name: str = ""                      # the run's output name, shown in every tab
+    started_at: float | None = None         # time.time() when it was started
 
 
 @dataclass
@@ -83,6 +85,8 @@ class RunState:
     estimate_gb: float | None = None
     estimate_device: str = "cuda"
     error: str | None = None
+    run_name: str = ""
+    started_at: float | None = None
     versions: dict = field(default_factory=lambda: {k: 0 for k in
                                                     ("status", "progress", "losses", "samples", "log",
                                                      "outputs", "memory", "run")})
@@ -98,9 +102,10 @@ class RunState:
             self.log.append(f"[{stamp}] {part}")
         self._bump("log")
 
-    def reset(self, status: str) -> None:
+    def reset(self, status: str, run_name: str = "") -> None:
         with self.lock:
             self.running, self.phase, self.status = True, "starting", status
+            self.run_name, self.started_at = run_name, time.time()
             self.step = self.total_steps = self.epoch = self.total_epochs = 0
             self.it_per_s = self.eta_s = self.elapsed_s = self.lr = None
             self.losses, self.samples, self.outputs = [], [], []
@@ -243,7 +248,7 @@ class RunState:
                 outputs=list(self.outputs), final=self.final, vram_gb=self.vram_gb,
                 peak_vram_gb=self.peak_vram_gb, ram_gb=self.ram_gb, error=self.error,
                 versions=dict(self.versions), estimate_gb=self.estimate_gb,
-                estimate_device=self.estimate_device)
+                estimate_device=self.estimate_device, run_name=self.run_name, started_at=self.started_at)
 
 
 def _default_train() -> Callable:
@@ -284,7 +289,7 @@ class RunController:
                 return False, f"The trainer cannot be loaded: {type(exc).__name__}: {exc}"
             self._stop_event = threading.Event()
             name = settings.saving.output_name
-            self.state.reset(f"Starting '{name}'…")
+            self.state.reset(f"Starting '{name}'…", run_name=name)
             self._thread = threading.Thread(target=self._work, args=(train, settings, self._stop_event),
                                             name="training-run", daemon=True)
             self._thread.start()
@@ -335,10 +340,19 @@ def progress_html(s: Snapshot) -> str:
             f'style="width:{frac * 100:.1f}%"></div></div><div class="text">{" · ".join(parts)}</div></div>')
 
 
+def run_label(s: Snapshot) -> str:
+    """'name' (started 23:41): what every tab shows of the run, whoever started it."""
+    if not s.run_name:
+        return ""
+    started = time.strftime("%H:%M", time.localtime(s.started_at)) if s.started_at else "?"
+    return f"'{s.run_name}' (started {started})"
+
+
 def status_text(s: Snapshot) -> str:
     icon = {"idle": "○", "starting": "…", "running": "▶", "stopping": "■", "finished": "✓",
             "stopped": "■", "failed": "✗"}.get(s.phase, "")
-    return f"{icon} {s.status}".strip()
+    label = run_label(s)
+    return f"{icon} {label + ': ' if label else ''}{s.status}".strip()
 
 
 def memory_text(s: Snapshot) -> str:

@@ -7,30 +7,34 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import gradio as gr
 
 from core import tools
+from core.config import AppConfig, PathNotAllowed
 from ui import warmup
 
 DTYPES = ("fp16", "bf16", "fp32")
 
 
-def _resolve(text: str, dirs: Iterable[Path] = (), *, must_exist: bool = True) -> Path:
+def _resolve(text: str, dirs: Iterable[Path] = (), *, must_exist: bool = True, roots: Sequence[Path] = (),
+             what: str = "path") -> Path:
+    """A Tools path: absolute, or relative to the first of ``dirs`` that has it (new files: the last).  With
+    ``roots`` (the app's folders, always given in the app) it must resolve inside one of them."""
     text = (text or "").strip().strip('"')
     if not text:
-        raise ValueError("a path is empty")
+        raise ValueError(f"{what}: the path is empty")
     p = Path(text).expanduser()
-    if p.is_absolute():
-        return p
-    dirs = [Path(d) for d in dirs if d]
-    if must_exist:
-        for d in dirs:
-            if (d / p).exists():
-                return d / p
-        return p
-    return dirs[-1] / p if dirs else p
+    if not p.is_absolute():
+        dirs = [Path(d) for d in dirs if d]
+        found = [d / p for d in dirs if (d / p).exists()] if must_exist else []
+        p = found[0] if found else (dirs[-1] / p if dirs else p)
+    real = p.resolve()
+    if roots and not any(real == r or r in real.parents for r in roots):
+        raise PathNotAllowed(f"{what}: {text} is outside the folders this app may use "
+                             f"({', '.join(map(str, roots))}); add its folder to \"allowed_roots\" in config.json")
+    return p
 
 
 def _error(e: BaseException) -> str:
@@ -45,7 +49,7 @@ def _run(fn):
         return _error(e)
 
 
-def parse_adapters(text: str, dirs: Iterable[Path] = ()) -> list[tuple[Path, float]]:
+def parse_adapters(text: str, dirs: Iterable[Path] = (), roots: Sequence[Path] = ()) -> list[tuple[Path, float]]:
     """One adapter per line (or ``;``-separated): ``path`` or ``path:weight`` / ``path,weight``."""
     out = []
     for line in (text or "").replace(";", "\n").splitlines():
@@ -62,60 +66,69 @@ def parse_adapters(text: str, dirs: Iterable[Path] = ()) -> list[tuple[Path, flo
                     break
                 except ValueError:
                     continue
-        out.append((_resolve(path, dirs), weight))
+        out.append((_resolve(path, dirs, roots=roots, what="Adapters"), weight))
     if not out:
         raise ValueError("list at least one adapter file (one per line, optionally path:weight)")
     return out
 
 
-def summary_handler(path: str, dirs: Iterable[Path] = ()) -> str:
-    return _run(lambda: tools.format_summary(tools.adapter_summary(_resolve(path, dirs))))
+def summary_handler(path: str, dirs: Iterable[Path] = (), roots: Sequence[Path] = ()) -> str:
+    return _run(lambda: tools.format_summary(tools.adapter_summary(_resolve(path, dirs, roots=roots,
+                                                                            what="Adapter file"))))
 
 
 def merge_handler(arch_id: str, base: str, adapters: str, out: str, config_dir: str = "", save_dtype: str = "fp16",
-                  model_dirs: Iterable[Path] = (), dirs: Iterable[Path] = ()) -> str:
+                  model_dirs: Iterable[Path] = (), dirs: Iterable[Path] = (), roots: Sequence[Path] = ()) -> str:
     def go():
-        written = tools.merge_adapters(arch_id, _resolve(base, model_dirs), parse_adapters(adapters, dirs),
-                                       _resolve(out, dirs, must_exist=False),
-                                       _resolve(config_dir, model_dirs) if (config_dir or "").strip() else None,
-                                       save_dtype)
+        written = tools.merge_adapters(
+            arch_id, _resolve(base, model_dirs, roots=roots, what="Base model"),
+            parse_adapters(adapters, dirs, roots), _resolve(out, dirs, must_exist=False, roots=roots,
+                                                            what="Output checkpoint"),
+            _resolve(config_dir, model_dirs, roots=roots, what="Config folder") if (config_dir or "").strip()
+            else None, save_dtype)
         return f"✓ merged checkpoint written: {written}"
     return _run(go)
 
 
-def resize_handler(path: str, out: str, mode: str, value: str, dirs: Iterable[Path] = ()) -> str:
+def resize_handler(path: str, out: str, mode: str, value: str, dirs: Iterable[Path] = (),
+                   roots: Sequence[Path] = ()) -> str:
     def go():
         try:
             v = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"value must be a number, not {value!r}") from None
-        _, report = tools.resize_lora(_resolve(path, dirs), _resolve(out, dirs, must_exist=False), mode, v)
+        _, report = tools.resize_lora(_resolve(path, dirs, roots=roots, what="Adapter file"),
+                                      _resolve(out, dirs, must_exist=False, roots=roots, what="Output file"), mode, v)
         return "✓ " + tools.format_resize_report(report)
     return _run(go)
 
 
 def extract_handler(arch_id: str, base: str, tuned: str, out: str, rank: str, conv_rank: str = "",
-                    config_dir: str = "", model_dirs: Iterable[Path] = (), dirs: Iterable[Path] = ()) -> str:
+                    config_dir: str = "", model_dirs: Iterable[Path] = (), dirs: Iterable[Path] = (),
+                    roots: Sequence[Path] = ()) -> str:
     def go():
         try:
             r = int(float(rank))
             c = int(float(conv_rank)) if str(conv_rank or "").strip() else None
         except (TypeError, ValueError):
             raise ValueError("rank and conv rank must be whole numbers") from None
-        written = tools.extract_lora(arch_id, _resolve(base, model_dirs), _resolve(tuned, model_dirs),
-                                     _resolve(out, dirs, must_exist=False), r,
-                                     _resolve(config_dir, model_dirs) if (config_dir or "").strip() else None,
-                                     conv_rank=c)
+        written = tools.extract_lora(
+            arch_id, _resolve(base, model_dirs, roots=roots, what="Base model"),
+            _resolve(tuned, model_dirs, roots=roots, what="Fine-tuned model"),
+            _resolve(out, dirs, must_exist=False, roots=roots, what="Output LoRA"), r,
+            _resolve(config_dir, model_dirs, roots=roots, what="Config folder") if (config_dir or "").strip()
+            else None, conv_rank=c)
         return f"✓ LoRA written: {written}\n" + tools.format_summary(tools.adapter_summary(written))
     return _run(go)
 
 
-def build_tools_tab(models_dir: Path | None = None, outputs_dir: Path | None = None) -> None:
-    """Renders the tab's contents (call inside a ``gr.Tab``)."""
+def build_tools_tab(config: AppConfig) -> None:
+    """Renders the tab's contents (call inside a ``gr.Tab``); every path stays inside ``config.roots()``."""
     import architectures
     arch_choices = [(label, arch_id) for arch_id, label in architectures.available().items()]
-    model_dirs = [d for d in (models_dir,) if d]
-    dirs = [d for d in (models_dir, outputs_dir) if d]  # outputs last: new files go there
+    model_dirs = [config.path("models_dir")]
+    dirs = [config.path("models_dir"), config.path("outputs_dir")]  # outputs last: new files go there
+    roots = config.roots()
     text = dict(lines=1, max_lines=1)
 
     gr.Markdown("Paths: absolute, or relative to the models folder (base models) / outputs folder "
@@ -125,7 +138,7 @@ def build_tools_tab(models_dir: Path | None = None, outputs_dir: Path | None = N
         s_path = gr.Textbox(label="Adapter file (.safetensors)", elem_id="tools-summary-path", scale=4, **text)
         s_btn = gr.Button("Inspect", elem_id="tools-summary-run", scale=1)
     s_out = gr.Textbox(label="Summary", lines=8, interactive=False, elem_id="tools-summary-out")
-    s_btn.click(partial(summary_handler, dirs=dirs), [s_path], s_out)
+    s_btn.click(partial(summary_handler, dirs=dirs, roots=roots), [s_path], s_out)
 
     gr.Markdown("### Merge adapters into a base model")
     with gr.Row():
@@ -138,7 +151,7 @@ def build_tools_tab(models_dir: Path | None = None, outputs_dir: Path | None = N
         m_dtype = gr.Dropdown(list(DTYPES), value="fp16", label="Save precision", elem_id="tools-merge-dtype")
         m_btn = gr.Button("Merge", elem_id="tools-merge-run")
     m_res = gr.Textbox(label="Result", lines=2, interactive=False, elem_id="tools-merge-out-text")
-    m_btn.click(partial(merge_handler, model_dirs=model_dirs, dirs=dirs),
+    m_btn.click(partial(merge_handler, model_dirs=model_dirs, dirs=dirs, roots=roots),
                 [m_arch, m_base, m_adapters, m_out, m_cfg, m_dtype], m_res)
 
     gr.Markdown("### Resize a LoRA / LoCon")
@@ -153,7 +166,7 @@ def build_tools_tab(models_dir: Path | None = None, outputs_dir: Path | None = N
                              elem_id="tools-resize-value", **text)
         r_btn = gr.Button("Resize", elem_id="tools-resize-run")
     r_res = gr.Textbox(label="Report", lines=6, interactive=False, elem_id="tools-resize-out-text")
-    r_btn.click(partial(resize_handler, dirs=dirs), [r_path, r_out, r_mode, r_value], r_res)
+    r_btn.click(partial(resize_handler, dirs=dirs, roots=roots), [r_path, r_out, r_mode, r_value], r_res)
 
     gr.Markdown("### Extract a LoRA from two models")
     with gr.Row():
@@ -167,7 +180,7 @@ def build_tools_tab(models_dir: Path | None = None, outputs_dir: Path | None = N
         e_cfg = gr.Textbox(label="Config folder (optional)", elem_id="tools-extract-config", scale=2, **text)
         e_btn = gr.Button("Extract", elem_id="tools-extract-run")
     e_res = gr.Textbox(label="Result", lines=6, interactive=False, elem_id="tools-extract-out-text")
-    e_btn.click(partial(extract_handler, model_dirs=model_dirs, dirs=dirs),
+    e_btn.click(partial(extract_handler, model_dirs=model_dirs, dirs=dirs, roots=roots),
                 [e_arch, e_base, e_tuned, e_out, e_rank, e_conv, e_cfg], e_res)
 
 
