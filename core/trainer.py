@@ -699,7 +699,14 @@ class _Run:
                     c.vae.to(self.device)
                     stack.callback(c.vae.to, "cpu")
                 stack.enter_context(self.text_encoders_on_device())
-                images = self.arch.sample(c, prompts, s, (width, height), self.device, self.plan.weight_dtype)
+                images = []
+                for i, prompt in enumerate(prompts):  # one at a time: Stop skips the prompts still to render
+                    if self.stop_event.is_set():
+                        break
+                    one = s.model_copy(update={"sampling": s.sampling.model_copy(
+                        update={"seed": s.sampling.seed + i})})  # the seed render_each gives prompt i
+                    images += self.arch.sample(c, [prompt], one, (width, height), self.device,
+                                               self.plan.weight_dtype)
         finally:
             c.denoiser.train()
             self.network.train()
@@ -708,7 +715,7 @@ class _Run:
             path = self.output_dir / "samples" / f"{self.output_stem}-step{self.global_step:06d}-{i}.png"
             paths.append(str(atomic_save_image(path, image)))
         self.result.samples.extend(Path(p) for p in paths)
-        emit(self.on_event, "sample", step=self.global_step, paths=paths, prompts=prompts)
+        emit(self.on_event, "sample", step=self.global_step, paths=paths, prompts=prompts[:len(paths)])
 
     # -- saving and resuming ---------------------------------------------------------------------------
     def metadata(self, tensors_hash: str, suffix: str = "") -> dict:

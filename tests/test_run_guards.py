@@ -262,3 +262,32 @@ def test_every_algorithm_is_built_at_its_initial_values(tiny, algorithm):
         first.get_parameter(name).fill_(1e30 if rule == "zeros" else 0.0)
     problems = first.init_problems()
     assert len(problems) == 1 and first.name in problems[0] and name in problems[0]
+
+
+def test_stop_during_previews_skips_the_prompts_left(tiny, tmp_path):
+    result, events = run(tiny, tmp_path, stop_when=starts("Preview images"), schedule__max_train_steps=50,
+                         sampling__sample_every_n_steps=2, sampling__prompts="a red square\na blue disc\nstripes")
+    assert not isinstance(result, Exception), result
+    assert result.stopped and result.steps == 2 and result.final.is_file()
+    assert not result.samples and not list((tmp_path / "outputs").rglob("*.png"))
+
+
+def test_previews_one_prompt_at_a_time_keep_their_seeds(tiny, tmp_path):
+    """Rendered one by one (so Stop can cut in), prompt i still gets seed + i: the same images as all at once."""
+    import numpy as np
+
+    from PIL import Image
+    result, _ = run(tiny, tmp_path, schedule__max_train_steps=2, sampling__sample_every_n_steps=2,
+                    sampling__prompts="a red square\na red square")
+    first, second = (np.asarray(Image.open(p)) for p in result.samples)
+    assert first.shape == second.shape and not np.array_equal(first, second)  # seeds 42 and 43 differ
+    s, _ = settings_for(tiny, tmp_path)
+    s.sampling.seed += 1
+    arch = architectures.get("sd15")
+    comps = arch.load(tiny["model"], None, torch.float32)
+    net = build_network(arch.adapter_targets(comps, s.network.target, False), "lora", 4, 2.0)
+    net.load_export_state_dict(load_file(str(result.state_dir / "adapter.safetensors")))
+    net.apply_to()
+    with torch.no_grad():
+        [again] = arch.sample(comps, ["a red square"], s, (64, 64), torch.device("cpu"), torch.float32)
+    assert np.abs(np.asarray(again).astype(int) - second.astype(int)).max() <= 1
