@@ -347,7 +347,8 @@ class _Run:
             module.requires_grad_(False)
         # the denoiser stays in CPU memory until the captions and images are cached (setup_denoiser moves it)
         # the VAE runs in fp32: SD VAEs overflow in fp16 and it is only used for caching and previews
-        c.vae.to(self.device, torch.float32)
+        # nn.Module.to: diffusers' override warns about fp32 modules even when its list of them is empty
+        torch.nn.Module.to(c.vae, self.device, torch.float32)
 
         with run_context(self.plan):
             self.prepare_data()

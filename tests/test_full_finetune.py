@@ -143,6 +143,8 @@ def test_resume_continues_from_step_k(tiny, tmp_path):
     assert (state / "model.safetensors").is_file() and (state / "ema.safetensors").is_file()
 
     s2, config2 = settings(tiny, "sd15", tmp_path / "split", saving__resume_from=str(state), **common)
+    # the state lives in the other run's outputs folder: allowed here explicitly
+    config2 = config2.model_copy(update={"allowed_roots": [*config2.allowed_roots, str(tmp_path / "full")]})
     events = []
     second = core.train(s2, on_event=events.append, config=config2)
     assert [e["step"] for e in events if e["type"] == "progress"] == [3, 4]
