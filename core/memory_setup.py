@@ -58,6 +58,23 @@ def optimizer_for(plan, optimizer_type: str) -> str:
     return optimizer_type
 
 
+@contextlib.contextmanager
+def torch_switches(plan, device: torch.device):
+    """The plan's process-wide torch switches (CPU threads, TF32) for the run only: restored afterwards, so a
+    later run, a plan preview or a script in the same process starts from its own."""
+    saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        if device.type == "cpu" and plan.cpu_threads > 0:
+            torch.set_num_threads(plan.cpu_threads)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = plan.tf32
+            torch.backends.cudnn.allow_tf32 = plan.tf32
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1], saved[2]
+
+
 def run_context(plan) -> contextlib.AbstractContextManager:
     """The attention kernel for everything the run computes (caching, steps, previews)."""
     from core.attention import attention_context

@@ -25,7 +25,7 @@ from core.config import AppConfig, load_config
 from core.events import RunFailed, SaveFailed, TrainingDiverged, emit
 from core.full_finetune import EMA, FULL_FINETUNE, FullFineTune
 from core.export import adapter_metadata, save_adapter_files, tag_frequency
-from core.memory_setup import run_context, setup_denoiser, text_encoder_on_device
+from core.memory_setup import run_context, setup_denoiser, text_encoder_on_device, torch_switches
 from core.io import (NonFiniteError, atomic_save_image, atomic_save_safetensors, atomic_torch_save,
                      atomic_write_json, check_finite, unused_path, unused_stem)
 from core.optim import build_fused_backward_optimizer, build_optimizer, build_scheduler
@@ -231,7 +231,8 @@ class _Run:
     # -- the run ---------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         try:
-            return self.prepare_and_train()
+            with contextlib.ExitStack() as self.scope:  # what the run changes in the process, undone at its end
+                return self.prepare_and_train()
         except TrainingStopped:
             self.release()
             self.result.stopped = True
@@ -300,11 +301,8 @@ class _Run:
         # across epoch ends and would drop or merge the last micro-batches of an epoch
         self.accelerator = Accelerator(mixed_precision=self.plan.mixed_precision, cpu=self.plan.device == "cpu")
         self.device = self.accelerator.device
-        if self.device.type == "cpu" and self.plan.cpu_threads > 0:
-            torch.set_num_threads(self.plan.cpu_threads)
+        self.scope.enter_context(torch_switches(self.plan, self.device))
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = self.plan.tf32
-            torch.backends.cudnn.allow_tf32 = self.plan.tf32
             torch.cuda.reset_peak_memory_stats()
         set_seed(s.schedule.seed)
 

@@ -3,9 +3,11 @@ and names its last good save, and resumes from it), optimizer-step counts for ev
 accumulation and repeats, refusals before anything loads, Stop in every phase, and the adapter init check."""
 from __future__ import annotations
 
+import ast
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,3 +293,52 @@ def test_previews_one_prompt_at_a_time_keep_their_seeds(tiny, tmp_path):
     with torch.no_grad():
         [again] = arch.sample(comps, ["a red square"], s, (64, 64), torch.device("cpu"), torch.float32)
     assert np.abs(np.asarray(again).astype(int) - second.astype(int)).max() <= 1
+
+
+# -- no process-wide patching --------------------------------------------------------------------------------
+
+LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "lycoris", "safetensors", "gradio",
+             "optimum", "bitsandbytes", "numpy", "PIL")
+# torch switches the run sets for its own duration and restores (core.memory_setup.torch_switches)
+SCOPED_SWITCHES = {("core/memory_setup.py", "torch.backends.cuda.matmul.allow_tf32"),
+                   ("core/memory_setup.py", "torch.backends.cudnn.allow_tf32")}
+
+
+def _dotted(node) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ""
+
+
+def test_no_code_assigns_into_a_library():
+    """Replacing anything inside torch or a library (torch.nn.init.*, F.scaled_dot_product_attention, a class's
+    method) leaks into every later model in the process: libraries capture such things at import.  The app's
+    code never assigns into, or setattr()s on, a name bound to a library module or its members."""
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for path in sorted([*root.glob("core/**/*.py"), *root.glob("architectures/**/*.py"), *root.glob("ui/**/*.py"),
+                        root / "run.py"]):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        bound = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                bound |= {(a.asname or a.name).split(".")[0] for a in node.names
+                          if a.name.split(".")[0] in LIBRARIES}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in LIBRARIES:
+                bound |= {a.asname or a.name for a in node.names}
+        rel = str(path.relative_to(root))
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                    targets += t.elts if isinstance(t, ast.Tuple) else [t]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in (
+                    "setattr", "delattr") and node.args:
+                targets.append(ast.Attribute(value=node.args[0], attr="*"))
+            for t in targets:
+                name = _dotted(t) if isinstance(t, ast.Attribute) else ""
+                if name and name.split(".")[0] in bound and (rel, name) not in SCOPED_SWITCHES:
+                    found.append(f"{rel}:{node.lineno}: {name}")
+    assert not found, "assignments into a library:\n" + "\n".join(found)
