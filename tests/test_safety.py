@@ -155,7 +155,8 @@ def fill(folder, leave_bytes):
 def disk_run(tiny, tmp_path, disk, on_event=None, **overrides):
     s, _ = settings_for(tiny, tmp_path, saving__output_name="disk", saving__save_every_n_steps=2,
                         schedule__max_train_steps=6, **overrides)
-    config = AppConfig(outputs_dir=str(disk), models_dir=str(tmp_path), datasets_dir=str(tmp_path))
+    config = AppConfig(outputs_dir=str(disk), models_dir=str(tmp_path), datasets_dir=str(tmp_path),
+                       allowed_roots=[str(tiny["data"].parent)])
     events = []
 
     def on(e):
@@ -215,7 +216,7 @@ def test_a_read_only_output_folder_is_named(tiny, tmp_path, small_disk):
 def test_the_server_serves_the_files_shown_and_nothing_beside_them(tiny, tmp_path):
     from ui.app import _poll_updates, launch
     folders = {k: tmp_path / k for k in ("models_dir", "datasets_dir", "outputs_dir", "presets_dir")}
-    config = AppConfig(port=0, **{k: str(v) for k, v in folders.items()})
+    config = AppConfig(port=0, allowed_roots=[str(tiny["data"].parent)], **{k: str(v) for k, v in folders.items()})
     demo = launch(config, prevent_thread_lock=True, quiet=True)
     try:
         warmup.wait()

@@ -120,7 +120,7 @@ def test_epochs_intermediate_saves_and_keep_last(tiny, tmp_path):
     out = result.final.parent
     remaining = sorted(p.name for p in out.glob("*-step*.safetensors"))
     assert len(saved) == 4 and len(remaining) == 2  # three epoch saves, two kept, plus the final
-    assert len(list(out.glob("state-*"))) == 2
+    assert len(list(out.glob("*-state-*"))) == 2
 
 
 def test_existing_output_is_never_overwritten(tiny, tmp_path):

@@ -336,7 +336,7 @@ def test_load_a_preset_then_stop_a_long_run(studio, page):
 def _second_tab_sees_the_run_and_cannot_stop_it_by_accident(studio, page) -> None:
     """Another tab (another user of a share link) sees which run is going; its Stop asks first, naming the run,
     and "Keep training" leaves the run alone."""
-    other = page.context.new_page()
+    other = page.context.browser.new_page(viewport={"width": 1280, "height": 900})
     try:
         other.goto(studio["url"])
         other.wait_for_selector("#setting-dataset-path")
