@@ -134,16 +134,19 @@ def test_a_diverging_run_fails_keeps_its_last_good_save_and_resumes(tiny, tmp_pa
     state = good.state_dir
     before = {p: p.stat().st_mtime_ns for p in saved_files(out)}
 
-    # a learning rate no run survives, clipping off, no saves on the way: the guard stops it
-    diverged, events = run(tiny, tmp_path, schedule__max_train_steps=40, saving__resume_from=str(state),
-                           optimizer__learning_rate=10.0, optimizer__max_grad_norm=0.0,
-                           schedule__log_every_n_steps=5)
-    assert isinstance(diverged, core.TrainingDiverged), diverged
-    message = str(diverged)
+    # a learning rate no run survives, clipping off, no saves on the way: the guard stops it; started the way the
+    # Run tab starts it, so the page's status is checked too
+    from ui.run_state import RunController
+    s, config = settings_for(tiny, tmp_path, schedule__max_train_steps=40, saving__resume_from=str(state),
+                             optimizer__learning_rate=10.0, optimizer__max_grad_norm=0.0, schedule__log_every_n_steps=5)
+    controller = RunController(config=config)
+    assert controller.start(s)[0] and controller.wait(300)
+    snap = controller.state.snapshot()
+    assert snap.phase == "failed" and snap.status.startswith("Failed: Loss became NaN near step ")
+    message = snap.error
     assert "near step" in message and "(learning rate 10," in message and "gradient clipping off" in message
     assert f"The last good save is {state}" in message and "resume from that state" in message
-    assert [e["message"] for e in events if e["type"] == "error"] == [message]
-    assert not any(e["type"] == "done" for e in events)
+    assert not any("Traceback" in line for line in snap.log) and snap.final is None
     assert {p: p.stat().st_mtime_ns for p in saved_files(out)} == before  # nothing written, nothing replaced
     assert_all_finite(out)
 
@@ -342,3 +345,4 @@ def test_no_code_assigns_into_a_library():
                 if name and name.split(".")[0] in bound and (rel, name) not in SCOPED_SWITCHES:
                     found.append(f"{rel}:{node.lineno}: {name}")
     assert not found, "assignments into a library:\n" + "\n".join(found)
+
