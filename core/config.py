@@ -77,8 +77,8 @@ class AppConfig(BaseModel):
 
     def roots(self) -> list[Path]:
         """The folders every user-given path must lie in (symlinks followed)."""
-        return [self.path(name).resolve() for name in FOLDERS] + [Path(r).expanduser().resolve()
-                                                                  for r in self.allowed_roots]
+        return list(dict.fromkeys([self.path(name).resolve() for name in FOLDERS]
+                                  + [Path(r).expanduser().resolve() for r in self.allowed_roots]))
 
     def resolve(self, value: str, folder: str, setting: str = "path") -> Path:
         """A user-given path (absolute, or relative to the named app folder), resolved with symlinks and ``..``
