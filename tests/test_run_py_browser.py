@@ -34,8 +34,8 @@ from safetensors.torch import load_file
 
 import architectures
 from tests.test_fresh_process import _file_problems
-from tests.test_ui_browser import (CHROMIUM, CHROMIUM_ARGS, _require_chromium, _wait_for_final, check, choose,
-                                   choose_dropdown, expect_text, fill, open_advanced, open_tab)
+from tests.test_ui_browser import (_require_chromium, _wait_for_final, browser_page, check, choose, choose_dropdown,
+                                   expect_text, fill, open_advanced, open_tab)
 from tests.tiny_models import build_tiny_dataset
 from tests.tiny_models_dit import build_tiny_dit
 
@@ -159,18 +159,8 @@ def app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(app):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            pg = browser.new_page(viewport={"width": 1280, "height": 900})
-            pg.set_default_timeout(20_000)
-            pg.goto(app["url"])
-            pg.wait_for_selector("#setting-dataset-path")
-            yield pg
-        finally:
-            browser.close()
+    with browser_page(app["url"]) as pg:
+        yield pg
 
 
 def test_run_py_serves_the_app_and_trains_flux1_from_a_diffusers_folder(app, page):

@@ -8,6 +8,7 @@ in CI (``CI=true``), where a missing browser is a failure.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -61,8 +62,9 @@ def studio(tmp_path_factory):
         demo.close()
 
 
-@pytest.fixture(scope="module")
-def page(studio):
+@contextlib.contextmanager
+def browser_page(url: str):
+    """A Chromium page on the app at ``url``, once the settings controls are there."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -70,11 +72,17 @@ def page(studio):
         try:
             pg = browser.new_page(viewport={"width": 1280, "height": 900})
             pg.set_default_timeout(20_000)
-            pg.goto(studio["url"])
+            pg.goto(url)
             pg.wait_for_selector("#setting-dataset-path")
             yield pg
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(studio):
+    with browser_page(studio["url"]) as pg:
+        yield pg
 
 
 # -- helpers: set a generated control by its elem_id ----------------------------------------------------
