@@ -59,10 +59,24 @@ class FlowMatchingFamily(Architecture):
     #: the transformer's block lists and, per preset, the module paths (relative to a block) it adapts
     block_lists: tuple[str, ...] = ()
     preset_modules: dict[str, dict[str, tuple[str, ...]]] = {}
+    #: (transformer config) -> {diffusers module path: ExportSlot}: where each layer goes in the original layout
+    slot_table = None
+    #: sd-scripts' ``ss_network_module`` for a plain LoRA of this family (``networks.lora_flux``, …)
+    lora_network_module = ""
+
+    def lora_slots(self, components: Components) -> dict[str, ExportSlot]:
+        if "_slots" not in components.extra:
+            components.extra["_slots"] = self.slot_table(components.denoiser.config)
+        return components.extra["_slots"]
+
+    def adapter_metadata(self, settings, suffix: str) -> dict[str, str]:
+        n = settings.network
+        md = {"ss_network_module": self.lora_network_module} if n.algorithm == "lora" and not n.dora else {}
+        if suffix == ".diffusers":
+            md["format"] = "pt"
+        return md
 
     # -- hooks the subclasses implement ------------------------------------------------------------------
-    def lora_slots(self, components: Components) -> dict[str, ExportSlot]:
-        raise NotImplementedError
 
     def text_encoder_targets(self, components: Components, settings_network) -> list[AdapterTarget]:
         raise NotImplementedError

@@ -20,7 +20,7 @@ from architectures import flow_matching as fm
 from architectures.base import AdapterTarget, Components
 from architectures.dit_common import (FlowMatchingFamily, clip_text_targets, flux_block_filter, resolve_optional,
                                        t5_targets)
-from architectures.dit_keys import ExportSlot, flux_lora_slots
+from architectures.dit_keys import flux_lora_slots
 
 _DOUBLE_ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out")
@@ -43,6 +43,8 @@ class FluxFamily(FlowMatchingFamily):
     block_patterns = ((r"^transformer_blocks\.(\d+)\.", "double_{0}"),
                       (r"^single_transformer_blocks\.(\d+)\.", "single_{0}"))
     block_lists = ("transformer_blocks", "single_transformer_blocks")
+    slot_table = staticmethod(flux_lora_slots)
+    lora_network_module = "networks.lora_flux"
     preset_modules = {
         "attn": {"transformer_blocks": _DOUBLE_ATTN, "single_transformer_blocks": _SINGLE_ATTN},
         "attn_mlp": {"transformer_blocks": _DOUBLE_ATTN + _DOUBLE_MLP,
@@ -74,11 +76,6 @@ class FluxFamily(FlowMatchingFamily):
                           extra={"scheduler_config": parts["scheduler_config"]})
 
     # -- adapters --------------------------------------------------------------------------------------
-    def lora_slots(self, components: Components) -> dict[str, ExportSlot]:
-        if "_slots" not in components.extra:
-            components.extra["_slots"] = flux_lora_slots(components.denoiser.config)
-        return components.extra["_slots"]
-
     def block_filter(self, components: Components, path: str) -> bool:
         return flux_block_filter(components, path)
 
@@ -87,12 +84,6 @@ class FluxFamily(FlowMatchingFamily):
         if getattr(network, "train_t5", False):
             out += t5_targets(components.text_encoders[1], "lora_te3", "te3")
         return out
-
-    def adapter_metadata(self, settings, suffix: str) -> dict[str, str]:
-        n = settings.network
-        if getattr(n, "algorithm", "lora") == "lora" and not getattr(n, "dora", False):
-            return {"ss_network_module": "networks.lora_flux"}
-        return {}
 
     # -- text ------------------------------------------------------------------------------------------
     def tokenize(self, components: Components, captions: list[str]) -> list[torch.Tensor]:

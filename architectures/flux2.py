@@ -42,7 +42,7 @@ import torch
 
 from architectures.base import AdapterTarget, Components
 from architectures.dit_common import FlowMatchingFamily, flux_block_filter, resolve_optional
-from architectures.dit_keys import ExportSlot
+from architectures.flux2_keys import flux2_lora_slots
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class Flux2Family(FlowMatchingFamily):
     block_patterns = ((r"^transformer_blocks\.(\d+)\.", "double_{0}"),
                       (r"^single_transformer_blocks\.(\d+)\.", "single_{0}"))
     block_lists = ("transformer_blocks", "single_transformer_blocks")
+    slot_table = staticmethod(flux2_lora_slots)
+    lora_network_module = "networks.lora_flux"
     preset_modules = {
         "attn": {"transformer_blocks": _DOUBLE_ATTN, "single_transformer_blocks": _SINGLE},
         "attn_mlp": {"transformer_blocks": _DOUBLE_ATTN + _DOUBLE_MLP, "single_transformer_blocks": _SINGLE},
@@ -140,12 +142,6 @@ class Flux2Family(FlowMatchingFamily):
         return latents.shape[-2] * latents.shape[-1]  # already patchified: one token per latent position
 
     # -- adapters --------------------------------------------------------------------------------------
-    def lora_slots(self, components: Components) -> dict[str, ExportSlot]:
-        from architectures.flux2_keys import flux2_lora_slots
-        if "_slots" not in components.extra:
-            components.extra["_slots"] = flux2_lora_slots(components.denoiser.config)
-        return components.extra["_slots"]
-
     def block_filter(self, components: Components, path: str) -> bool:
         return flux_block_filter(components, path)
 
@@ -167,12 +163,6 @@ class Flux2Family(FlowMatchingFamily):
 
     def text_encoder_targets(self, components: Components, network) -> list[AdapterTarget]:
         return []  # check_settings refuses network.train_text_encoder
-
-    def adapter_metadata(self, settings, suffix: str) -> dict[str, str]:
-        n = settings.network
-        if getattr(n, "algorithm", "lora") == "lora" and not getattr(n, "dora", False):
-            return {"ss_network_module": "networks.lora_flux"}
-        return {}
 
     # -- latents ---------------------------------------------------------------------------------------
     @staticmethod

@@ -20,7 +20,7 @@ import torch
 
 from architectures.base import AdapterTarget, Components
 from architectures.dit_common import FlowMatchingFamily, clip_text_targets, t5_targets
-from architectures.dit_keys import ExportSlot, sd3_lora_slots
+from architectures.dit_keys import sd3_lora_slots
 
 _ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
          "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -36,6 +36,8 @@ class SD3Family(FlowMatchingFamily):
     compile_blocks = ("JointTransformerBlock",)
     block_patterns = ((r"^transformer_blocks\.(\d+)\.", "joint_{0}"),)
     block_lists = ("transformer_blocks",)
+    slot_table = staticmethod(sd3_lora_slots)
+    lora_network_module = "networks.lora_sd3"
     preset_modules = {"attn": {"transformer_blocks": _ATTN},
                       "attn_mlp": {"transformer_blocks": _ATTN + _MLP},
                       "full-lin": {"transformer_blocks": _ATTN + _MLP + _MOD}}
@@ -67,11 +69,6 @@ class SD3Family(FlowMatchingFamily):
                                  "joint_attention_dim": joint})
 
     # -- adapters --------------------------------------------------------------------------------------
-    def lora_slots(self, components: Components) -> dict[str, ExportSlot]:
-        if "_slots" not in components.extra:
-            components.extra["_slots"] = sd3_lora_slots(components.denoiser.config)
-        return components.extra["_slots"]
-
     def text_encoder_targets(self, components: Components, network) -> list[AdapterTarget]:
         out = clip_text_targets(components.text_encoders[0], "lora_te1", "te1")
         out += clip_text_targets(components.text_encoders[1], "lora_te2", "te2")
@@ -86,14 +83,6 @@ class SD3Family(FlowMatchingFamily):
             for t in clip_text_targets(components.text_encoders[i], self.te_prefixes[i], f"te{i + 1}"):
                 paths[t.name] = f"{prefix}.{t.path}"
         return paths
-
-    def adapter_metadata(self, settings, suffix: str) -> dict[str, str]:
-        md = {}
-        if getattr(settings.network, "algorithm", "lora") == "lora" and not getattr(settings.network, "dora", False):
-            md["ss_network_module"] = "networks.lora_sd3"
-        if suffix == ".diffusers":
-            md["format"] = "pt"
-        return md
 
     # -- text ------------------------------------------------------------------------------------------
     def tokenize(self, components: Components, captions: list[str]) -> list[torch.Tensor]:
