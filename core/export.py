@@ -99,13 +99,6 @@ def adapter_metadata(arch, settings, *, steps: int, epoch: int, num_images: int,
     return md
 
 
-def save_adapter(path: Path, network, metadata_fn, save_precision: str) -> Path:
-    """Write the adapter atomically; ``metadata_fn(tensors_hash)`` builds the metadata."""
-    tensors = network.export_state_dict(SAVE_DTYPES[save_precision])
-    metadata = metadata_fn(tensor_data_sha256(tensors))
-    return atomic_save_safetensors(path, tensors, metadata)
-
-
 def save_adapter_files(path: Path, network, metadata_fn, save_precision: str, export=None) -> list[Path]:
     """Write the adapter file(s) atomically; returns their paths, the main file first.
 

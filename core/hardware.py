@@ -56,10 +56,6 @@ class HardwareProfile:
     driver_version: str | None = None         # NVIDIA driver, when NVML answers
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def has_gpu(self) -> bool:
-        return bool(self.gpus)
-
     def gpu(self, index: int = 0) -> GpuInfo | None:
         for g in self.gpus:
             if g.index == index:
