@@ -267,7 +267,8 @@ class Architecture:
 
     def config_dir(self) -> Path:
         """The shipped full-size config folder (diffusers layout, no weights)."""
-        return Path(__file__).resolve().parent / "configs" / self.id
+        from architectures.load_util import default_config_dir
+        return default_config_dir(self.id)
 
     def build_denoiser_on_meta(self, config_dir: Path | None = None) -> nn.Module:
         """The denoiser built from its config on the meta device: exact shapes, no memory, no weights."""

@@ -23,7 +23,6 @@ tokenizer is never shipped: it comes from the user's files (see :func:`find_t5_t
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from architectures.base import ModelLoadError, check_family, short_label
+from architectures.load_util import CONFIG_ROOT, default_config_dir, part_loader, read_json
 from architectures.sd_loading import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
@@ -40,14 +40,12 @@ from architectures.sd_loading import (
     _Checkpoint,
     _convert,
     _empty_init,
-    _no_hf_progress_bars,
     _variant,
     describe_checkpoint,
 )
 
 log = logging.getLogger(__name__)
 
-CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 SD3_IDS = ("sd3", "sd35_medium", "sd35_large")
 FLUX_IDS = ("flux1_dev", "flux1_schnell")
 
@@ -64,17 +62,6 @@ SD3_CLIP_G_PREFIX = "text_encoders.clip_g.transformer."
 SD3_T5_PREFIX = "text_encoders.t5xxl.transformer."
 
 T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
-
-
-def default_config_dir(arch_id: str) -> Path:
-    return CONFIG_ROOT / arch_id
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {path}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,8 +130,8 @@ def describe_dit_folder(folder: Path) -> tuple[str | None, str]:
         hint = f" It contains {', '.join(files[:3])}: choose the file itself to load a single file." if files else ""
         raise ModelLoadError(f"{folder} is a folder but not a diffusers model folder of a transformer model "
                              f"(it has no transformer/config.json).{hint}")
-    family, phrase = describe_transformer_config(_read_json(tr_path))
-    pipeline = _read_json(index_path).get("_class_name", "") if index_path.is_file() else ""
+    family, phrase = describe_transformer_config(read_json(tr_path))
+    pipeline = read_json(index_path).get("_class_name", "") if index_path.is_file() else ""
     return family, f"{phrase}{f' ({pipeline})' if pipeline else ''}"
 
 
@@ -208,24 +195,12 @@ def _scheduler_config(arch_id: str, folder: Path) -> dict[str, Any]:
     path = folder / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         path = default_config_dir(arch_id) / "scheduler" / "scheduler_config.json"
-    return _read_json(path)
+    return read_json(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Diffusers folders
 # ---------------------------------------------------------------------------------------------------------
-
-def _loader(folder: Path) -> Callable[[str, Callable[[], nn.Module]], nn.Module]:
-    def load(what: str, fn: Callable[[], nn.Module]) -> nn.Module:
-        try:
-            with _no_hf_progress_bars():
-                return fn().eval()
-        except ModelLoadError:
-            raise
-        except Exception as e:  # missing/corrupt weights, config errors: all the user's to fix
-            raise ModelLoadError(f"Loading the {what} from {folder / what} failed: {e}") from e
-    return load
-
 
 def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype, use_t5: bool,
                  with_text_encoders: bool = True, with_denoiser: bool = True) -> dict[str, Any]:
@@ -243,7 +218,7 @@ def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype, use_t5: bool,
                 else "")
         raise ModelLoadError(f"{folder} looks like {phrase}, but it lacks {', '.join(n + '/' for n in absent)} "
                              f"(each with config.json and weights).{hint}")
-    load = _loader(folder)
+    load = part_loader(folder)
     tr_cls = SD3Transformer2DModel if sd3 else FluxTransformer2DModel
     transformer = load("transformer", lambda: tr_cls.from_pretrained(
         str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True,

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 
 from architectures.base import ModelLoadError, check_family, short_label
-from architectures.dit_loading import _read_json
+from architectures.load_util import default_config_dir, no_hf_progress_bars, part_loader, read_json
+
 
 log = logging.getLogger(__name__)
 
-CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 FLUX2_IDS = ("flux2_dev", "flux2_klein_4b", "flux2_klein_9b", "flux2_klein_base_4b", "flux2_klein_base_9b")
 DEV_IDS = ("flux2_dev",)
 KLEIN_IDS = ("flux2_klein_4b", "flux2_klein_9b", "flux2_klein_base_4b", "flux2_klein_base_9b")
@@ -47,10 +47,6 @@ SIZE_GROUPS = {"flux2_dev": "FLUX.2 dev", "flux2_klein_4b": "FLUX.2 klein 4B or 
                "flux2_klein_base_4b": "FLUX.2 klein 4B or klein base 4B",
                "flux2_klein_9b": "FLUX.2 klein 9B or klein base 9B", "flux2_klein_base_9b": "FLUX.2 klein 9B or klein base 9B"}
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
-def default_config_dir(arch_id: str) -> Path:
-    return CONFIG_ROOT / arch_id
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -87,7 +83,7 @@ def full_size_matches(features: dict[str, Any]) -> list[str]:
     """The ids whose shipped full-size transformer config has these block counts and widths."""
     out = []
     for arch_id in FLUX2_IDS:
-        cfg = _read_json(default_config_dir(arch_id) / "transformer" / "config.json")
+        cfg = read_json(default_config_dir(arch_id) / "transformer" / "config.json")
         if _sizes(config_features(cfg))[:3] == _sizes(features)[:3]:  # blocks and width (text width: config check)
             out.append(arch_id)
     return out
@@ -141,7 +137,7 @@ def _check_text_encoder(arch_id: str, folder: Path, transformer_cfg: dict[str, A
     if not path.is_file():
         raise ModelLoadError(f"{folder} has no text_encoder/config.json: the {short_label(arch_id)} text encoder "
                              f"({TEXT_ENCODERS[arch_id][1]}) is expected in {folder / 'text_encoder'}.")
-    cfg = _read_json(path)
+    cfg = read_json(path)
     kind, cls = TEXT_ENCODERS[arch_id]
     have = cfg.get("model_type", "")
     if have != kind:
@@ -161,20 +157,6 @@ def _check_text_encoder(arch_id: str, folder: Path, transformer_cfg: dict[str, A
 # ---------------------------------------------------------------------------------------------------------
 # Pieces
 # ---------------------------------------------------------------------------------------------------------
-
-def _loader(folder: Path):
-    from architectures.sd_loading import _no_hf_progress_bars
-
-    def load(what: str, fn):
-        try:
-            with _no_hf_progress_bars():
-                return fn().eval()
-        except ModelLoadError:
-            raise
-        except Exception as e:
-            raise ModelLoadError(f"Loading the {what} from {folder / what} failed: {e}") from e
-    return load
-
 
 def load_tokenizer(arch_id: str, folder: Path) -> Any:
     """The Mistral (dev) / Qwen (klein) tokenizer from ``folder`` (a model folder's ``tokenizer/``)."""
@@ -223,12 +205,12 @@ def _load_components(arch_id: str, folder: Path, dtype: torch.dtype, transformer
         raise ModelLoadError(f"{what} {folder} lacks {', '.join(absent)}: {short_label(arch_id)} needs vae/ "
                              f"(AutoencoderKLFlux2), text_encoder/ ({TEXT_ENCODERS[arch_id][1]}) and tokenizer/ "
                              "subfolders, each with config and weights, as in the model's Hugging Face repository.")
-    vae_cfg = _read_json(folder / "vae" / "config.json")
+    vae_cfg = read_json(folder / "vae" / "config.json")
     if vae_cfg.get("_class_name") not in (None, "AutoencoderKLFlux2"):
         raise ModelLoadError(f"{folder / 'vae'} holds a {vae_cfg.get('_class_name')}, not the FLUX.2 autoencoder "
                              "(AutoencoderKLFlux2, 32 latent channels).")
     _check_text_encoder(arch_id, folder, transformer_cfg)
-    load = _loader(folder)
+    load = part_loader(folder)
     vae = load("vae", lambda: AutoencoderKLFlux2.from_pretrained(
         str(folder), subfolder="vae", torch_dtype=dtype, local_files_only=True, variant=_variant(folder / "vae")))
     cls = _text_encoder_class(arch_id)
@@ -240,7 +222,7 @@ def _load_components(arch_id: str, folder: Path, dtype: torch.dtype, transformer
     if not sched.is_file():
         sched = default_config_dir(arch_id) / "scheduler" / "scheduler_config.json"
     return {"vae": vae, "text_encoders": [text_encoder] if text_encoders else [], "tokenizers": [tokenizer],
-            "scheduler_config": _read_json(sched)}
+            "scheduler_config": read_json(sched)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,16 +236,16 @@ def _load_folder(arch_id: str, folder: Path, dtype: torch.dtype, text_encoders: 
     from architectures.dit_loading import describe_dit_folder
     from architectures.sd_loading import _variant
     tr_path = folder / "transformer" / "config.json"
-    cfg = _read_json(tr_path) if tr_path.is_file() else {}
+    cfg = read_json(tr_path) if tr_path.is_file() else {}
     if cfg.get("_class_name") != "Flux2Transformer2DModel":
         family, phrase = describe_dit_folder(folder)  # raises for folders without transformer/
         check_family(arch_id, folder, family, phrase)
-    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     pipeline = index.get("_class_name", "")
     check_variant(arch_id, f"{folder}{f' ({pipeline})' if pipeline else ''}", config_features(cfg))
     check_distilled(arch_id, folder, index)
     parts = _load_components(arch_id, folder, dtype, cfg, "The model folder", text_encoders)
-    load = _loader(folder)
+    load = part_loader(folder)
     parts["transformer"] = load("transformer", lambda: Flux2Transformer2DModel.from_pretrained(
         str(folder), subfolder="transformer", torch_dtype=dtype, local_files_only=True,
         variant=_variant(folder / "transformer"))) if denoiser else None
@@ -288,7 +270,7 @@ def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.d
 
     from architectures.dit_loading import describe_dit_checkpoint
     from architectures.flux2_keys import flux2_bfl_keys
-    from architectures.sd_loading import _Checkpoint, _no_hf_progress_bars
+    from architectures.sd_loading import _Checkpoint
 
     ckpt = _Checkpoint(path)
     raw_keys = ckpt.keys()
@@ -305,7 +287,7 @@ def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.d
         raise ModelLoadError(f"Config folder {config_dir} lacks transformer/config.json (a diffusers-layout config "
                              f"folder of {short_label(arch_id)} is expected; leave model.config_path empty to use the "
                              "shipped one).")
-    cfg = _read_json(tr_cfg_path)
+    cfg = read_json(tr_cfg_path)
     if cfg.get("_class_name") != "Flux2Transformer2DModel":
         raise ModelLoadError(f"The config folder {config_dir} describes a {cfg.get('_class_name')}, not a FLUX.2 "
                              "transformer. Pass a FLUX.2 config folder (model.config_path).")
@@ -337,7 +319,7 @@ def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.d
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # from_single_file's dtype cast warns "modules … kept in float32: []"
     try:
-        with _no_hf_progress_bars():
+        with no_hf_progress_bars():
             transformer = Flux2Transformer2DModel.from_single_file(
                 sd, config=str(config_dir), subfolder="transformer", local_files_only=True, torch_dtype=dtype)
     except Exception as e:

@@ -59,9 +59,9 @@ class SD3Family(FlowMatchingFamily):
         if parts["transformer"] is not None:
             joint = parts["transformer"].config.joint_attention_dim
         else:  # text encoders only: the width T5's place is padded to comes from the transformer's config
-            from architectures.dit_loading import _read_json, default_config_dir
-            folder = Path(model_path) if Path(model_path).is_dir() else Path(config_dir or default_config_dir(self.id))
-            joint = _read_json(folder / "transformer" / "config.json")["joint_attention_dim"]
+            from architectures.load_util import read_json
+            folder = Path(model_path) if Path(model_path).is_dir() else Path(config_dir or self.config_dir())
+            joint = read_json(folder / "transformer" / "config.json")["joint_attention_dim"]
         return Components(denoiser=parts["transformer"], vae=parts["vae"], text_encoders=parts["text_encoders"],
                           tokenizers=parts["tokenizers"],
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler_config"]),

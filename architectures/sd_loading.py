@@ -16,10 +16,9 @@ found.  The family is checked before anything is converted, and nothing silently
 """
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,12 @@ import torch
 from torch import nn
 
 from architectures.base import ModelLoadError, check_family, short_label
+from architectures.load_util import default_config_dir, part_loader, read_json
 from architectures.ldm_keys import SD15_TE_PREFIX, SDXL_TE1_PREFIX, SDXL_TE2_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 log = logging.getLogger(__name__)
 
 ARCH_LABELS: dict[str, str] = {a: short_label(a) for a in ("sd15", "sdxl")}  # the families this loader reads
-CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 # Pickled checkpoints are read with torch.load(weights_only=True) only: plain unpickling runs arbitrary code.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -40,11 +39,6 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 _TEXT_ENCODER_DIRS = {"sd15": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
 _TOKENIZER_DIRS = {"sd15": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
 _TE_PREFIXES = {"sd15": (SD15_TE_PREFIX,), "sdxl": (SDXL_TE1_PREFIX, SDXL_TE2_PREFIX)}
-
-
-def default_config_dir(arch_id: str) -> Path:
-    """The shipped full-size config folder of ``arch_id`` (configs, tokenizers, scheduler; no weights)."""
-    return CONFIG_ROOT / arch_id
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,13 +92,6 @@ def describe_checkpoint(keys: Iterable[str], shape: Callable[[str], tuple[int, .
     return None, f"not a Stable Diffusion checkpoint (first keys: {sample})"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {path}: {e}") from e
-
-
 def describe_folder(folder: Path) -> tuple[str | None, str]:
     """(family id or None, a phrase for messages) of a diffusers-layout folder; raises ``ModelLoadError``
     when the folder is not a diffusers layout at all."""
@@ -118,13 +105,13 @@ def describe_folder(folder: Path) -> tuple[str | None, str]:
             hint = " It has a transformer/ folder: a transformer-based model (SD3, FLUX, …), not SD 1.5 / SDXL."
         raise ModelLoadError(f"{folder} is a folder but not a diffusers model folder (it has neither "
                              f"model_index.json nor unet/config.json).{hint}")
-    index = _read_json(index_path) if index_path.is_file() else {}
+    index = read_json(index_path) if index_path.is_file() else {}
     pipeline = str(index.get("_class_name", ""))
     if not unet_cfg_path.is_file():
         if (folder / "transformer").is_dir():
             return None, f"a transformer-based model folder ({pipeline or 'no UNet'}), not SD 1.5 / SDXL"
         return None, f"a diffusers folder without unet/config.json ({pipeline or 'unknown pipeline'})"
-    unet_cfg = _read_json(unet_cfg_path)
+    unet_cfg = read_json(unet_cfg_path)
     has_te2 = (folder / "text_encoder_2").is_dir() or "text_encoder_2" in index
     text_time = unet_cfg.get("addition_embed_type") == "text_time"
     if has_te2 or text_time or "XL" in pipeline:
@@ -354,21 +341,6 @@ def _variant(sub: Path) -> str | None:
     return None
 
 
-@contextmanager
-def _no_hf_progress_bars() -> Iterator[None]:
-    """transformers draws a "Loading weights" bar per text encoder; keep the training log clean without
-    changing the user's setting for good."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _load_diffusers_folder(arch_id: str, folder: Path, dtype: torch.dtype) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -381,14 +353,7 @@ def _load_diffusers_folder(arch_id: str, folder: Path, dtype: torch.dtype) -> di
         raise ModelLoadError(f"{folder} looks like {description}, but it lacks {', '.join(n + '/' for n in absent)} "
                              "(each with config.json and weights).")
 
-    def load(what: str, fn: Callable[[], nn.Module]) -> nn.Module:
-        try:
-            return fn()
-        except ModelLoadError:
-            raise
-        except Exception as e:  # missing/corrupt weights, config errors: all the user's to fix
-            raise ModelLoadError(f"Loading the {what} from {folder / what} failed: {e}") from e
-
+    load = part_loader(folder)
     unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(
         str(folder), subfolder="unet", torch_dtype=dtype, local_files_only=True, variant=_variant(folder / "unet")))
     vae = load("vae", lambda: AutoencoderKL.from_pretrained(
@@ -396,10 +361,9 @@ def _load_diffusers_folder(arch_id: str, folder: Path, dtype: torch.dtype) -> di
     text_encoders = []
     for sub in _TEXT_ENCODER_DIRS[arch_id]:
         cls = CLIPTextModelWithProjection if sub == "text_encoder_2" else CLIPTextModel
-        with _no_hf_progress_bars():
-            text_encoders.append(load(sub, lambda cls=cls, sub=sub: cls.from_pretrained(
-                str(folder / sub), dtype=dtype, local_files_only=True, variant=_variant(folder / sub))))
-    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoders": [te.eval() for te in text_encoders],
+        text_encoders.append(load(sub, lambda cls=cls, sub=sub: cls.from_pretrained(
+            str(folder / sub), dtype=dtype, local_files_only=True, variant=_variant(folder / sub))))
+    return {"unet": unet, "vae": vae, "text_encoders": text_encoders,
             "tokenizers": _load_tokenizers(arch_id, folder),
             "scheduler_config": _scheduler_config(arch_id, folder)}
 
@@ -432,7 +396,7 @@ def _scheduler_config(arch_id: str, folder: Path) -> dict[str, Any]:
     if not path.is_file():
         log.info("%s not found; using the shipped %s scheduler config", path, short_label(arch_id))
         path = default_config_dir(arch_id) / "scheduler" / "scheduler_config.json"
-    return _read_json(path)
+    return read_json(path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -140,7 +140,6 @@ class SDUNetFamily(Architecture):
         import os
         import shutil
 
-        from architectures.sd_loading import default_config_dir
         from core.io import atomic_save_safetensors
         folder = Path(folder)
         tmp = folder.with_name(f".{folder.name}.tmp")
@@ -148,7 +147,7 @@ class SDUNetFamily(Architecture):
         tmp.mkdir(parents=True)
         try:
             parts = self._parts(components, dtype, state_dicts)
-            shutil.copy(default_config_dir(self.id) / "model_index.json", tmp / "model_index.json")
+            shutil.copy(self.config_dir() / "model_index.json", tmp / "model_index.json")
             components.noise_scheduler.save_config(tmp / "scheduler")
             components.denoiser.save_config(tmp / "unet")
             atomic_save_safetensors(tmp / "unet" / "diffusion_pytorch_model.safetensors",
