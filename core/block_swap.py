@@ -1,7 +1,5 @@
 """Block swapping: train (or run) a model whose frozen weights do not all fit in VRAM.
 
-Three tools:
-
 * :class:`BlockSwapper` keeps the FROZEN weights (and buffers) of the last ``blocks_to_swap`` of a model's
   repeated blocks in host memory and streams each block into a small fixed pool of device buffers ("slots")
   just before it runs, on a side CUDA stream, so the copy of block i+1 overlaps the compute of block i.  Each
@@ -10,9 +8,9 @@ Three tools:
   asynchronous host-to-device copy.  The backward pass brings the blocks back in reverse order, with the same
   prefetch.  Trainable parameters (adapters, ``requires_grad=True``) never move: the optimizer holds them.
   :func:`swap_blocks_of` is the one-call entry point for a diffusers model and its block lists.
-* :func:`stream_layers`: inference only (e.g. caching the outputs of a text encoder larger than VRAM); every
-  listed layer lives in host memory and visits the device for its forward only.
-* :func:`offload_activations`: keeps the tensors autograd saves for backward in pinned host memory.
+* The same machinery serves ``core.layer_stream.stream_layers`` (inference: every layer visits the device for its
+  forward only) and ``core.activation_offload`` (saved activations in host memory), which keeps swapped weights as
+  references through :func:`swapped_weight_ref`.  The GPU self-check is ``bench/bench_block_swap.py``.
 
 How a swapped block's weights move
 ----------------------------------
@@ -68,7 +66,6 @@ device, which undoes the saving for that weight.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import weakref
 from collections.abc import Iterable, Iterator
@@ -78,7 +75,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BlockSwapper", "collect_blocks", "offload_activations", "stream_layers", "swap_blocks_of"]
+__all__ = ["BlockSwapper", "collect_blocks", "swap_blocks_of", "swapped_weight_ref", "rebuild_swapped_weight"]
 
 _ALIGN = 512  # byte alignment of every tensor inside a slot: as the CUDA caching allocator aligns
 _ACTIVE: weakref.WeakSet[BlockSwapper] = weakref.WeakSet()
@@ -528,7 +525,7 @@ class BlockSwapper:
         if top is None:
             return self._hooks
         owner = getattr(top[0], "__self__", None)
-        if owner is self or isinstance(owner, _OffloadHooks):  # offload_activations keeps references itself
+        if owner is self or getattr(owner, "keeps_swapped_references", False):  # e.g. activation offload
             return None
         if getattr(top[0], "__module__", "") == "torch.utils.checkpoint":
             # a gradient checkpoint keeps nothing and re-runs the block in backward (this hook brings it in)
@@ -643,163 +640,17 @@ def swap_blocks_of(model: nn.Module, block_list_names: Iterable[str], blocks_to_
     return swapper
 
 
-@contextlib.contextmanager
-def stream_layers(blocks: Iterable[nn.Module], device: torch.device | str, *, prefetch: int = 1,
-                  simulate: bool | None = None, pin_memory: bool = True) -> Iterator[BlockSwapper]:
-    """Inference only: every block of ``blocks`` stays in host memory and visits ``device`` for its forward
-    (the next one is copied meanwhile).  The rest of the model (embeddings, final norm) must be on ``device``;
-    run the model under ``torch.no_grad()``.  On exit the blocks' weights are host tensors again.
-
-        with stream_layers(encoder.layers, "cuda"), torch.no_grad():
-            hidden = encoder(ids).last_hidden_state
-    """
-    blocks = list(blocks)
-    swapper = BlockSwapper(blocks, len(blocks), device, prefetch=prefetch, simulate=simulate,
-                           pin_memory=pin_memory, keep_last_resident=False, prefetch_trigger=None).attach()
-    try:
-        yield swapper
-    finally:
-        swapper.detach(to="cpu")
+def swapped_weight_ref(t: torch.Tensor) -> tuple[BlockSwapper, Any] | None:
+    """(swapper, reference) when ``t`` is a weight of a block some attached swapper holds (its slot memory is
+    reused, so a saved copy would be wrong and a reference is what to keep), else None."""
+    for swapper in list(_ACTIVE):
+        ref = swapper._ref_for(t)
+        if ref is not None:
+            return swapper, ref
+    return None
 
 
-class _OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
-    def __init__(self, pin_memory: bool, min_bytes: int, simulate: bool):
-        self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.min_bytes = min_bytes
-        self.simulate = simulate
-        self.offloaded = 0  # tensors moved to host memory (tests)
-        super().__init__(self.pack, self.unpack)
-
-    def pack(self, t: torch.Tensor) -> Any:
-        for swapper in list(_ACTIVE):  # a swapped block's weight: a reference, never a copy
-            ref = swapper._ref_for(t)
-            if ref is not None:
-                return ("ref", swapper, ref)
-        if (type(t) is not torch.Tensor or t.layout != torch.strided or t.requires_grad and t.is_leaf
-                or t.numel() * t.element_size() < self.min_bytes or (t.device.type == "cpu" and not self.simulate)):
-            return ("keep", t)
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin_memory and t.is_cuda)
-        host.copy_(t, non_blocking=False)
-        self.offloaded += 1
-        return ("host", host, t.device)
-
-    def unpack(self, packed: Any) -> torch.Tensor:
-        kind = packed[0]
-        if kind == "ref":
-            return packed[1]._rebuild(packed[2])
-        if kind == "keep":
-            return packed[1]
-        host, device = packed[1], packed[2]
-        return host.to(device, non_blocking=self.pin_memory) if device.type != "cpu" else host.clone()
-
-
-def offload_activations(pin_memory: bool = True, min_bytes: int = 1 << 20, simulate: bool = False) -> _OffloadHooks:
-    """Context manager for a training step: tensors autograd saves for backward go to (pinned) host memory
-    and come back when backward needs them (``torch.autograd.graph.save_on_cpu`` plus: small tensors
-    (< ``min_bytes``) and trainable parameters stay, and swapped blocks' weights are kept as references).
-
-    When it pays: with gradient checkpointing (the usual case) it moves exactly the tensors the checkpoint
-    keeps - each checkpointed block's inputs (non-reentrant checkpoint saves them through these hooks; inside a
-    block nothing is saved) - plus what the non-block layers save (embedders, final layer, loss).  That is about
-    ``n_blocks x batch x tokens x width x 2 bytes`` (FLUX at 1024 px, batch 1: 57 blocks x 4608 x 3072 x 2 B
-    = 1.6 GB; SDXL much less), copied out in the forward and back in the backward, one block at a time - the
-    cost is two host transfers of that size per step (the copies out are synchronous, so it slows the step).
-    Use it when VRAM is still short after checkpointing, block swapping and 8-bit optimizer state; it never
-    pays on a small model or a small batch.  WITHOUT checkpointing every saved activation moves (many GB at
-    high resolution): it fits runs that otherwise would not, at a large speed cost.  ``simulate``: copy CPU
-    tensors too (tests)."""
-    return _OffloadHooks(pin_memory, min_bytes, simulate)
-
-
-# -- a self-check to run on a GPU machine ---------------------------------------------------------------
-
-def self_check(device: str = "cuda", n_blocks: int = 8, swap: int = 6, width: int = 2048, tokens: int = 1024,
-               steps: int = 3, dtype: torch.dtype = torch.bfloat16) -> None:
-    """Same outputs / LoRA gradients with and without swapping, with and without gradient checkpointing, plus
-    step time and peak memory: ``python -m core.block_swap [cuda|cpu]``."""
-    import time
-
-    from torch.utils.checkpoint import checkpoint
-
-    from core.adapters.lora import LoRAModule
-
-    class MLPBlock(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = nn.LayerNorm(width)
-            self.fc1 = nn.Linear(width, 4 * width)
-            self.fc2 = nn.Linear(4 * width, width)
-
-        def forward(self, x):
-            return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList(MLPBlock() for _ in range(n_blocks))
-            self.gc = False
-
-        def forward(self, x):
-            for b in self.blocks:
-                x = checkpoint(b, x, use_reentrant=False) if self.gc else b(x)
-            return x
-
-    dev = torch.device(device)
-    cuda = dev.type == "cuda"
-    torch.manual_seed(0)
-    model = Model().to(dtype).requires_grad_(False)
-    adapters = nn.ModuleList()
-    for i, b in enumerate(model.blocks):
-        for layer in (b.fc1, b.fc2):
-            a = LoRAModule(f"b{i}", layer, rank=16, alpha=16)
-            nn.init.normal_(a.lora_up.weight, std=0.01)
-            a.apply_to()
-            adapters.append(a)
-    adapters.to(dev)
-    x = torch.randn(2, tokens, width, device=dev, dtype=dtype)
-
-    def run():
-        times, out, grads = [], None, None
-        for _ in range(steps):
-            for p in adapters.parameters():
-                p.grad = None
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = model(x)
-            out.float().square().mean().backward()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            grads = [p.grad.clone() for p in adapters.parameters()]
-        return out.detach().float(), grads, min(times)
-
-    def peak():
-        return torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
-
-    for gc in (False, True):
-        model.gc = gc
-        model.to(dev)
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        ref_out, ref_grads, ref_t = run()
-        ref_peak = peak()
-        model.to("cpu")
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        swapper = swap_blocks_of(model, ("blocks",), swap, dev)
-        out, grads, t = run()
-        sw_peak = peak()
-        moved, pool = swapper.bytes_swapped, swapper.resident_bytes
-        swapper.detach()
-        d_out = (out - ref_out).abs().max().item()
-        d_grad = max(((g - r).abs().max() / r.abs().max().clamp_min(1e-12)).item() for g, r in zip(grads, ref_grads))
-        print(f"gc={gc}: max |out diff| {d_out:.3g}, max rel grad diff {d_grad:.3g}; step {ref_t * 1e3:.1f} ms -> "
-              f"{t * 1e3:.1f} ms swapping {swap}/{n_blocks} blocks ({moved / 2**20:.0f} MiB off the device, "
-              f"pool {pool / 2**20:.0f} MiB); peak {ref_peak:.0f} -> {sw_peak:.0f} MiB")
-        # the same kernels on the same bytes: expected to be exactly 0; the margin only allows for
-        # nondeterministic kernels
-        assert d_out <= 1e-3 * ref_out.abs().max().item() and d_grad <= 1e-3, "swapping changed the results"
+def rebuild_swapped_weight(swapper: BlockSwapper, ref: Any) -> torch.Tensor:
+    """The tensor behind a reference from :func:`swapped_weight_ref`, brought back into its slot if needed."""
+    return swapper._rebuild(ref)
 

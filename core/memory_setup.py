@@ -40,7 +40,7 @@ class DenoiserSetup:
         ``run_context``)."""
         stack = contextlib.ExitStack()
         if self.activation_offload:
-            from core.block_swap import offload_activations
+            from core.activation_offload import offload_activations
             stack.enter_context(offload_activations())
         return stack
 
@@ -157,7 +157,7 @@ def text_encoder_on_device(te: nn.Module, how: str, device: torch.device, dtype:
         finally:
             te.to("cpu")
         return
-    from core.block_swap import stream_layers
+    from core.layer_stream import stream_layers
     layers = repeated_layers(te)
     if layers is None:
         raise ValueError(f"{type(te).__name__} has no stack of layers to stream; choose a quantization for "

@@ -11,7 +11,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from core.adapters.lora import LoRAModule
-from core.block_swap import BlockSwapper, collect_blocks, offload_activations, stream_layers, swap_blocks_of
+from core.activation_offload import offload_activations
+from core.block_swap import BlockSwapper, collect_blocks, swap_blocks_of
+from core.layer_stream import stream_layers
 
 CPU = torch.device("cpu")
 
