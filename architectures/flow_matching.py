@@ -19,8 +19,7 @@ import math
 
 import torch
 
-TIMESTEP_SAMPLING = ("uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift")
-LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+from core.settings import LOSS_WEIGHTING, TIMESTEP_SAMPLING  # the choices are named once, in the schema
 
 # keeps σ off the end points: σ = 0 makes sigma_sqrt infinite, σ = 1 leaves nothing of the image
 SIGMA_EPS = 1e-5

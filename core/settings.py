@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -31,7 +31,11 @@ _FLUX_ARCHS = ["flux1_dev", "flux1_schnell"]
 _FLUX2_ARCHS = ["flux2_dev", "flux2_klein_4b", "flux2_klein_9b", "flux2_klein_base_4b", "flux2_klein_base_9b"]
 _T5_ARCHS = _SD3_ARCHS + _FLUX_ARCHS
 _FLOW_ARCHS = _SD3_ARCHS + _FLUX_ARCHS + _FLUX2_ARCHS
-TIMESTEP_SAMPLING = ("uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift")
+# flow-matching choices, named once (architectures/flow_matching.py implements them)
+TimestepSampling = Literal["uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift"]
+LossWeighting = Literal["none", "sigma_sqrt", "cosmap"]
+TIMESTEP_SAMPLING: tuple[str, ...] = get_args(TimestepSampling)
+LOSS_WEIGHTING: tuple[str, ...] = get_args(LossWeighting)
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "Prodigy", "SGD")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -149,22 +153,25 @@ class ModelSettings(Section):
                              show_if={"model.architecture": _UNET_ARCHS + _SD3_ARCHS})
 
 
-ADAPTER_ALGORITHMS = ("lora", "locon", "loha", "lokr", "ia3", "diag-oft", "boft", "glora", "full")
+# the adapter algorithms, named once (core/adapters implements them)
+AdapterAlgorithm = Literal["lora", "locon", "loha", "lokr", "ia3", "diag-oft", "boft", "glora", "full"]
+ADAPTER_ALGORITHMS: tuple[str, ...] = get_args(AdapterAlgorithm)
 # network.algorithm's choices: the adapters, and full fine-tuning of the model itself (no adapter)
 ALGORITHMS = ADAPTER_ALGORITHMS + ("full_finetune",)
 ALGORITHM_LABELS = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)³",
                     "diag-oft": "Diag-OFT", "boft": "BOFT", "glora": "GLoRA", "full": "Full-rank adapter",
                     "full_finetune": "Full fine-tune (no adapter)"}
 _ADAPTERS = list(ADAPTER_ALGORITHMS)
-_RANKED = ["lora", "locon", "loha", "lokr", "glora"]  # strength set by rank / alpha
+RANKED_ALGORITHMS = ("lora", "locon", "loha", "lokr", "glora")  # strength set by rank / alpha
+DORA_ALGORITHMS = ("lora", "locon", "loha", "lokr")
+_RANKED = list(RANKED_ALGORITHMS)
 _CONV_RANKED = ["locon", "loha", "lokr", "glora"]  # can adapt k×k convolutions with their own rank
-_DORA = ["lora", "locon", "loha", "lokr"]
+_DORA = list(DORA_ALGORITHMS)
 ADAPTER_TARGETS = ("attn", "attn_mlp", "full", "full-lin")
 
 
 class NetworkSettings(Section):
-    algorithm: Literal["lora", "locon", "loha", "lokr", "ia3", "diag-oft", "boft", "glora", "full",
-                       "full_finetune"] = setting(
+    algorithm: Literal[AdapterAlgorithm, "full_finetune"] = setting(
         "lora", "Algorithm",
         "LoRA: kohya LoRA on linear layers, loaded by every tool. LoCon: LoRA on 3x3 convolutions too. "
         "LoHa / LoKr: Hadamard / Kronecker products (more capacity per parameter). (IA)³: per-channel scales "
@@ -297,7 +304,7 @@ class ScheduleSettings(Section):
     noise_offset: float = setting(0.0, "Noise offset", ge=0.0, le=1.0, step=0.01, advanced=True)
     min_snr_gamma: float = setting(0.0, "Min-SNR gamma", "Loss weighting; 5 is common. 0 disables.",
                                    ge=0.0, le=100.0, show_if={"model.architecture": _UNET_ARCHS})
-    timestep_sampling: Literal["uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift"] = setting(
+    timestep_sampling: TimestepSampling = setting(
         "sigmoid", "Timestep sampling", "How noise levels σ are drawn for flow-matching models: uniform; "
         "sigmoid(scale·N(0,1)); logit-normal(mean, std) (SD3 paper); mode (heavy tails); shift: sigmoid, then "
         "σ' = sσ/(1+(s−1)σ); flux_shift: sigmoid, then the shift FLUX.1 uses for the image size.",
@@ -319,9 +326,9 @@ class ScheduleSettings(Section):
                                          "steps (SD3 samples with 3.0).", ge=0.01, le=100.0, step=0.1,
                                          show_if={"model.architecture": _FLOW_ARCHS,
                                                   "schedule.timestep_sampling": ["shift"]})
-    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = setting(
+    loss_weighting: LossWeighting = setting(
         "none", "Loss weighting", "Per-sample weight of flow-matching losses: none; σ⁻² (sigma_sqrt); cosmap.",
-        choices=("none", "sigma_sqrt", "cosmap"), show_if={"model.architecture": _FLOW_ARCHS})
+        choices=LOSS_WEIGHTING, show_if={"model.architecture": _FLOW_ARCHS})
     log_every_n_steps: int = setting(10, "Report loss every N steps", "Reading the loss from the GPU "
                                      "waits for it; doing so rarely keeps the GPU busy.", ge=1, le=10000,
                                      advanced=True)

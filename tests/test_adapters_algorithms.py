@@ -557,3 +557,9 @@ def test_resume_is_exact_with_lycoris_options(tiny, tmp_path):
     assert a.keys() == b.keys() and not any(k.endswith(".scalar") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_every_algorithm_the_settings_name_has_a_module():
+    from core.adapters.network import ALGORITHMS
+    from core.settings import ADAPTER_ALGORITHMS
+    assert tuple(ALGORITHMS) == ADAPTER_ALGORITHMS

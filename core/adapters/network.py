@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from architectures.base import AdapterTarget
+from core.settings import DORA_ALGORITHMS, RANKED_ALGORITHMS
 from core.adapters.full import FullModule
 from core.adapters.glora import GLoRAModule
 from core.adapters.ia3 import IA3Module
@@ -17,13 +18,11 @@ from core.adapters.lokr import LoKrModule
 from core.adapters.lora import LoConModule, LoRAModule
 from core.adapters.oft import BOFTModule, DiagOFTModule
 
-ALGORITHMS: dict[str, type[nn.Module]] = {
-    "lora": LoRAModule, "locon": LoConModule, "loha": LoHaModule, "lokr": LoKrModule, "ia3": IA3Module,
-    "diag-oft": DiagOFTModule, "boft": BOFTModule, "glora": GLoRAModule, "full": FullModule,
-}
+#: the module of each algorithm the settings name (``settings.ADAPTER_ALGORITHMS``)
+ALGORITHMS: dict[str, type[nn.Module]] = {cls.algo: cls for cls in (
+    LoRAModule, LoConModule, LoHaModule, LoKrModule, IA3Module, DiagOFTModule, BOFTModule, GLoRAModule, FullModule)}
 #: algorithms whose strength is rank/alpha (the others: OFT's rank is a block size, (IA)³ and full have none)
-RANKED = ("lora", "locon", "loha", "lokr", "glora")
-DORA_ALGORITHMS = ("lora", "locon", "loha", "lokr")
+RANKED = RANKED_ALGORITHMS
 TUCKER_ALGORITHMS = ("locon", "loha", "lokr")
 LORAPLUS_ALGORITHMS = ("lora", "locon")
 
