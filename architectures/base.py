@@ -259,11 +259,9 @@ class Architecture:
     # -- memory estimate (core.estimate) -----------------------------------------------------------------
     #: sub-folder of the shipped config folder that holds the denoiser's diffusers config
     denoiser_subfolder: str = "unet"
-
-    @property
-    def swap_block_lists(self) -> tuple[str, ...]:
-        """The denoiser's block lists whose blocks block swapping may keep in CPU memory (empty: none)."""
-        return tuple(getattr(self, "block_lists", ()))
+    #: the denoiser's lists of repeated blocks (attribute names): what block swapping may keep in CPU memory
+    #: (empty: none) and, for the DiT families, where the adapter presets look
+    block_lists: tuple[str, ...] = ()
 
     def config_dir(self) -> Path:
         """The shipped full-size config folder (diffusers layout, no weights)."""

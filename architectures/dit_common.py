@@ -56,8 +56,7 @@ class FlowMatchingFamily(Architecture):
     adapter_presets = DIT_PRESETS
     default_resolution = 1024
     default_t5_max_length = 256
-    #: the transformer's block lists and, per preset, the module paths (relative to a block) it adapts
-    block_lists: tuple[str, ...] = ()
+    #: per preset, the module paths (relative to a block of ``block_lists``) it adapts
     preset_modules: dict[str, dict[str, tuple[str, ...]]] = {}
     #: (transformer config) -> {diffusers module path: ExportSlot}: where each layer goes in the original layout
     slot_table = None

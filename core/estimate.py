@@ -168,7 +168,7 @@ def _denoiser_stats(arch_id: str, config_key: str) -> DenoiserStats:
     model = _meta_denoiser(arch_id, config_key)
     quantizable = quantizable_weights(model)
     blocks, ids = [], set()
-    for list_name in arch.swap_block_lists:
+    for list_name in arch.block_lists:
         for block in getattr(model, list_name):
             blocks.append(param_group(block, quantizable=quantizable))
             ids |= {id(t) for t in list(block.parameters()) + list(block.buffers())}

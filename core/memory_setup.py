@@ -99,7 +99,7 @@ def place_denoiser(arch, denoiser: nn.Module, plan, device: torch.device, log: C
         denoiser.to(device)
         return None
     from core.block_swap import swap_blocks_of
-    swapper = swap_blocks_of(denoiser, arch.swap_block_lists, plan.blocks_to_swap, device)
+    swapper = swap_blocks_of(denoiser, arch.block_lists, plan.blocks_to_swap, device)
     log(f"Block swapping: {plan.blocks_to_swap} blocks ({swapper.bytes_swapped / 2**30:.2f} GB) stay in CPU "
         f"memory and stream in as they run ({swapper.resident_bytes / 2**30:.2f} GB of GPU buffers)")
     return swapper

@@ -236,7 +236,7 @@ def make_plan(profile, settings, arch, config_dir=None) -> Plan:
     if m.activation_offload == "on" and not cuda:
         raise ValueError("memory.activation_offload is 'on', but this run is on the CPU, where activations already "
                          "are in CPU memory. Set it to 'auto' or 'off'.")
-    swappable = len(arch.swap_block_lists) and _swappable(arch, config_dir)
+    swappable = len(arch.block_lists) and _swappable(arch, config_dir)
     if m.blocks_to_swap > 0:
         if m.quantize_base == "nf4":
             raise ValueError(f"memory.blocks_to_swap is {m.blocks_to_swap} with memory.quantize_base 'nf4': "
