@@ -43,6 +43,17 @@ class PathNotAllowed(SettingsError):
     """A user-given path resolves outside the folders config.json allows."""
 
 
+def confine(path: Path, roots: list[Path], setting: str, given: str) -> Path:
+    """``path`` resolved (symlinks and ``..`` followed) if that lies in one of ``roots``; PathNotAllowed naming
+    ``setting``, what the user typed (``given``) and the folders otherwise."""
+    real = Path(path).resolve()
+    if not any(real == root or root in real.parents for root in roots):
+        raise PathNotAllowed(f"{setting}: {given} is outside the folders this app may use "
+                             f"({', '.join(str(r) for r in roots)}). Move it into one of them, or add its "
+                             "folder to \"allowed_roots\" in config.json.")
+    return real
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -84,13 +95,7 @@ class AppConfig(BaseModel):
         """A user-given path (absolute, or relative to the named app folder), resolved with symlinks and ``..``
         followed; outside :meth:`roots` it is refused (PathNotAllowed names ``setting`` and the folders)."""
         p = Path(value).expanduser()
-        real = (p if p.is_absolute() else self.path(folder) / p).resolve()
-        roots = self.roots()
-        if not any(real == root or root in real.parents for root in roots):
-            raise PathNotAllowed(f"{setting}: {value} is outside the folders this app may use "
-                                 f"({', '.join(str(r) for r in roots)}). Move it into one of them, or add its "
-                                 "folder to \"allowed_roots\" in config.json.")
-        return real
+        return confine(p if p.is_absolute() else self.path(folder) / p, self.roots(), setting, value)
 
 
 def load_config(path: str | Path | None = None) -> AppConfig:

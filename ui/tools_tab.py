@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 import gradio as gr
 
 from core import tools
-from core.config import AppConfig, PathNotAllowed
+from core.config import AppConfig, confine
 from ui import warmup
 
 DTYPES = ("fp16", "bf16", "fp32")
@@ -30,10 +30,8 @@ def _resolve(text: str, dirs: Iterable[Path] = (), *, must_exist: bool = True, r
         dirs = [Path(d) for d in dirs if d]
         found = [d / p for d in dirs if (d / p).exists()] if must_exist else []
         p = found[0] if found else (dirs[-1] / p if dirs else p)
-    real = p.resolve()
-    if roots and not any(real == r or r in real.parents for r in roots):
-        raise PathNotAllowed(f"{what}: {text} is outside the folders this app may use "
-                             f"({', '.join(map(str, roots))}); add its folder to \"allowed_roots\" in config.json")
+    if roots:
+        confine(p, list(roots), what, text)
     return p
 
 
