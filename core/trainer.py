@@ -743,7 +743,8 @@ class _Run:
         self.check_finite()
         with_state = self.s.saving.save_state and self.state_step != self.global_step
         what = ("checkpoint" if self.full_ft else "adapter") + (" and the resumable state" if with_state else "")
-        needed = self.save_bytes(with_state)
+        optimizer_state = self.optimizer.state_dict() if with_state else None
+        needed = self.save_bytes(optimizer_state)
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if shutil.disk_usage(self.output_dir).free < needed:
@@ -751,7 +752,7 @@ class _Run:
             path = self.save_checkpoint(final) if self.full_ft else self.save_adapter(final)
             self.saved_step = self.global_step
             if with_state:
-                self.save_state()
+                self.save_state(optimizer_state)
         except NonFiniteError as exc:
             self.diverged(self.global_step, f"The weights became NaN or infinite ({exc})")
         except OSError as exc:
@@ -759,9 +760,9 @@ class _Run:
         self.last_good_save = path
         return path
 
-    def save_bytes(self, with_state: bool) -> int:
-        """About what a save writes: the file(s) in the save precision, plus the fp32 weights, optimizer state and
-        EMA of a resumable state; with room for headers and metadata."""
+    def save_bytes(self, optimizer_state: dict | None) -> int:
+        """About what a save writes: the file(s) in the save precision, plus (with ``optimizer_state``: a
+        resumable state) the fp32 weights, that optimizer state and the EMA; with room for headers."""
         from core.export import SAVE_DTYPES
         elem = SAVE_DTYPES[self.s.saving.save_precision].itemsize
         trained = sum(p.numel() for p in self.network.parameters())
@@ -769,9 +770,9 @@ class _Run:
         saved = sum(p.numel() for m in [c.denoiser, c.vae, *c.text_encoders] for p in m.parameters()) \
             if self.full_ft else trained
         total = saved * elem
-        if with_state:
+        if optimizer_state is not None:
             total += trained * 4 + sum(t.numel() * t.element_size()
-                                       for t in optimizer_tensors(self.optimizer.state_dict()).values())
+                                       for t in optimizer_tensors(optimizer_state).values())
             if self.ema is not None:
                 total += trained * 4
         return int(total * 1.05) + 2**16
@@ -856,7 +857,7 @@ class _Run:
         while keep and len(names) > keep:
             delete(names.pop(0))
 
-    def save_state(self) -> None:
+    def save_state(self, optimizer_state: dict) -> None:
         """Everything needed to continue exactly: adapter weights in fp32, optimizer, scheduler, position, RNG."""
         final_dir = unused_path(self.output_dir / f"{self.output_stem}{STATE_INFIX}{self.global_step:06d}")
         name = final_dir.name
@@ -864,7 +865,6 @@ class _Run:
         weights = {"model.safetensors" if self.full_ft else "adapter.safetensors": self.network.training_state_dict()}
         if self.full_ft and self.ema is not None:  # the trained model's fp32 weights and their average
             weights["ema.safetensors"] = self.ema.state_dict()
-        optimizer_state = self.optimizer.state_dict()
         check_finite(optimizer_tensors(optimizer_state), "optimizer state")
         shutil.rmtree(tmp, ignore_errors=True)
         try:  # written into a hidden folder that is moved into place whole, or removed
