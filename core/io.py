@@ -110,17 +110,19 @@ def atomic_save_image(path: Path, image) -> Path:
     return _atomic(path, lambda p: image.save(p, format="PNG"))
 
 
+def _first_free(stem: str, taken: Callable[[str], bool]) -> str:
+    """``stem`` or ``stem-1``, ``stem-2`` …: the first name ``taken`` says is free."""
+    candidate, i = stem, 0
+    while taken(candidate):
+        i += 1
+        candidate = f"{stem}-{i}"
+    return candidate
+
+
 def unused_path(path: Path) -> Path:
     """``path`` if free, else ``name-1.ext``, ``name-2.ext`` …: a user's file is never overwritten."""
     path = Path(path)
-    if not path.exists():
-        return path
-    i = 1
-    while True:
-        cand = path.with_name(f"{path.stem}-{i}{path.suffix}")
-        if not cand.exists():
-            return cand
-        i += 1
+    return path.with_name(_first_free(path.stem, lambda s: path.with_name(s + path.suffix).exists()) + path.suffix)
 
 
 def unused_stem(folder: Path, stem: str, run: bool = False) -> str:
@@ -137,9 +139,4 @@ def unused_stem(folder: Path, stem: str, run: bool = False) -> str:
             patterns += [f"{c}-step*", f"{c}-state-*", f"samples/{c}-step*"]
         return any(next(Path(folder).glob(p), None) is not None for p in patterns)
 
-    candidate, i = stem, 0
-    while taken(candidate):
-        i += 1
-        candidate = f"{stem}-{i}"
-    return candidate
-
+    return _first_free(stem, taken)
