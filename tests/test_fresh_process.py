@@ -12,7 +12,8 @@ The parent builds the tiny models and writes a settings JSON and a config JSON p
 ``CHILD_SCRIPT`` (two at a time) and prints what it saved as one JSON line.  The parent then checks every file
 the run wrote (finite; lora_up / lora_B trained away from zero; lora_down / lora_A initialised, not ``torch.empty``
 garbage; the family's metadata), and for the diffusers-layout run of every architecture loads the file with
-diffusers and compares the denoiser's output with the trainer's own view of the adapter.
+diffusers and compares the denoiser's output with the trainer's own view of the adapter.  Each case also runs on the
+code of commit ``BASELINE`` (extracted with ``git archive``), and every saved tensor must be bit-identical to it.
 """
 from __future__ import annotations
 
@@ -58,6 +59,10 @@ CASES = [(arch_id, layout) for arch_id, layouts in LAYOUTS.items() for layout in
 STEPS = 3
 CHILD_TIMEOUT_S = 300     # one child takes 10-30 s on a 2-core box
 PARALLEL = 2
+# Every case's saved tensors must equal, bit for bit, what the code of this commit saves on the same seed and
+# machine: refactors that are meant not to change behaviour are held to it.  Move it (in a commit that says
+# why) when a change alters saved tensors on purpose.
+BASELINE = "1d66dfd9ec0ef266b5b7bc1bde7abaeaae2575fc"
 
 # What a user's script does, and nothing else: no torch, diffusers or tests module is imported before core.
 # argv: repository root, settings JSON, config JSON (the app itself reads no environment or arguments).
@@ -74,6 +79,15 @@ print("FRESH_PROCESS_RESULT " + json.dumps({
     "state_dir": str(result.state_dir) if result.state_dir else None, "seconds": time.perf_counter() - start,
     "cpu_seconds": time.process_time()}))
 """
+
+# The same run by the code of BASELINE: settings added since are unknown to it and dropped (their defaults keep
+# the old behaviour).
+BASELINE_CHILD_SCRIPT = CHILD_SCRIPT.replace("settings = core.load_settings(sys.argv[2])", """
+from core.settings import SECTIONS, settings_from_dict
+data = json.load(open(sys.argv[2], encoding="utf-8"))
+settings = settings_from_dict({section: {k: v for k, v in values.items() if k in SECTIONS[section].model_fields}
+                               for section, values in data.items() if section in SECTIONS})""")
+assert BASELINE_CHILD_SCRIPT != CHILD_SCRIPT
 
 
 @dataclass
@@ -115,11 +129,11 @@ def _selected_cases(request) -> list[tuple[str, str]]:
     return [case for case in CASES if case in wanted]
 
 
-def _launch(run: Run, case_dir: Path) -> Run:
+def _launch(run: Run, case_dir: Path, code_root: Path = ROOT, script: str = CHILD_SCRIPT) -> Run:
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", CHILD_SCRIPT, str(ROOT), str(case_dir / "settings.json"),
-                               str(case_dir / "config.json")], cwd=str(ROOT), capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-c", script, str(code_root), str(case_dir / "settings.json"),
+                               str(case_dir / "config.json")], cwd=str(code_root), capture_output=True, text=True,
                               timeout=CHILD_TIMEOUT_S)
         run.returncode, run.stderr = proc.returncode, proc.stderr
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FRESH_PROCESS_RESULT ")]
@@ -132,34 +146,58 @@ def _launch(run: Run, case_dir: Path) -> Run:
     return run
 
 
+def _baseline_code(folder: Path) -> tuple[Path | None, str]:
+    """The code of BASELINE extracted into ``folder`` (core/, architectures/ and the JSON defaults), or why not."""
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASELINE, "core", "architectures",
+                                  "training.json", "config.json"], capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"git archive failed: {exc}"
+    if archive.returncode != 0:
+        return None, f"commit {BASELINE[:10]} is not in this clone: {archive.stderr.decode(errors='replace').strip()}"
+    folder.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder, ""
+
+
 @pytest.fixture(scope="module")
 def runs(request, tmp_path_factory) -> dict[tuple[str, str], Run]:
+    """Every selected case run by today's code, and (key ``(arch_id, layout, "baseline")``) by BASELINE's."""
     root = tmp_path_factory.mktemp("fresh")
     data = build_tiny_dataset(root / "data", n=4)
+    baseline_root, why = _baseline_code(root / "baseline_code")
+    if baseline_root is None:
+        print(f"\nno baseline runs: {why}")
     prepared = []
     for arch_id, layout in _selected_cases(request):
         case_dir = root / f"{arch_id}_{layout}"
         paths, model_fields = _build(arch_id, layout, case_dir / "model")
-        case_data = case_dir / "data"            # each run its own copy: nothing shared between two children
-        shutil.copytree(data, case_data)
         overrides = dict(schedule__max_train_steps=STEPS, optimizer__learning_rate=1e-2, saving__save_state=True,
                          memory__cpu_threads=1)
         if arch_id in FLUX1_IDS and layout == "diffusers":
             # diffusers 0.42.1's kohya FLUX.1 converter hard-codes width 3072 for the single blocks
             overrides["network__flux_blocks"] = "double"
-        s, config = tiny_train_settings(arch_id, model_fields, case_data, case_dir, **overrides)
-        core.save_settings(s, case_dir / "settings.json")
-        (case_dir / "config.json").write_text(config.model_dump_json(indent=2), encoding="utf-8")
-        prepared.append((Run(arch_id, layout, paths, s), case_dir))
+        for code_root, run_dir in ((ROOT, case_dir), (baseline_root, case_dir / "baseline")):
+            if code_root is None:
+                continue
+            run_data = run_dir / "data"            # each run its own copy: nothing shared between two children
+            shutil.copytree(data, run_data)
+            s, config = tiny_train_settings(arch_id, model_fields, run_data, run_dir, **overrides)
+            core.save_settings(s, run_dir / "settings.json")
+            (run_dir / "config.json").write_text(config.model_dump_json(indent=2), encoding="utf-8")
+            script = CHILD_SCRIPT if code_root == ROOT else BASELINE_CHILD_SCRIPT
+            prepared.append((Run(arch_id, layout, paths, s), run_dir, code_root, script))
     start = time.perf_counter()
     with ThreadPoolExecutor(PARALLEL) as pool:
-        done = list(pool.map(lambda rc: _launch(*rc), prepared))
+        done = list(pool.map(lambda args: (args[2] != ROOT, _launch(*args)), prepared))
     total = time.perf_counter() - start
     print(f"\n{len(done)} fresh-process runs, {PARALLEL} at a time: {total:.1f} s in all")
-    for r in done:
-        print(f"  {r.arch_id:22s} {r.layout:12s} {r.wall_s:6.1f} s (in the child {r.result.get('seconds', 0):.1f} s, "
-              f"CPU {r.result.get('cpu_seconds', 0):.1f} s)")
-    return {(r.arch_id, r.layout): r for r in done}
+    for is_baseline, r in done:
+        print(f"  {r.arch_id:22s} {r.layout:12s} {'baseline' if is_baseline else 'today':9s} {r.wall_s:6.1f} s "
+              f"(in the child {r.result.get('seconds', 0):.1f} s, CPU {r.result.get('cpu_seconds', 0):.1f} s)")
+    out = {(r.arch_id, r.layout) + (("baseline",) if is_baseline else ()): r for is_baseline, r in done}
+    out["baseline_missing"] = why
+    return out
 
 
 def _finished(runs, arch_id, layout) -> Run:
@@ -231,6 +269,29 @@ def _file_problems(arch_id, arch, path: Path, metadata: bool) -> list[str]:
             if md.get(key) != want:
                 problems.append(f"metadata {key} is {md.get(key)!r}, not {want!r}")
     return problems
+
+
+@pytest.mark.parametrize("arch_id,layout", CASES)
+def test_fresh_process_saves_what_the_baseline_saved(runs, arch_id, layout):
+    """Same seed, same machine: every tensor of every file equals what BASELINE's code saved, bit for bit."""
+    if runs["baseline_missing"]:
+        pytest.skip(runs["baseline_missing"])
+    today, before = _finished(runs, arch_id, layout), runs[(arch_id, layout, "baseline")]
+    if before.returncode != 0 or not before.result:
+        pytest.fail(f"BASELINE's code failed on {arch_id} ({layout}) (exit {before.returncode}):\n"
+                    + "\n".join(before.stderr.splitlines()[-40:]))
+    ours, theirs = (Path(r.result["final"]).parent for r in (today, before))
+    names = sorted(str(p.relative_to(ours)) for p in _saved_files(today))
+    assert names == sorted(str(p.relative_to(theirs)) for p in _saved_files(before))
+    differ = []
+    for name in names:
+        a, b = load_file(str(ours / name)), load_file(str(theirs / name))
+        if a.keys() != b.keys():
+            differ.append(f"{name}: keys differ ({sorted(a.keys() ^ b.keys())[:4]})")
+            continue
+        differ += [f"{name}: {k} (largest difference {float((a[k].float() - b[k].float()).abs().max()):.3g})"
+                   for k in sorted(a) if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensor(s) differ from BASELINE's:\n" + "\n".join(differ[:20])
 
 
 # -- diffusers loads what the fresh process saved, with the trainer's outputs ---------------------------------------
