@@ -1,10 +1,14 @@
 """Model-family plug-ins.  ``get(id)`` returns the plug-in the user chose; nothing here guesses."""
 from __future__ import annotations
 
-from architectures.base import AdapterTarget, Architecture, Components, ModelLoadError
+import functools
+
+from architectures.base import TRAITS, AdapterTarget, Architecture, Components, ModelLoadError
 
 
-def _registry() -> dict[str, type[Architecture]]:
+@functools.cache
+def registry() -> dict[str, type[Architecture]]:
+    """Every family, id → class, in the order the UI lists them."""
     from architectures.flux1 import Flux1Dev, Flux1Schnell
     from architectures.flux2 import FLUX2_CLASSES
     from architectures.sd3 import SD3, SD35Large, SD35Medium
@@ -15,14 +19,23 @@ def _registry() -> dict[str, type[Architecture]]:
 
 
 def get(arch_id: str) -> Architecture:
-    registry = _registry()
-    if arch_id not in registry:
-        raise ValueError(f"model.architecture: unknown architecture {arch_id!r} (available: {', '.join(registry)})")
-    return registry[arch_id]()
+    families = registry()
+    if arch_id not in families:
+        raise ValueError(f"model.architecture: unknown architecture {arch_id!r} (available: {', '.join(families)})")
+    return families[arch_id]()
 
 
 def available() -> dict[str, str]:
-    return {k: v.label for k, v in _registry().items()}
+    """id → the UI's label, for every family."""
+    return {k: v.label for k, v in registry().items()}
 
 
-__all__ = ["AdapterTarget", "Architecture", "Components", "ModelLoadError", "get", "available"]
+def with_trait(trait: str) -> list[str]:
+    """The ids of the families that declare ``trait`` (a key of ``architectures.base.TRAITS``)."""
+    if trait not in TRAITS:
+        raise ValueError(f"unknown family trait {trait!r} (known: {', '.join(TRAITS)})")
+    return [k for k, v in registry().items() if trait in v.traits]
+
+
+__all__ = ["AdapterTarget", "Architecture", "Components", "ModelLoadError", "TRAITS", "available", "get", "registry",
+           "with_trait"]

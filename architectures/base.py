@@ -15,15 +15,26 @@ class ModelLoadError(ValueError):
     """The chosen file/folder cannot be loaded as the chosen architecture; the message says why."""
 
 
-# short names for error messages (the UI's long labels are core.settings.ARCHITECTURE_LABELS)
-SHORT_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL", "sd3": "SD3 Medium", "sd35_medium": "SD3.5 Medium",
-                "sd35_large": "SD3.5 Large", "flux1_dev": "FLUX.1 dev", "flux1_schnell": "FLUX.1 schnell",
-                "flux2_dev": "FLUX.2 dev", "flux2_klein_4b": "FLUX.2 klein 4B", "flux2_klein_9b": "FLUX.2 klein 9B",
-                "flux2_klein_base_4b": "FLUX.2 klein base 4B", "flux2_klein_base_9b": "FLUX.2 klein base 9B"}
+#: What a family may declare in :attr:`Architecture.traits`: the settings' visibility rules
+#: (``core.settings.FamilyTrait``) show a control for the families with the trait.
+TRAITS = {
+    "ddpm": "trained on a DDPM noise schedule (prediction type, zero terminal SNR, min-SNR weighting)",
+    "flow_matching": "trained by rectified flow (timestep sampling, loss weighting)",
+    "clip_skip": "conditioned on CLIP hidden states, where CLIP skip applies",
+    "t5": "has a T5-XXL text encoder (its token length, padding mask and training)",
+    "optional_t5": "runs with or without its T5 encoder (model.use_t5)",
+    "bfl_text_encoder_files": "a single-file transformer takes CLIP-L, T5-XXL and autoencoder files",
+    "components_folder": "a single-file transformer takes a diffusers folder with the text encoder and VAE",
+    "guidance_input": "guidance-distilled: the transformer is given a guidance value (model.guidance)",
+    "double_single_blocks": "double- and single-stream transformer blocks (network.flux_blocks)",
+}
 
 
 def short_label(arch_id: str | None) -> str:
-    return SHORT_LABELS.get(arch_id or "", str(arch_id))
+    """The family's name in messages ("SD3.5 Large"), or the id itself if no family has it."""
+    from architectures import registry
+    cls = registry().get(arch_id or "")
+    return (cls.short_label or cls.label) if cls else str(arch_id)
 
 
 def check_family(arch_id: str, where, family: str | None, description: str) -> None:
@@ -46,7 +57,13 @@ class Components:
     text_encoders: list[nn.Module]
     tokenizers: list[Any]
     noise_scheduler: Any
-    extra: dict = field(default_factory=dict)
+    #: the noise scheduler's diffusers config (the objective and the previews build their schedulers from it)
+    scheduler_config: dict = field(default_factory=dict)
+    #: the run's ``settings.network`` (set by ``configure_objective``; the memory estimate passes it): which
+    #: blocks and encoders get adapters besides the preset (e.g. ``flux_blocks``, ``train_t5``); None: defaults
+    network: Any = None
+    #: what ``configure_objective`` took from the settings for the training step (keys defined by the family)
+    objective: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -104,7 +121,15 @@ def apply_patterns(targets: list[AdapterTarget], candidates: list[AdapterTarget]
 
 class Architecture:
     id: str = ""
-    label: str = ""
+    label: str = ""          # the name in the UI's choice of architecture
+    short_label: str = ""    # the name in messages, where shorter than ``label``
+    #: what kind of model this is (keys of :data:`TRAITS`): decides which settings the UI shows for it
+    traits: frozenset[str] = frozenset()
+    #: fnmatch patterns of the denoiser's Linear layers a quantized base keeps in full precision (see
+    #: core/quantize.py: embedders and first / last projections, whose errors no later layer averages out)
+    quantize_keep: tuple[str, ...] = ()
+    #: the same for the text encoders: CLIP's projection lands directly in the conditioning
+    text_encoder_quantize_keep: tuple[str, ...] = ("text_projection", "text_model.text_projection")
     ss_base_model_version: str = ""
     modelspec_architecture: str = ""
     default_resolution: int = 512
@@ -113,6 +138,8 @@ class Architecture:
     # which block a denoiser layer belongs to, for per-block ranks: (regex on the module path, name template)
     block_patterns: tuple[tuple[str, str], ...] = ((r"^down_blocks\.(\d+)\.", "down_{0}"), (r"^mid_block\.", "mid"),
                                                    (r"^up_blocks\.(\d+)\.", "up_{0}"))
+    #: whether the denoiser is mostly convolutions (a UNet), where a channels-last memory layout could matter
+    convolutional: bool = False
     # below this much VRAM (GB) the denoiser needs gradient checkpointing at batch 1 (bf16 base, LoRA)
     checkpointing_below_gb: float = 24.0
 

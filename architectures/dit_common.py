@@ -38,15 +38,16 @@ def clip_text_targets(text_encoder: nn.Module, prefix: str, part: str) -> list[A
     return clip_targets(text_encoder, prefix, part)
 
 
-def flux_block_filter(components: Components, path: str) -> bool:
-    """network.flux_blocks for FLUX.1 and FLUX.2 (same block lists): all, the double- or the single-stream
-    blocks."""
-    network = components.extra.get("network")
-    blocks = getattr(network, "flux_blocks", "all") if network is not None else "all"
+def flux_block_filter(components: Components, path: str, double: tuple[str, ...] = ("transformer_blocks.",),
+                      single: tuple[str, ...] = ("single_transformer_blocks.",)) -> bool:
+    """network.flux_blocks for FLUX.1 and FLUX.2 (same block lists) and FLUX.3 (whose per-stream blocks take the
+    double-stream role; ``double`` / ``single``: their module-path prefixes): all, the double- or the
+    single-stream blocks."""
+    blocks = getattr(components.network, "flux_blocks", "all")
     if blocks == "double":
-        return path.startswith("transformer_blocks.")
+        return path.startswith(double)
     if blocks == "single":
-        return path.startswith("single_transformer_blocks.")
+        return path.startswith(single)
     return True
 
 
@@ -55,6 +56,9 @@ class FlowMatchingFamily(Architecture):
 
     adapter_presets = DIT_PRESETS
     default_resolution = 1024
+    # embedders, the first projections of the inputs and the final modulation / output projection
+    quantize_keep = ("time_text_embed.*", "x_embedder", "x_embedder.*", "context_embedder", "context_embedder.*",
+                     "pos_embed.*", "norm_out.*", "proj_out")
     default_t5_max_length = 256
     #: per preset, the module paths (relative to a block of ``block_lists``) it adapts
     preset_modules: dict[str, dict[str, tuple[str, ...]]] = {}
@@ -64,9 +68,8 @@ class FlowMatchingFamily(Architecture):
     lora_network_module = ""
 
     def lora_slots(self, components: Components) -> dict[str, ExportSlot]:
-        if "_slots" not in components.extra:
-            components.extra["_slots"] = self.slot_table(components.denoiser.config)
-        return components.extra["_slots"]
+        """diffusers module path of each trainable transformer layer → where it goes in the original layout."""
+        return self.slot_table(components.denoiser.config)
 
     def adapter_metadata(self, settings, suffix: str) -> dict[str, str]:
         n = settings.network
@@ -107,16 +110,16 @@ class FlowMatchingFamily(Architecture):
         from diffusers import FlowMatchEulerDiscreteScheduler
         n = settings.network
         m = settings.model
-        components.extra["network"] = n
-        components.extra["objective"] = {
+        components.network = n
+        components.objective = {
             "t5_max_length": m.t5_max_length or self.default_t5_max_length,
             "apply_t5_mask": bool(m.apply_t5_attention_mask),
             "guidance": float(m.guidance),
         }
-        components.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.extra["scheduler_config"])
+        components.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.scheduler_config)
 
     def _objective(self, components: Components) -> dict:
-        return components.extra.get("objective") or {"t5_max_length": self.default_t5_max_length,
+        return components.objective or {"t5_max_length": self.default_t5_max_length,
                                                       "apply_t5_mask": False, "guidance": 1.0}
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
@@ -125,7 +128,7 @@ class FlowMatchingFamily(Architecture):
 
     def noisy_input_and_target(self, components, latents, noise, settings):
         s = settings.schedule
-        cfg = components.extra.get("scheduler_config", {})
+        cfg = components.scheduler_config
         sigmas = fm.sample_sigmas(
             s.timestep_sampling, latents.shape[0], sigmoid_scale=s.sigmoid_scale, logit_mean=s.logit_mean,
             logit_std=s.logit_std, mode_scale=s.mode_scale, shift=s.discrete_flow_shift,
@@ -178,11 +181,10 @@ class FlowMatchingFamily(Architecture):
 
     # -- adapters --------------------------------------------------------------------------------------
     def _block_modules(self, components: Components, preset: str) -> list[tuple[str, nn.Module]]:
-        wanted = self.preset_modules[preset]
         found = []
-        for list_name in self.block_lists:
-            rel_names = wanted.get(list_name, ())
-            for i, block in enumerate(getattr(components.denoiser, list_name)):
+        # a preset's lists may be nested (FLUX.3's ``mode_blocks.image``), which block_lists cannot name
+        for list_name, rel_names in self.preset_modules[preset].items():
+            for i, block in enumerate(components.denoiser.get_submodule(list_name)):
                 modules = dict(block.named_modules())
                 for rel in rel_names:
                     if isinstance(modules.get(rel), nn.Linear):
@@ -202,8 +204,7 @@ class FlowMatchingFamily(Architecture):
                    for path, module in self._block_modules(components, target)
                    if path in slots and self.block_filter(components, path)]
         if text_encoder:
-            targets += self.text_encoder_targets(components, components.extra.get("network"))
-        self._remember(components, targets)
+            targets += self.text_encoder_targets(components, components.network)
         return targets
 
     def adapter_candidates(self, components: Components, text_encoder: bool) -> list[AdapterTarget]:
@@ -213,20 +214,16 @@ class FlowMatchingFamily(Architecture):
         out = [AdapterTarget(self.internal_name(p), modules[p], "unet", p) for p in slots
                if isinstance(modules.get(p), nn.Linear)]
         if text_encoder:
-            out += self.text_encoder_targets(components, components.extra.get("network"))
-        self._remember(components, out)
+            out += self.text_encoder_targets(components, components.network)
         return out
 
-    def _remember(self, components: Components, targets: list[AdapterTarget]) -> None:
-        """internal name → diffusers path of the transformer targets (for export)."""
-        names = components.extra.setdefault("adapter_paths", {})
-        for t in targets:
-            if t.part == "unet":
-                names[t.name] = t.path
+    def transformer_paths(self, components: Components) -> dict[str, str]:
+        """Trained name (:meth:`internal_name`) → diffusers module path, for every layer that can take an adapter."""
+        return {self.internal_name(path): path for path in self.lora_slots(components)}
 
     def _internal_slots(self, components: Components) -> dict[str, ExportSlot]:
         slots = self.lora_slots(components)
-        return {name: slots[path] for name, path in components.extra.get("adapter_paths", {}).items()}
+        return {name: slots[path] for name, path in self.transformer_paths(components).items()}
 
     def export_adapter(self, components: Components, state_dict: dict[str, torch.Tensor]
                        ) -> dict[str, dict[str, torch.Tensor]]:
@@ -242,7 +239,7 @@ class FlowMatchingFamily(Architecture):
 
     def scheduler_for_sampling(self, components: Components):
         from diffusers import FlowMatchEulerDiscreteScheduler
-        return FlowMatchEulerDiscreteScheduler.from_config(components.extra["scheduler_config"])
+        return FlowMatchEulerDiscreteScheduler.from_config(components.scheduler_config)
 
 
 def resolve_optional(resolve_path, value: str, setting: str) -> Path | None:

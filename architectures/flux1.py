@@ -33,6 +33,7 @@ _SINGLE_MOD = ("norm.linear",)
 
 
 class FluxFamily(FlowMatchingFamily):
+    traits = frozenset({"flow_matching", "t5", "bfl_text_encoder_files", "double_single_blocks"})
     # FLUX.1 dev without checkpointing measured 47.2 GB at 1024 px (FIELD_NOTES)
     checkpointing_below_gb = 56.0
     denoiser_subfolder = "transformer"
@@ -73,7 +74,7 @@ class FluxFamily(FlowMatchingFamily):
         return Components(denoiser=parts["transformer"], vae=parts["vae"], text_encoders=parts["text_encoders"],
                           tokenizers=parts["tokenizers"],
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler_config"]),
-                          extra={"scheduler_config": parts["scheduler_config"]})
+                          scheduler_config=parts["scheduler_config"])
 
     # -- adapters --------------------------------------------------------------------------------------
     def block_filter(self, components: Components, path: str) -> bool:
@@ -139,6 +140,7 @@ class FluxFamily(FlowMatchingFamily):
 class Flux1Dev(FluxFamily):
     id = "flux1_dev"
     label = "FLUX.1 dev"
+    traits = FluxFamily.traits | {"guidance_input"}
     modelspec_architecture = "flux-1-dev/lora"
     default_t5_max_length = 512
 

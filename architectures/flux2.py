@@ -78,6 +78,8 @@ def text_ids(length: int, device=None) -> torch.Tensor:
 
 
 class Flux2Family(FlowMatchingFamily):
+    traits = frozenset({"flow_matching", "components_folder", "double_single_blocks"})
+    quantize_keep = FlowMatchingFamily.quantize_keep + ("time_guidance_embed.*",)
     modelspec_implementation = "https://github.com/black-forest-labs/flux2"
     default_resolution = 1024
     vae_scale_factor = 8  # pixels per latent; a transformer token covers 16x16 pixels
@@ -120,14 +122,14 @@ class Flux2Family(FlowMatchingFamily):
         return Components(denoiser=parts["transformer"], vae=parts["vae"], text_encoders=parts["text_encoders"],
                           tokenizers=parts["tokenizers"],
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler_config"]),
-                          extra={"scheduler_config": parts["scheduler_config"]})
+                          scheduler_config=parts["scheduler_config"])
 
     def configure_objective(self, components: Components, settings) -> None:
         super().configure_objective(components, settings)
-        components.extra["objective"]["text_max_length"] = self.max_sequence_length
+        components.objective["text_max_length"] = self.max_sequence_length
 
     def _objective(self, components: Components) -> dict:
-        return components.extra.get("objective") or {"guidance": 1.0, "text_max_length": self.max_sequence_length}
+        return components.objective or {"guidance": 1.0, "text_max_length": self.max_sequence_length}
 
     def probe_inputs(self, denoiser, resolution, batch_size, dtype, device="meta"):
         """Training-shaped dummies for the memory estimate: patchified latents (B, 128, res/16, res/16), 512 text
@@ -194,11 +196,14 @@ class Flux2Family(FlowMatchingFamily):
         # the base model (Qwen3Model / Mistral3Model) gives the same hidden states without the LM head, whose
         # logits (512 tokens × a 131k-152k vocabulary per caption) the pipelines compute and throw away
         body = getattr(te, "model", te)
-        out = body(input_ids=tokens[0].to(device), attention_mask=tokens[1].to(device), output_hidden_states=True,
-                   use_cache=False)
+        out = body(**self.text_encoder_inputs(tokens, device), output_hidden_states=True, use_cache=False)
         hidden = torch.stack([out.hidden_states[k] for k in self.hidden_layers], dim=1)
         b, n, length, d = hidden.shape
         return {"prompt_embeds": hidden.permute(0, 2, 1, 3).reshape(b, length, n * d)}
+
+    def text_encoder_inputs(self, tokens: list[torch.Tensor], device) -> dict[str, torch.Tensor]:
+        """The text encoder's keyword arguments for :meth:`tokenize`'s output (FLUX.3 adds position ids)."""
+        return {"input_ids": tokens[0].to(device), "attention_mask": tokens[1].to(device)}
 
     # -- objective -------------------------------------------------------------------------------------
     def predict(self, components, noisy, timesteps, cond, batch) -> torch.Tensor:
@@ -238,6 +243,7 @@ class Flux2Family(FlowMatchingFamily):
 class Flux2Dev(Flux2Family):
     id = "flux2_dev"
     label = "FLUX.2 dev"
+    traits = Flux2Family.traits | {"guidance_input"}
     modelspec_architecture = "Flux.2-dev/lora"
     ss_base_model_version = "flux2_dev"
     hidden_layers = (10, 20, 30)
@@ -306,6 +312,7 @@ class Flux2Klein9B(Flux2Klein):
 class Flux2KleinBase4B(Flux2Klein4B):
     id = "flux2_klein_base_4b"
     label = "FLUX.2 klein base 4B (undistilled)"
+    short_label = "FLUX.2 klein base 4B"
     ss_base_model_version = "flux2_klein_base_4b"
     distilled = False
 
@@ -313,6 +320,7 @@ class Flux2KleinBase4B(Flux2Klein4B):
 class Flux2KleinBase9B(Flux2Klein9B):
     id = "flux2_klein_base_9b"
     label = "FLUX.2 klein base 9B (undistilled)"
+    short_label = "FLUX.2 klein base 9B"
     ss_base_model_version = "flux2_klein_base_9b"
     distilled = False
 

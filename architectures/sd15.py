@@ -9,6 +9,7 @@ from architectures.sd_unet import SDUNetFamily
 class SD15(SDUNetFamily):
     id = "sd15"
     label = "Stable Diffusion 1.5"
+    short_label = "SD 1.5"
     checkpointing_below_gb = 8.0
     ss_base_model_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"

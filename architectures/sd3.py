@@ -14,6 +14,7 @@ layout (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``, alpha fold
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +29,14 @@ _MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"
 _MOD = ("norm1.linear", "norm1_context.linear")
 
 
+@dataclass
+class SD3Components(Components):
+    use_t5: bool = True              # model.use_t5: without T5 its place in the conditioning is zeros
+    joint_attention_dim: int = 4096  # the transformer's text width, which T5's place is padded to
+
+
 class SD3Family(FlowMatchingFamily):
+    traits = frozenset({"flow_matching", "clip_skip", "t5", "optional_t5"})
     modelspec_implementation = "diffusers"
     denoiser_subfolder = "transformer"
     vae_scale_factor = 8
@@ -62,22 +70,26 @@ class SD3Family(FlowMatchingFamily):
             from architectures.load_util import read_json
             folder = Path(model_path) if Path(model_path).is_dir() else Path(config_dir or self.config_dir())
             joint = read_json(folder / "transformer" / "config.json")["joint_attention_dim"]
-        return Components(denoiser=parts["transformer"], vae=parts["vae"], text_encoders=parts["text_encoders"],
-                          tokenizers=parts["tokenizers"],
-                          noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler_config"]),
-                          extra={"scheduler_config": parts["scheduler_config"], "use_t5": use_t5,
-                                 "joint_attention_dim": joint})
+        return SD3Components(denoiser=parts["transformer"], vae=parts["vae"], text_encoders=parts["text_encoders"],
+                             tokenizers=parts["tokenizers"],
+                             noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler_config"]),
+                             scheduler_config=parts["scheduler_config"], use_t5=use_t5, joint_attention_dim=joint)
 
     # -- adapters --------------------------------------------------------------------------------------
     def text_encoder_targets(self, components: Components, network) -> list[AdapterTarget]:
         out = clip_text_targets(components.text_encoders[0], "lora_te1", "te1")
         out += clip_text_targets(components.text_encoders[1], "lora_te2", "te2")
-        if components.extra.get("use_t5", True) and len(components.text_encoders) > 2 and getattr(network, "train_t5", False):
+        if self._uses_t5(components) and len(components.text_encoders) > 2 and getattr(network, "train_t5", False):
             out += t5_targets(components.text_encoders[2], "lora_te3", "te3")
         return out
 
+    @staticmethod
+    def _uses_t5(components: Components) -> bool:
+        """Components built elsewhere (the memory estimate's) count as with T5."""
+        return not isinstance(components, SD3Components) or components.use_t5
+
     def peft_paths(self, components: Components) -> dict[str, str]:
-        paths = {name: f"transformer.{path}" for name, path in components.extra.get("adapter_paths", {}).items()}
+        paths = {name: f"transformer.{path}" for name, path in self.transformer_paths(components).items()}
         # text encoders are released after caching when they are not trained (nothing of theirs to name then)
         for i, prefix in ((0, "text_encoder"), (1, "text_encoder_2"))[:len(components.text_encoders)]:
             for t in clip_text_targets(components.text_encoders[i], self.te_prefixes[i], f"te{i + 1}"):
@@ -88,7 +100,7 @@ class SD3Family(FlowMatchingFamily):
     def tokenize(self, components: Components, captions: list[str]) -> list[torch.Tensor]:
         clip = [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                     return_tensors="pt").input_ids for tok in components.tokenizers[:2]]
-        if components.extra.get("use_t5", True):
+        if self._uses_t5(components):
             return clip + self.t5_tokens(components, captions)
         length = self._objective(components)["t5_max_length"]
         return clip + [torch.zeros(len(captions), length, dtype=torch.long)] * 2
@@ -100,9 +112,9 @@ class SD3Family(FlowMatchingFamily):
         out_g = te_g(tokens[1].to(te_g.device), output_hidden_states=True)
         h = torch.cat([out_l.hidden_states[layer], out_g.hidden_states[layer].to(out_l.hidden_states[layer].dtype)], -1)
         pooled = torch.cat([out_l.text_embeds, out_g.text_embeds.to(out_l.text_embeds.dtype)], -1)
-        joint = components.extra["joint_attention_dim"]
+        joint = components.joint_attention_dim
         ids, mask = tokens[2], tokens[3]
-        if components.extra.get("use_t5", True) and len(components.text_encoders) > 2:
+        if self._uses_t5(components) and len(components.text_encoders) > 2:
             t5 = self.t5_encode(components, components.text_encoders[2], ids, mask).to(h.dtype)
         else:  # T5 left out: zeros in its place, as StableDiffusion3Pipeline does without text_encoder_3
             t5 = torch.zeros(h.shape[0], ids.shape[1], joint, dtype=h.dtype, device=h.device)
@@ -153,6 +165,7 @@ class SD3Family(FlowMatchingFamily):
 class SD3(SD3Family):
     id = "sd3"
     label = "Stable Diffusion 3 Medium"
+    short_label = "SD3 Medium"
     checkpointing_below_gb = 16.0  # estimate from size
     ss_base_model_version = "sd3_medium"
     modelspec_architecture = "stable-diffusion-3-medium/lora"
@@ -161,6 +174,7 @@ class SD3(SD3Family):
 class SD35Medium(SD3Family):
     id = "sd35_medium"
     label = "Stable Diffusion 3.5 Medium"
+    short_label = "SD3.5 Medium"
     checkpointing_below_gb = 16.0  # estimate from size
     ss_base_model_version = "sd3.5_medium"
     modelspec_architecture = "stable-diffusion-3-5-medium/lora"
@@ -169,6 +183,7 @@ class SD35Medium(SD3Family):
 class SD35Large(SD3Family):
     id = "sd35_large"
     label = "Stable Diffusion 3.5 Large"
+    short_label = "SD3.5 Large"
     checkpointing_below_gb = 40.0  # estimate from size
     ss_base_model_version = "sd3.5_large"
     modelspec_architecture = "stable-diffusion-3-5-large/lora"

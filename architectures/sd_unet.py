@@ -95,6 +95,10 @@ class SDUNetFamily(Architecture):
     """Shared behaviour of the DDPM UNet families; subclasses define naming and text conditioning."""
 
     te_prefixes: tuple[str, ...] = ()
+    traits = frozenset({"ddpm", "clip_skip"})
+    convolutional = True
+    # the embedders of timestep and size conditioning: tiny, and their output conditions every block
+    quantize_keep = ("time_embedding", "time_embedding.*", "add_embedding", "add_embedding.*", "*.time_emb_proj")
     # the UNet's repeated blocks: what regional compilation compiles
     # (the ResNet blocks come in many shapes: compiling them recompiles often for little gain)
     compile_blocks = ("BasicTransformerBlock",)
@@ -108,7 +112,7 @@ class SDUNetFamily(Architecture):
         return Components(denoiser=parts["unet"], vae=parts["vae"], text_encoders=parts["text_encoders"],
                           tokenizers=parts["tokenizers"],
                           noise_scheduler=DDPMScheduler.from_config(parts["scheduler_config"]),
-                          extra={"scheduler_config": parts["scheduler_config"]})
+                          scheduler_config=parts["scheduler_config"])
 
     # -- full fine-tuning -------------------------------------------------------------------------------
     supports_full_checkpoint = True
@@ -171,7 +175,7 @@ class SDUNetFamily(Architecture):
     def configure_objective(self, components: Components, settings) -> None:
         """The training schedule the user chose; 'auto' keeps what the model's scheduler config says."""
         from diffusers import DDPMScheduler
-        config = dict(components.extra["scheduler_config"])
+        config = dict(components.scheduler_config)
         if settings.model.prediction_type != "auto":
             config["prediction_type"] = settings.model.prediction_type
         config["rescale_betas_zero_snr"] = settings.model.zero_terminal_snr

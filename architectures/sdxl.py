@@ -15,6 +15,7 @@ def sdxl_time_ids(original_sizes, crop_coords, target_sizes, device) -> torch.Te
 class SDXL(SDUNetFamily):
     id = "sdxl"
     label = "Stable Diffusion XL"
+    short_label = "SDXL"
     checkpointing_below_gb = 16.0
     ss_base_model_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"

@@ -89,27 +89,27 @@ class ParamGroup:
         return ParamGroup(self.dense + other.dense, self.linear + other.linear, self.rows + other.rows)
 
 
-def quantizable_weights(model: nn.Module) -> set[int]:
+def quantizable_weights(model: nn.Module, keep: tuple[str, ...]) -> set[int]:
     """ids of the weights a quantized base stores in 8/4 bits: the Linear layers ``core.quantize`` selects
-    (embedders, first/last projections and small layers stay dense)."""
+    (the family's ``keep`` patterns and small layers stay dense)."""
     try:
         from core.quantize import select_layers
     except ImportError:  # without the quantization module: every Linear weight
         return {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     modules = dict(model.named_modules())
-    chosen, _ = select_layers(model)
+    chosen, _ = select_layers(model, keep=keep)
     return {id(modules[name].weight) for name in chosen}
 
 
-def param_group(module: nn.Module, skip: set[int] | None = None, quantizable: set[int] | None = None
-                ) -> ParamGroup:
+def param_group(module: nn.Module, skip: set[int] | None = None, quantizable: set[int] | None = None,
+                keep: tuple[str, ...] = ()) -> ParamGroup:
     """Parameters and floating buffers of ``module`` (each tensor once; ids in ``skip`` left out);
     ``quantizable``: ids of the weights a quantized base stores in 8/4 bits (default: what
-    :func:`quantizable_weights` selects in ``module``)."""
+    :func:`quantizable_weights` selects in ``module`` with the ``keep`` patterns)."""
     dense = linear = rows = 0
     seen = set(skip or ())
     if quantizable is None:
-        quantizable = quantizable_weights(module)
+        quantizable = quantizable_weights(module, keep)
     for t in list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]:
         if id(t) in seen:
             continue
@@ -166,7 +166,7 @@ def _denoiser_stats(arch_id: str, config_key: str) -> DenoiserStats:
     import architectures
     arch = architectures.get(arch_id)
     model = _meta_denoiser(arch_id, config_key)
-    quantizable = quantizable_weights(model)
+    quantizable = quantizable_weights(model, arch.quantize_keep)
     blocks, ids = [], set()
     for list_name in arch.block_lists:
         for block in getattr(model, list_name):
@@ -204,9 +204,9 @@ def _meta_module(sub: Path) -> nn.Module | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _part_params(config_key: str, sub: str) -> ParamGroup | None:
+def _part_params(config_key: str, sub: str, keep: tuple[str, ...] = ()) -> ParamGroup | None:
     model = _meta_module(Path(config_key) / sub)
-    return None if model is None else param_group(model)
+    return None if model is None else param_group(model, keep=keep)
 
 
 def text_encoder_params(arch, config_dir: Path | None = None) -> list[tuple[str, ParamGroup]]:
@@ -214,7 +214,7 @@ def text_encoder_params(arch, config_dir: Path | None = None) -> list[tuple[str,
     root = Path(_config_key(arch, config_dir))
     out = []
     for sub in sorted(p.name for p in root.glob("text_encoder*") if p.is_dir()):
-        g = _part_params(str(root), sub)
+        g = _part_params(str(root), sub, arch.text_encoder_quantize_keep)
         if g is not None:
             out.append((sub, g))
     return out
@@ -520,7 +520,7 @@ def _build_adapter(arch, model: nn.Module, network):
     if network.algorithm == "full_finetune":
         return None
     components = Components(denoiser=model, vae=None, text_encoders=[], tokenizers=[], noise_scheduler=None,
-                            extra={"network": network})
+                            network=network)
     targets = arch.select_adapter_targets(components, network.target, False, include=network.include,
                                           exclude=network.exclude)
     with torch.device("meta"):
@@ -568,7 +568,7 @@ def _trace_run(arch, model, network, resolution, batch_size, precision) -> Activ
     if net is not None:
         net.apply_to()
     components = Components(denoiser=model, vae=None, text_encoders=[], tokenizers=[], noise_scheduler=None,
-                            extra={"network": network})
+                            network=network)
     noisy, timesteps, cond, batch = arch.probe_inputs(model, resolution, batch_size, weight_dtype)
     autocast = weight_dtype if weight_dtype != torch.float32 else None
     model.train()

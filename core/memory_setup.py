@@ -81,13 +81,15 @@ def run_context(plan) -> contextlib.AbstractContextManager:
     return attention_context(plan.attention)
 
 
-def quantize_base(denoiser: nn.Module, plan, device: torch.device, log: Callable[[str], None]):
+def quantize_base(denoiser: nn.Module, plan, device: torch.device, log: Callable[[str], None],
+                  keep: tuple[str, ...] = ()):
     if plan.quantize_base == "none":
         return None
     from core.quantize import quantize_frozen
     # each layer is quantized on the device and stays there; with swapped blocks the whole quantized model
     # need not fit, so it is quantized in CPU memory and the swapper places it (nf4 is refused with swapping)
-    report = quantize_frozen(denoiser, plan.quantize_base, device=device if plan.blocks_to_swap == 0 else None)
+    report = quantize_frozen(denoiser, plan.quantize_base, keep=keep,
+                             device=device if plan.blocks_to_swap == 0 else None)
     log(f"Frozen model quantized ({plan.quantize_base}): {report.summary()}")
     return report
 
@@ -114,7 +116,7 @@ def setup_denoiser(arch, components, settings, plan, device: torch.device, log: 
     c, s = components, settings
     setup = DenoiserSetup(network=network, attention=plan.attention, activation_offload=plan.activation_offload,
                           optimizer_type=optimizer_for(plan, s.optimizer.optimizer_type))
-    setup.quantize_report = quantize_base(c.denoiser, plan, device, log)
+    setup.quantize_report = quantize_base(c.denoiser, plan, device, log, arch.quantize_keep)
     if network is None:
         from core.adapters import AdapterOptions, build_network
         targets = arch.select_adapter_targets(c, s.network.target, s.network.train_text_encoder,

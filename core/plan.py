@@ -196,7 +196,7 @@ def make_plan(profile, settings, arch, config_dir=None) -> Plan:
         compile_how = m.compile
     if m.channels_last == "auto":
         channels_last = False
-        if cuda and arch.denoiser_subfolder == "unet":
+        if cuda and arch.convolutional:
             reasons.append("channels-last off: measured within noise on an H100")
     else:
         channels_last = m.channels_last == "on"

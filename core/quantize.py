@@ -10,7 +10,7 @@ API
   the setting and what to choose instead) for combinations that cannot run: full fine-tuning of a
   quantized model, nf4 without CUDA or without bitsandbytes, an unknown method.  Cheap, no imports of
   quanto; call it while validating the plan.
-* ``quantize_frozen(module, method, *, exclude=(), device=None, min_elements=65536)``: quantize in place,
+* ``quantize_frozen(module, method, *, keep=(), device=None, min_elements=65536)``: quantize in place,
   returns a ``QuantizeReport`` (layers quantized/kept, bytes before/after, ``summary()`` for the log).
 * ``select_layers(module, ...)``: (names that would be quantized, names kept) without changing anything,
   for the memory estimate.
@@ -29,22 +29,20 @@ Methods
 What stays in full precision, and why
 -------------------------------------
 Only ``nn.Linear`` layers are quantized: convolutions, norms and embeddings keep their dtype (they are a
-small share of the weights and the most sensitive).  Of the Linear layers these are kept (``DEFAULT_EXCLUDE``,
-names as diffusers / transformers give them):
+small share of the weights and the most sensitive).  Of the Linear layers these are kept:
 
-* timestep / guidance / pooled-text embedders (``time_embedding``, ``time_text_embed``,
-  ``time_guidance_embed``, ``add_embedding``) and each ResNet's ``time_emb_proj``: tiny, and their output
-  conditions every block — an error there shifts the whole network's behaviour per timestep;
-* the first projections of the inputs (``x_embedder``, ``context_embedder``, ``pos_embed``) and the last
-  ones (``norm_out.*`` — the final AdaLN modulation — and the top-level ``proj_out``, CLIP's
-  ``text_projection``): errors there are not averaged out by later layers and land directly in the
-  prediction / the conditioning;
+* the layers the caller names in ``keep`` (fnmatch patterns of module names).  Each model family declares
+  them (``Architecture.quantize_keep``, ``text_encoder_quantize_keep``): its timestep / guidance / pooled-text
+  embedders (tiny, and their output conditions every block — an error there shifts the whole network's
+  behaviour per timestep) and the first and last projections (input embedders, the final modulation and
+  output projection, CLIP's ``text_projection``: errors there are not averaged out by later layers and land
+  directly in the prediction / the conditioning);
 * layers smaller than ``min_elements`` weights (default 65536, e.g. 256×256): they save next to nothing;
 * in fp16, the model's own ``_keep_in_fp32_modules`` (T5's ``wo``): the T5 code path casts them to fp32,
   which a quantized weight cannot do.
 
-The per-block modulation layers of the DiTs (FLUX ``norm1.linear`` …) are quantized: they hold about a
-quarter of FLUX.1's weights, so keeping them dense would forfeit much of the saving.
+The per-block modulation layers of the DiTs are quantized: they hold about a quarter of a DiT's weights, so
+keeping them dense would forfeit much of the saving.
 
 No compiled extensions
 ----------------------
@@ -70,16 +68,6 @@ QUANTO_METHODS = ("qfloat8", "qint8", "qint4")
 METHODS = QUANTO_METHODS + ("nf4",)
 _QUANTO_QTYPES = {"qfloat8": "qfloat8_e4m3fn", "qint8": "qint8", "qint4": "qint4"}
 
-#: Linear layers kept in full precision (fnmatch patterns against module names; see the module docstring)
-DEFAULT_EXCLUDE: tuple[str, ...] = (
-    # timestep / guidance / pooled-text embeddings (UNets, SD3, FLUX.1, FLUX.2)
-    "time_embedding", "time_embedding.*", "add_embedding", "add_embedding.*", "*.time_emb_proj",
-    "time_text_embed.*", "time_guidance_embed.*",
-    # first projections of the inputs
-    "x_embedder", "x_embedder.*", "context_embedder", "context_embedder.*", "pos_embed.*",
-    # last projections: final modulation and output
-    "norm_out.*", "proj_out", "text_projection", "text_model.text_projection",
-)
 DEFAULT_MIN_ELEMENTS = 65536
 
 
@@ -289,12 +277,12 @@ def _cast_input_to_weight_dtype(module: nn.Module, args):
     return None
 
 
-def select_layers(module: nn.Module, *, exclude=(), min_elements: int = DEFAULT_MIN_ELEMENTS,
-                  use_default_exclude: bool = True) -> tuple[list[str], list[str]]:
+def select_layers(module: nn.Module, *, keep=(), min_elements: int = DEFAULT_MIN_ELEMENTS
+                  ) -> tuple[list[str], list[str]]:
     """(names of the Linear layers ``quantize_frozen`` would quantize, names of those it keeps in full
     precision).  Pure: nothing is imported or changed, so the memory estimate can use it on a meta-device
     model.  Only ``nn.Linear`` layers are candidates (convolutions are never quantized)."""
-    patterns = tuple(DEFAULT_EXCLUDE if use_default_exclude else ()) + tuple(exclude)
+    patterns = tuple(keep)
     keep_fp32 = set(getattr(module, "_keep_in_fp32_modules", None) or ()) | \
         set(getattr(module, "_keep_in_fp32_modules_strict", None) or ())
     chosen, kept = [], []
@@ -310,24 +298,23 @@ def select_layers(module: nn.Module, *, exclude=(), min_elements: int = DEFAULT_
     return chosen, kept
 
 
-def quantize_frozen(module: nn.Module, method: str, *, exclude=(), device: torch.device | str | None = None,
-                    min_elements: int = DEFAULT_MIN_ELEMENTS, use_default_exclude: bool = True) -> QuantizeReport:
+def quantize_frozen(module: nn.Module, method: str, *, keep=(), device: torch.device | str | None = None,
+                    min_elements: int = DEFAULT_MIN_ELEMENTS) -> QuantizeReport:
     """Quantize the frozen ``nn.Linear`` layers of ``module`` in place (each is replaced by a quantized
     layer of the same name) and return a report.
 
     Call it on a frozen model (``requires_grad_(False)``), already cast to the run's weight dtype, and
     before adapters are built (they must wrap the quantized layers).  ``device``: quantize each layer
     there, one at a time (the dense weights never sit on the GPU together: peak ≈ the quantized model + one
-    dense layer); the layers are left on it, move the rest of the module afterwards.  ``exclude``: extra
-    fnmatch patterns of module names to keep in full precision, on top of ``DEFAULT_EXCLUDE``; which layers
-    are chosen: ``select_layers``."""
+    dense layer); the layers are left on it, move the rest of the module afterwards.  ``keep``: fnmatch
+    patterns of module names to keep in full precision (the family's ``quantize_keep``); which layers are
+    chosen: ``select_layers``."""
     if method not in METHODS:
         raise QuantizationError(f"unknown quantization {method!r}; choose one of {', '.join(METHODS)}")
     if any(p.requires_grad for p in module.parameters()):
         raise QuantizationError("quantize_frozen: freeze the model first (requires_grad_(False)); a quantized "
                                 "base cannot be trained")
-    chosen, kept = select_layers(module, exclude=exclude, min_elements=min_elements,
-                                 use_default_exclude=use_default_exclude)
+    chosen, kept = select_layers(module, keep=keep, min_elements=min_elements)
     hooked = [n for n in chosen if "forward" in vars(module.get_submodule(n))]
     if hooked:  # an adapter replaced the forward: it would keep wrapping the old, dense layer
         raise QuantizationError(f"quantize_frozen: {hooked[0]} (and {len(hooked) - 1} more) already carries an "

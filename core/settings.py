@@ -10,27 +10,29 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-ARCHITECTURES = ("sd15", "sdxl", "sd3", "sd35_medium", "sd35_large", "flux1_dev", "flux1_schnell", "flux2_dev",
-                 "flux2_klein_4b", "flux2_klein_9b", "flux2_klein_base_4b", "flux2_klein_base_9b")
 # what the UI shows for each id (tests/test_settings.py checks these equal the plug-ins' labels)
-ARCHITECTURE_LABELS = {"sd15": "Stable Diffusion 1.5", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3 Medium",
-                       "sd35_medium": "Stable Diffusion 3.5 Medium",
-                       "sd35_large": "Stable Diffusion 3.5 Large", "flux1_dev": "FLUX.1 dev",
-                       "flux1_schnell": "FLUX.1 schnell", "flux2_dev": "FLUX.2 dev",
-                       "flux2_klein_4b": "FLUX.2 klein 4B", "flux2_klein_9b": "FLUX.2 klein 9B",
-                       "flux2_klein_base_4b": "FLUX.2 klein base 4B (undistilled)",
-                       "flux2_klein_base_9b": "FLUX.2 klein base 9B (undistilled)"}
-# show_if groups of architectures (keep in sync with architectures/__init__.py; tests/test_dit_loading.py checks)
-_UNET_ARCHS = ["sd15", "sdxl"]
-_SD3_ARCHS = ["sd3", "sd35_medium", "sd35_large"]
-_FLUX_ARCHS = ["flux1_dev", "flux1_schnell"]
-_FLUX2_ARCHS = ["flux2_dev", "flux2_klein_4b", "flux2_klein_9b", "flux2_klein_base_4b", "flux2_klein_base_9b"]
-_T5_ARCHS = _SD3_ARCHS + _FLUX_ARCHS
-_FLOW_ARCHS = _SD3_ARCHS + _FLUX_ARCHS + _FLUX2_ARCHS
+
+
+def _first_family() -> str:
+    import architectures
+    return next(iter(architectures.registry()))
+
+
+@dataclass(frozen=True)
+class FamilyTrait:
+    """In a ``show_if`` (for ``model.architecture``): the families that declare this trait
+    (``architectures.base.TRAITS``).  Resolved from the registry when read (:func:`field_ui`), so a new family
+    needs no edit here."""
+    trait: str
+
+
+#: ``choices`` of ``model.architecture``: every registered family, labelled with its UI name
+ALL_FAMILIES = FamilyTrait("")
 # flow-matching choices, named once (architectures/flow_matching.py implements them)
 TimestepSampling = Literal["uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift"]
 LossWeighting = Literal["none", "sigma_sqrt", "cosmap"]
@@ -46,12 +48,18 @@ def setting(default: Any, label: str, help: str = "", *, widget: str | None = No
             choice_labels: dict | None = None) -> Any:
     """A field with the UI metadata attached.
 
+    ``default`` may be a function that returns it (the first registered family for ``model.architecture``).
     ``show_if`` maps another field ("section.name") to the values for which this one applies; the UI hides
-    the control otherwise and the trainer ignores it (it is still validated).
+    the control otherwise and the trainer ignores it (it is still validated).  For ``model.architecture`` the
+    values may be a :class:`FamilyTrait`, and ``choices`` :data:`ALL_FAMILIES`: :func:`field_ui` resolves them.
     """
-    ui = {"label": label, "help": help, "widget": widget, "choices": list(choices) if choices else None,
+    if choices and not isinstance(choices, FamilyTrait):
+        choices = list(choices)
+    ui = {"label": label, "help": help, "widget": widget, "choices": choices or None,
           "step": step, "show_if": show_if or {}, "advanced": advanced,
           "choice_labels": dict(choice_labels) if choice_labels else None}
+    if callable(default):
+        return Field(default_factory=default, ge=ge, le=le, description=help, json_schema_extra={"ui": ui})
     return Field(default, ge=ge, le=le, description=help, json_schema_extra={"ui": ui})
 
 
@@ -107,10 +115,16 @@ class DatasetSettings(Section):
 
 
 class ModelSettings(Section):
-    architecture: Literal["sd15", "sdxl", "sd3", "sd35_medium", "sd35_large", "flux1_dev", "flux1_schnell", "flux2_dev",
-                          "flux2_klein_4b", "flux2_klein_9b", "flux2_klein_base_4b", "flux2_klein_base_9b"] = setting(
-        "sd15", "Architecture", "The model family. The loader checks that the file fits it.",
-        choices=ARCHITECTURES, choice_labels=ARCHITECTURE_LABELS)
+    architecture: str = setting(_first_family, "Architecture",
+                                "The model family. The loader checks that the file fits it.", choices=ALL_FAMILIES)
+
+    @field_validator("architecture")
+    @classmethod
+    def _registered_family(cls, value: str) -> str:
+        import architectures
+        if value not in architectures.registry():
+            raise ValueError(f"unknown architecture (allowed: {', '.join(architectures.registry())})")
+        return value
     model_path: str = setting("", "Base model", "A diffusers folder or a single .safetensors checkpoint. "
                               "Relative paths are inside the models folder.", widget="model")
     config_path: str = setting("", "Model config folder",
@@ -119,38 +133,38 @@ class ModelSettings(Section):
                                "architecture.", widget="path", advanced=True)
     clip_l_path: str = setting("", "CLIP-L file", "FLUX.1 single-file transformers only: the CLIP-L text "
                                "encoder (clip_l.safetensors). Not needed for a diffusers folder.", widget="model",
-                               show_if={"model.architecture": _FLUX_ARCHS})
+                               show_if={"model.architecture": FamilyTrait("bfl_text_encoder_files")})
     t5xxl_path: str = setting("", "T5-XXL file", "FLUX.1 single-file transformers only: the T5-XXL text encoder "
                               "(t5xxl_fp16.safetensors). Its tokenizer (tokenizer.json or spiece.model) goes into "
                               "a t5_tokenizer folder beside it.", widget="model",
-                              show_if={"model.architecture": _FLUX_ARCHS})
+                              show_if={"model.architecture": FamilyTrait("bfl_text_encoder_files")})
     ae_path: str = setting("", "Autoencoder file", "FLUX.1 single-file transformers only: the autoencoder "
-                           "(ae.safetensors).", widget="model", show_if={"model.architecture": _FLUX_ARCHS})
-    components_path: str = setting("", "Text encoder / VAE folder", "FLUX.2 single-file transformers only: a "
+                           "(ae.safetensors).", widget="model", show_if={"model.architecture": FamilyTrait("bfl_text_encoder_files")})
+    components_path: str = setting("", "Text encoder / VAE folder", "Single-file transformers only: a "
                                    "diffusers-layout folder of the same model with text_encoder, tokenizer and "
                                    "vae subfolders (the transformer file supplies the rest). Not needed for a "
-                                   "diffusers folder.", widget="path", show_if={"model.architecture": _FLUX2_ARCHS})
+                                   "diffusers folder.", widget="path", show_if={"model.architecture": FamilyTrait("components_folder")})
     use_t5: bool = setting(True, "Use T5", "Load the T5-XXL text encoder. Off: T5's part of the conditioning is "
                            "zeros (as SD3 runs without T5), saving about 10 GB of memory; the model then does not "
-                           "need to contain T5.", show_if={"model.architecture": _SD3_ARCHS})
+                           "need to contain T5.", show_if={"model.architecture": FamilyTrait("optional_t5")})
     t5_max_length: int = setting(0, "T5 tokens", "Length T5 captions are padded or cut to. 0: the model's "
                                  "default (256 for SD3 and FLUX.1 schnell, 512 for FLUX.1 dev).", ge=0, le=512,
-                                 show_if={"model.architecture": _T5_ARCHS}, advanced=True)
+                                 show_if={"model.architecture": FamilyTrait("t5")}, advanced=True)
     apply_t5_attention_mask: bool = setting(False, "Mask T5 padding", "Mask T5's padding tokens and zero their "
                                             "output (sd-scripts' apply_t5_attn_mask). Off matches how diffusers "
                                             "and ComfyUI encode prompts.",
-                                            show_if={"model.architecture": _T5_ARCHS}, advanced=True)
-    guidance: float = setting(1.0, "Training guidance", "The guidance value FLUX.1 / FLUX.2 dev is given while training "
-                              "(it is guidance-distilled). 1.0 is common for LoRAs; diffusers' example uses 3.5.",
-                              ge=0.0, le=20.0, step=0.1, show_if={"model.architecture": ["flux1_dev", "flux2_dev"]})
+                                            show_if={"model.architecture": FamilyTrait("t5")}, advanced=True)
+    guidance: float = setting(1.0, "Training guidance", "The guidance value a guidance-distilled model "
+                              "(FLUX dev) is given while training. 1.0 is common for LoRAs; diffusers' example uses 3.5.",
+                              ge=0.0, le=20.0, step=0.1, show_if={"model.architecture": FamilyTrait("guidance_input")})
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = setting(
         "auto", "Prediction type", "'auto' uses what the model's scheduler config says (epsilon for "
-        "single files).", choices=("auto", "epsilon", "v_prediction"), show_if={"model.architecture": _UNET_ARCHS})
+        "single files).", choices=("auto", "epsilon", "v_prediction"), show_if={"model.architecture": FamilyTrait("ddpm")})
     zero_terminal_snr: bool = setting(False, "Zero terminal SNR", "Rescale the noise schedule so the last "
                                       "step is pure noise (use with v-prediction).", advanced=True,
-                                      show_if={"model.architecture": _UNET_ARCHS})
+                                      show_if={"model.architecture": FamilyTrait("ddpm")})
     clip_skip: int = setting(1, "CLIP skip", "Use the output of the N-th last text-encoder layer.", ge=1, le=12,
-                             show_if={"model.architecture": _UNET_ARCHS + _SD3_ARCHS})
+                             show_if={"model.architecture": FamilyTrait("clip_skip")})
 
 
 # the adapter algorithms, named once (core/adapters implements them)
@@ -209,10 +223,10 @@ class NetworkSettings(Section):
     flux_blocks: Literal["all", "double", "single"] = setting(
         "all", "FLUX blocks", "Which FLUX transformer blocks get adapters: all, only the double-stream "
         "blocks (19 in FLUX.1, 8 in FLUX.2 dev), or only the single-stream blocks.", choices=("all", "double", "single"),
-        show_if={"model.architecture": _FLUX_ARCHS + _FLUX2_ARCHS})
+        show_if={"model.architecture": FamilyTrait("double_single_blocks")})
     train_t5: bool = setting(False, "Train T5 too", "Also train the T5-XXL text encoder (lora_te3_ keys; large "
                              "and slow; diffusers does not load T5 adapters).",
-                             show_if={"model.architecture": _T5_ARCHS, "network.train_text_encoder": [True]},
+                             show_if={"model.architecture": FamilyTrait("t5"), "network.train_text_encoder": [True]},
                              advanced=True)
     conv_rank: int = setting(0, "Conv rank", "Rank for 3x3 convolutions. 0 uses the rank above.", ge=0, le=1024,
                              show_if={"network.algorithm": _CONV_RANKED, "network.target": ["full"]})
@@ -303,32 +317,32 @@ class ScheduleSettings(Section):
     seed: int = setting(42, "Seed", ge=0, le=2**32 - 1)
     noise_offset: float = setting(0.0, "Noise offset", ge=0.0, le=1.0, step=0.01, advanced=True)
     min_snr_gamma: float = setting(0.0, "Min-SNR gamma", "Loss weighting; 5 is common. 0 disables.",
-                                   ge=0.0, le=100.0, show_if={"model.architecture": _UNET_ARCHS})
+                                   ge=0.0, le=100.0, show_if={"model.architecture": FamilyTrait("ddpm")})
     timestep_sampling: TimestepSampling = setting(
         "sigmoid", "Timestep sampling", "How noise levels σ are drawn for flow-matching models: uniform; "
         "sigmoid(scale·N(0,1)); logit-normal(mean, std) (SD3 paper); mode (heavy tails); shift: sigmoid, then "
         "σ' = sσ/(1+(s−1)σ); flux_shift: sigmoid, then the shift FLUX.1 uses for the image size.",
-        choices=TIMESTEP_SAMPLING, show_if={"model.architecture": _FLOW_ARCHS})
+        choices=TIMESTEP_SAMPLING, show_if={"model.architecture": FamilyTrait("flow_matching")})
     sigmoid_scale: float = setting(1.0, "Sigmoid scale", "Spread of sigmoid sampling (larger: more samples near "
                                    "pure image and pure noise).", ge=0.01, le=10.0, step=0.1,
-                                   show_if={"model.architecture": _FLOW_ARCHS,
+                                   show_if={"model.architecture": FamilyTrait("flow_matching"),
                                             "schedule.timestep_sampling": ["sigmoid", "shift", "flux_shift"]})
     logit_mean: float = setting(0.0, "Logit mean", ge=-5.0, le=5.0, step=0.1,
-                                show_if={"model.architecture": _FLOW_ARCHS,
+                                show_if={"model.architecture": FamilyTrait("flow_matching"),
                                          "schedule.timestep_sampling": ["logit_normal"]})
     logit_std: float = setting(1.0, "Logit std", ge=0.01, le=10.0, step=0.1,
-                               show_if={"model.architecture": _FLOW_ARCHS,
+                               show_if={"model.architecture": FamilyTrait("flow_matching"),
                                         "schedule.timestep_sampling": ["logit_normal"]})
     mode_scale: float = setting(1.29, "Mode scale", "SD3 paper's mode sampling; 0 is uniform.", ge=-1.0, le=2.0,
-                                step=0.01, show_if={"model.architecture": _FLOW_ARCHS,
+                                step=0.01, show_if={"model.architecture": FamilyTrait("flow_matching"),
                                                     "schedule.timestep_sampling": ["mode"]})
     discrete_flow_shift: float = setting(3.0, "Shift", "s in σ' = sσ/(1+(s−1)σ); above 1 trains more on noisy "
                                          "steps (SD3 samples with 3.0).", ge=0.01, le=100.0, step=0.1,
-                                         show_if={"model.architecture": _FLOW_ARCHS,
+                                         show_if={"model.architecture": FamilyTrait("flow_matching"),
                                                   "schedule.timestep_sampling": ["shift"]})
     loss_weighting: LossWeighting = setting(
         "none", "Loss weighting", "Per-sample weight of flow-matching losses: none; σ⁻² (sigma_sqrt); cosmap.",
-        choices=LOSS_WEIGHTING, show_if={"model.architecture": _FLOW_ARCHS})
+        choices=LOSS_WEIGHTING, show_if={"model.architecture": FamilyTrait("flow_matching")})
     log_every_n_steps: int = setting(10, "Report loss every N steps", "Reading the loss from the GPU "
                                      "waits for it; doing so rarely keeps the GPU busy.", ge=1, le=10000,
                                      advanced=True)
@@ -453,8 +467,19 @@ class SettingsError(ValueError):
 
 
 def field_ui(dotted: str) -> dict:
+    """A field's UI metadata (see :func:`setting`), family traits resolved to the ids of the families having them."""
     section, name = dotted.split(".")
-    return SECTIONS[section].model_fields[name].json_schema_extra["ui"]
+    ui = SECTIONS[section].model_fields[name].json_schema_extra["ui"]
+    if not isinstance(ui["choices"], FamilyTrait) and not any(isinstance(v, FamilyTrait)
+                                                              for v in ui["show_if"].values()):
+        return ui
+    import architectures
+    ui = dict(ui)
+    if ui["choices"] == ALL_FAMILIES:
+        ui["choices"], ui["choice_labels"] = list(architectures.registry()), architectures.available()
+    ui["show_if"] = {other: architectures.with_trait(v.trait) if isinstance(v, FamilyTrait) else v
+                     for other, v in ui["show_if"].items()}
+    return ui
 
 
 def iter_fields():
@@ -474,14 +499,14 @@ def field_range(info) -> tuple[float | None, float | None]:
 
 def _describe(err: dict) -> str:
     loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if len(err["loc"]) == 2 and err["loc"][0] in SECTIONS:
         section, name = err["loc"]
         info = SECTIONS[section].model_fields.get(name)
         if info is not None:
             lo, hi = field_range(info)
-            ui = info.json_schema_extra["ui"]
-            if ui["choices"]:
+            ui = field_ui(f"{section}.{name}")
+            if ui["choices"] and err["type"] != "value_error":
                 msg += f" (allowed: {', '.join(map(str, ui['choices']))})"
             elif lo is not None or hi is not None:
                 msg += f" (allowed range: {lo} … {hi})"

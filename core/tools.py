@@ -235,21 +235,6 @@ def _load_components(arch, path, config_dir):
     return arch.load(Path(path).expanduser(), Path(config_dir).expanduser() if config_dir else None, torch.float32)
 
 
-def _single_file_writer(arch_id: str):
-    """(state-dict builder) for families whose original single-file layout this project can write."""
-    from architectures.ldm_keys import TEXT_ENCODER_PREFIXES
-    if arch_id not in TEXT_ENCODER_PREFIXES:
-        raise ValueError(f"merging into a {arch_id} checkpoint is not supported yet: writing its original "
-                         f"single-file layout is implemented for {', '.join(sorted(TEXT_ENCODER_PREFIXES))} only "
-                         "(architectures/ldm_keys.save_single_file)")
-
-    def build(components) -> dict[str, torch.Tensor]:
-        from architectures.ldm_keys import checkpoint_state_dict
-        return checkpoint_state_dict({"unet": components.denoiser, "vae": components.vae,
-                                      "text_encoders": components.text_encoders}, arch_id)
-    return build
-
-
 def _dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"save_dtype must be one of {', '.join(_DTYPES)}, not {name!r}")
@@ -264,7 +249,10 @@ def merge_adapters(arch_id: str, base_model_path: str | Path, adapters: list[tup
     OFT depend on it), then all are added.  Returns the path written."""
     import architectures
     arch = architectures.get(arch_id)
-    to_state_dict = _single_file_writer(arch_id)
+    if not arch.supports_full_checkpoint:
+        able = [cls.label for cls in architectures.registry().values() if cls.supports_full_checkpoint]
+        raise ValueError(f"merging into a {arch.label} checkpoint is not supported yet: writing its original "
+                         f"single-file layout is implemented for {', '.join(able)} only")
     dtype = _dtype(save_dtype)
     if not adapters:
         raise ValueError("no adapter to merge")
@@ -293,15 +281,12 @@ def merge_adapters(arch_id: str, base_model_path: str | Path, adapters: list[tup
             layer.weight.add_(dw.reshape(layer.weight.shape).to(layer.weight.dtype))
             if stem in bias_deltas and layer.bias is not None:
                 layer.bias.add_(bias_deltas[stem].to(layer.bias.dtype))
-        state = to_state_dict(components)
-    tensors = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous().clone()
-               for k, v in state.items()}
     spec = (arch.modelspec_architecture or "").removesuffix("/lora")
     metadata = {"format": "pt", "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": spec,
                 "modelspec.title": Path(out_path).stem, "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "merged_from": json.dumps({"base": Path(base_model_path).name,
                                            "adapters": [[Path(p).name, float(w)] for p, w in adapters]})}
-    return atomic_save_safetensors(unused_path(Path(out_path).expanduser()), tensors, metadata)
+    return arch.save_full_checkpoint(components, unused_path(Path(out_path).expanduser()), dtype, metadata=metadata)
 
 
 # -- resize ------------------------------------------------------------------------------------------------

@@ -491,7 +491,7 @@ class _Run:
         from core.quantize import quantize_frozen
         for te in self.components.text_encoders:
             te.to(dtype=self.plan.weight_dtype)
-            report = quantize_frozen(te, how, device=self.device)
+            report = quantize_frozen(te, how, keep=self.arch.text_encoder_quantize_keep, device=self.device)
             self.log(f"{type(te).__name__} quantized ({how}) for encoding: {report.summary()}")
         self.text_encoders_quantized = True
 

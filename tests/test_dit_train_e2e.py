@@ -5,6 +5,7 @@ separately trained modules."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -229,8 +230,8 @@ def test_sd3_diffusers_file_loads_in_diffusers(tiny, tmp_path):
     with torch.no_grad():
         cond = arch.encode_text(comps, tokens, 1)
         ours = arch.predict(comps, latents, t, cond, {})
-        theirs_comps = Components(pipe.transformer, pipe.vae, [pipe.text_encoder, pipe.text_encoder_2,
-                                                               pipe.text_encoder_3], comps.tokenizers, None, comps.extra)
+        theirs_comps = replace(comps, denoiser=pipe.transformer, vae=pipe.vae, noise_scheduler=None,
+                               text_encoders=[pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3])
         cond_theirs = arch.encode_text(theirs_comps, tokens, 1)
         theirs = arch.predict(theirs_comps, latents, t, cond_theirs, {})
     net.restore()
@@ -264,8 +265,8 @@ def test_flux_kohya_file_loads_in_diffusers(tiny, tmp_path):
     net.apply_to()
     with torch.no_grad():
         ours = arch.predict(comps, latents, t, arch.encode_text(comps, tokens, 1), {})
-        theirs_comps = Components(pipe.transformer, pipe.vae, [pipe.text_encoder, pipe.text_encoder_2],
-                                  comps.tokenizers, None, comps.extra)
+        theirs_comps = replace(comps, denoiser=pipe.transformer, vae=pipe.vae, noise_scheduler=None,
+                               text_encoders=[pipe.text_encoder, pipe.text_encoder_2])
         theirs = arch.predict(theirs_comps, latents, t, arch.encode_text(theirs_comps, tokens, 1), {})
     net.restore()
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-3)
@@ -282,7 +283,7 @@ def test_flux_single_blocks_load_in_diffusers_at_full_width(tmp_path):
                                     num_attention_heads=24, joint_attention_dim=32, pooled_projection_dim=32,
                                     guidance_embeds=False).eval()
     arch = architectures.get("flux1_schnell")
-    comps = Components(tr, None, [], [], None, {"scheduler_config": {}})
+    comps = Components(tr, None, [], [], None)
     net = _random_network(arch, comps, "full-lin", seed=3)
     assert len(net.adapters) == 6
     files = arch.export_adapter(comps, net.export_state_dict(torch.float32))

@@ -66,7 +66,7 @@ def _measure(arch, components, resolution, batch_size, network, checkpointing):
     model = components.denoiser
     model.requires_grad_(False)
     c = Components(denoiser=model, vae=None, text_encoders=[], tokenizers=[], noise_scheduler=None,
-                   extra={"network": network})
+                   network=network)
     targets = arch.select_adapter_targets(c, network.target, False)
     net = build_network(targets, network.algorithm, network.rank, network.alpha, 0.0,
                         AdapterOptions.from_settings(network))
@@ -132,7 +132,7 @@ def test_tiny_weights_and_activations_match_reality(tmp_path, arch_id, resolutio
     from architectures.base import Components
     from core.adapters import AdapterOptions, build_network
     c = Components(denoiser=components.denoiser, vae=None, text_encoders=[], tokenizers=[], noise_scheduler=None,
-                   extra={"network": network})
+                   network=network)
     real_net = build_network(arch.select_adapter_targets(c, network.target, False), "lora", 4, 4.0, 0.0,
                              AdapterOptions.from_settings(network))
     assert adapter_param_count(arch, network, folder) == sum(p.numel() for p in real_net.parameters())
@@ -157,7 +157,7 @@ def test_replay_of_repeated_blocks_is_exact(tmp_path):
     net = _build_adapter(arch, model, network)
     net.apply_to()
     try:
-        c = Components(denoiser=model, vae=None, text_encoders=[], tokenizers=[], noise_scheduler=None, extra={})
+        c = Components(denoiser=model, vae=None, text_encoders=[], tokenizers=[], noise_scheduler=None)
         args = arch.probe_inputs(model, 256, 1, torch.bfloat16)
         run = lambda: arch.predict(c, *args)  # noqa: E731
         fast = trace_saved_bytes(model, run, torch.bfloat16, exclude=list(net.parameters()))

@@ -54,6 +54,7 @@ def fresh(tiny, method=None, **kw):
     arch, comps, settings, latents, cond = tiny
     c = copy.copy(comps)
     c.denoiser = copy.deepcopy(comps.denoiser)
+    kw.setdefault("keep", arch.quantize_keep)
     report = quantize_frozen(c.denoiser, method, min_elements=0, **kw) if method else None
     return c, report
 
@@ -126,14 +127,14 @@ def test_quantized_prediction_stays_close(tiny, method):
     assert report.bytes_after < report.bytes_before
 
 
-def test_default_exclusions_and_size_threshold(tiny):
+def test_family_keep_patterns_and_size_threshold(tiny):
     comps, report = fresh(tiny, "qint8")
     names = dict(comps.denoiser.named_modules())
     for kept in ("time_embedding.linear_1", "time_embedding.linear_2",
                  "down_blocks.0.resnets.0.time_emb_proj"):
         assert kept in report.kept and not is_quantized(names[kept])
     assert is_quantized(names["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"])
-    chosen, kept = select_layers(fresh(tiny)[0].denoiser, min_elements=0)  # what the estimate can ask
+    chosen, kept = select_layers(fresh(tiny)[0].denoiser, keep=tiny[0].quantize_keep, min_elements=0)  # the estimate's
     assert chosen == report.quantized and kept == report.kept
     # with the real threshold the tiny model's layers (≤ 64×256) are all too small to be worth it
     comps2, _ = fresh(tiny)
@@ -141,8 +142,9 @@ def test_default_exclusions_and_size_threshold(tiny):
     assert report2.quantized == [] and report2.bytes_before == 0
     # extra patterns
     comps3, _ = fresh(tiny)
-    report3 = quantize_frozen(comps3.denoiser, "qint8", min_elements=0, exclude=["*.ff.*"])
+    report3 = quantize_frozen(comps3.denoiser, "qint8", min_elements=0, keep=["*.ff.*"])
     assert report3.quantized and not any(".ff." in n for n in report3.quantized)
+    assert "time_embedding.linear_1" in report3.quantized   # only what ``keep`` names is kept
 
 
 def test_refuses_unfrozen_model(tiny):

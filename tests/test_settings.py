@@ -1,5 +1,6 @@
 """The typed settings: loading, validation messages, consistency checks."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -69,13 +70,52 @@ def test_shipped_presets_are_valid_settings(preset):
     assert s.to_dict() == json.loads(preset.read_text())  # no stale or missing keys
 
 
-def test_architecture_choices_and_labels_match_the_plugins():
+def test_architecture_setting_is_read_from_the_registry():
     import architectures
-    from core.settings import ARCHITECTURE_LABELS, ARCHITECTURES
-    assert architectures.available() == {a: ARCHITECTURE_LABELS[a] for a in ARCHITECTURES}
+    from architectures.base import short_label
+    from core.settings import field_ui, set_value
+    ui = field_ui("model.architecture")
+    assert ui["choices"] == list(architectures.registry()) and ui["choice_labels"] == architectures.available()
+    assert len(set(ui["choice_labels"].values())) == len(ui["choices"])            # no two families look alike
+    for arch_id, cls in architectures.registry().items():
+        assert cls.id == arch_id and cls.label and short_label(arch_id) in (cls.short_label, cls.label)
+        assert cls.traits <= set(architectures.TRAITS), (arch_id, cls.traits - set(architectures.TRAITS))
+        s = core.Settings()
+        set_value(s, "model.architecture", arch_id)
+    with pytest.raises(core.SettingsError, match=r"model\.architecture: unknown architecture .*allowed: sd15"):
+        set_value(core.Settings(), "model.architecture", "sd9")
 
 
-def test_error_labels_cover_every_architecture():
-    from architectures.base import SHORT_LABELS
-    from core.settings import ARCHITECTURES
-    assert set(SHORT_LABELS) == set(ARCHITECTURES)
+def test_family_traits_decide_visibility():
+    """Every trait a show_if names is declared and held by some family; a field shows exactly for those."""
+    import architectures
+    from core.settings import FamilyTrait, field_ui, iter_fields
+    used = set()
+    for dotted, info in iter_fields():
+        for other, values in info.json_schema_extra["ui"]["show_if"].items():
+            if isinstance(values, FamilyTrait):
+                assert other == "model.architecture"
+                used.add(values.trait)
+                assert field_ui(dotted)["show_if"][other] == architectures.with_trait(values.trait) != []
+    assert used == set(architectures.TRAITS), set(architectures.TRAITS) ^ used     # no unused trait either
+    s = core.Settings()
+    for arch_id, cls in architectures.registry().items():
+        s.model.architecture = arch_id
+        assert s.applies("schedule.timestep_sampling") == ("flow_matching" in cls.traits)
+        assert s.applies("model.guidance") == ("guidance_input" in cls.traits)
+        assert s.applies("model.prediction_type") == ("ddpm" in cls.traits)
+
+
+def test_core_and_ui_name_no_family():
+    """Family knowledge lives in architectures/: no string in core/ or ui/ is a family id (a new family then
+    needs no edit there)."""
+    import ast
+
+    import architectures
+    ids = set(architectures.registry())
+    root = Path(__file__).resolve().parent.parent
+    hits = [f"{path.relative_to(root)}:{node.lineno}: {node.value!r}"
+            for folder in ("core", "ui") for path in sorted((root / folder).rglob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Constant) and node.value in ids]
+    assert not hits, "\n".join(hits)

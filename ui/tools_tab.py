@@ -124,6 +124,9 @@ def build_tools_tab(config: AppConfig) -> None:
     """Renders the tab's contents (call inside a ``gr.Tab``); every path stays inside ``config.roots()``."""
     import architectures
     arch_choices = [(label, arch_id) for arch_id, label in architectures.available().items()]
+    # merging writes the family's whole original checkpoint: only the families that can write one
+    merge_choices = [(cls.label, arch_id) for arch_id, cls in architectures.registry().items()
+                     if cls.supports_full_checkpoint]
     model_dirs = [config.path("models_dir")]
     dirs = [config.path("models_dir"), config.path("outputs_dir")]  # outputs last: new files go there
     roots = config.roots()
@@ -140,7 +143,8 @@ def build_tools_tab(config: AppConfig) -> None:
 
     gr.Markdown("### Merge adapters into a base model")
     with gr.Row():
-        m_arch = gr.Dropdown(arch_choices, value="sd15", label="Model family", elem_id="tools-merge-arch")
+        m_arch = gr.Dropdown(merge_choices, value=merge_choices[0][1], label="Model family",
+                             elem_id="tools-merge-arch")
         m_base = gr.Textbox(label="Base model", elem_id="tools-merge-base", scale=3, **text)
         m_cfg = gr.Textbox(label="Config folder (optional)", elem_id="tools-merge-config", scale=2, **text)
     m_adapters = gr.Textbox(label="Adapters, one per line as path:weight", lines=3, elem_id="tools-merge-adapters")
@@ -168,7 +172,8 @@ def build_tools_tab(config: AppConfig) -> None:
 
     gr.Markdown("### Extract a LoRA from two models")
     with gr.Row():
-        e_arch = gr.Dropdown(arch_choices, value="sd15", label="Model family", elem_id="tools-extract-arch")
+        e_arch = gr.Dropdown(arch_choices, value=arch_choices[0][1], label="Model family",
+                             elem_id="tools-extract-arch")
         e_base = gr.Textbox(label="Base model", elem_id="tools-extract-base", scale=3, **text)
         e_tuned = gr.Textbox(label="Fine-tuned model", elem_id="tools-extract-tuned", scale=3, **text)
     with gr.Row():
