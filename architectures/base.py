@@ -249,9 +249,6 @@ class Architecture:
     def encode_latents(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     # -- training objective ----------------------------------------------------------------------------
     def noisy_input_and_target(self, components: Components, latents: torch.Tensor, noise: torch.Tensor,
                                settings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -147,11 +147,6 @@ class FlowMatchingFamily(Architecture):
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
         return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
-    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
-        vae = components.vae
-        latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return vae.decode(latents).sample
-
     # -- text ------------------------------------------------------------------------------------------
     def t5_tokens(self, components: Components, captions: list[str]) -> list[torch.Tensor]:
         """[input ids, attention mask] of the T5 tokenizer (the last tokenizer), padded to the T5 length."""
@@ -240,6 +235,17 @@ class FlowMatchingFamily(Architecture):
     def scheduler_for_sampling(self, components: Components):
         from diffusers import FlowMatchEulerDiscreteScheduler
         return FlowMatchEulerDiscreteScheduler.from_config(components.scheduler_config)
+
+
+class DoubleSingleStreamBlocks:
+    """FLUX.1 and FLUX.2's block layout: double-stream ``transformer_blocks``, then single-stream
+    ``single_transformer_blocks``; ``network.flux_blocks`` picks among them."""
+    block_patterns = ((r"^transformer_blocks\.(\d+)\.", "double_{0}"),
+                      (r"^single_transformer_blocks\.(\d+)\.", "single_{0}"))
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+
+    def block_filter(self, components: Components, path: str) -> bool:
+        return flux_block_filter(components, path)
 
 
 def resolve_optional(resolve_path, value: str, setting: str) -> Path | None:

@@ -50,6 +50,18 @@ def _flux_dims(config: Mapping[str, Any]) -> tuple[int, int]:
     return inner, int(inner * 4.0)  # FluxSingleTransformerBlock's mlp_ratio is fixed at 4
 
 
+def double_block_attention(d: str, b: str, inner: int) -> tuple[dict[str, list[tuple[str, int]]], dict[str, str]]:
+    """The joint attention of a FLUX double block, diffusers path prefix ``d`` → BFL prefix ``b`` (FLUX.1 and
+    FLUX.2 alike): (each stream's q, k, v fused as ``img_attn.qkv`` / ``txt_attn.qkv``, the q/k norm scales)."""
+    fused = {b + "img_attn.qkv": [(d + f"attn.to_{x}", inner) for x in "qkv"],
+             b + "txt_attn.qkv": [(d + f"attn.add_{x}_proj", inner) for x in "qkv"]}
+    params = {d + "attn.norm_q.weight": b + "img_attn.norm.query_norm.scale",
+              d + "attn.norm_k.weight": b + "img_attn.norm.key_norm.scale",
+              d + "attn.norm_added_q.weight": b + "txt_attn.norm.query_norm.scale",
+              d + "attn.norm_added_k.weight": b + "txt_attn.norm.key_norm.scale"}
+    return fused, params
+
+
 def flux_layout(config: Mapping[str, Any]) -> _Layout:
     inner, mlp = _flux_dims(config)
     modules = {
@@ -71,12 +83,9 @@ def flux_layout(config: Mapping[str, Any]) -> _Layout:
                         d + "attn.to_out.0": b + "img_attn.proj", d + "attn.to_add_out": b + "txt_attn.proj",
                         d + "ff.net.0.proj": b + "img_mlp.0", d + "ff.net.2": b + "img_mlp.2",
                         d + "ff_context.net.0.proj": b + "txt_mlp.0", d + "ff_context.net.2": b + "txt_mlp.2"})
-        fused[b + "img_attn.qkv"] = [(d + f"attn.to_{x}", inner) for x in "qkv"]
-        fused[b + "txt_attn.qkv"] = [(d + f"attn.add_{x}_proj", inner) for x in "qkv"]
-        params.update({d + "attn.norm_q.weight": b + "img_attn.norm.query_norm.scale",
-                       d + "attn.norm_k.weight": b + "img_attn.norm.key_norm.scale",
-                       d + "attn.norm_added_q.weight": b + "txt_attn.norm.query_norm.scale",
-                       d + "attn.norm_added_k.weight": b + "txt_attn.norm.key_norm.scale"})
+        block_fused, block_params = double_block_attention(d, b, inner)
+        fused.update(block_fused)
+        params.update(block_params)
     for i in range(int(config["num_single_layers"])):
         d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
         modules.update({d + "norm.linear": b + "modulation.lin", d + "proj_out": b + "linear2"})

@@ -18,8 +18,8 @@ import torch
 
 from architectures import flow_matching as fm
 from architectures.base import AdapterTarget, Components
-from architectures.dit_common import (FlowMatchingFamily, clip_text_targets, flux_block_filter, resolve_optional,
-                                       t5_targets)
+from architectures.dit_common import (DoubleSingleStreamBlocks, FlowMatchingFamily, clip_text_targets,
+                                       resolve_optional, t5_targets)
 from architectures.dit_keys import flux_lora_slots
 
 _DOUBLE_ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -32,7 +32,7 @@ _SINGLE_MLP = ("proj_mlp",)
 _SINGLE_MOD = ("norm.linear",)
 
 
-class FluxFamily(FlowMatchingFamily):
+class FluxFamily(DoubleSingleStreamBlocks, FlowMatchingFamily):
     traits = frozenset({"flow_matching", "t5", "bfl_text_encoder_files", "double_single_blocks"})
     # FLUX.1 dev without checkpointing measured 47.2 GB at 1024 px (FIELD_NOTES)
     checkpointing_below_gb = 56.0
@@ -41,9 +41,6 @@ class FluxFamily(FlowMatchingFamily):
     ss_base_model_version = "flux1"
     vae_scale_factor = 8
     compile_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
-    block_patterns = ((r"^transformer_blocks\.(\d+)\.", "double_{0}"),
-                      (r"^single_transformer_blocks\.(\d+)\.", "single_{0}"))
-    block_lists = ("transformer_blocks", "single_transformer_blocks")
     slot_table = staticmethod(flux_lora_slots)
     lora_network_module = "networks.lora_flux"
     preset_modules = {
@@ -77,9 +74,6 @@ class FluxFamily(FlowMatchingFamily):
                           scheduler_config=parts["scheduler_config"])
 
     # -- adapters --------------------------------------------------------------------------------------
-    def block_filter(self, components: Components, path: str) -> bool:
-        return flux_block_filter(components, path)
-
     def text_encoder_targets(self, components: Components, network) -> list[AdapterTarget]:
         out = clip_text_targets(components.text_encoders[0], "lora_te1", "te1")
         if getattr(network, "train_t5", False):

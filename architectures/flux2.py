@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from architectures.base import AdapterTarget, Components
-from architectures.dit_common import FlowMatchingFamily, flux_block_filter, resolve_optional
+from architectures.dit_common import DoubleSingleStreamBlocks, FlowMatchingFamily, resolve_optional
 from architectures.flux2_keys import flux2_lora_slots
 
 log = logging.getLogger(__name__)
@@ -61,12 +61,6 @@ def patchify(latents: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, c * 4, h // 2, w // 2)
 
 
-def unpatchify(latents: torch.Tensor) -> torch.Tensor:
-    b, c, h, w = latents.shape
-    x = latents.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
-    return x.reshape(b, c // 4, h * 2, w * 2)
-
-
 def latent_ids(height: int, width: int, device=None) -> torch.Tensor:
     """(H·W, 4) position ids (t=0, row, column, l=0) of packed patchified latents (``_prepare_latent_ids``)."""
     return torch.cartesian_prod(torch.arange(1), torch.arange(height), torch.arange(width), torch.arange(1)).to(device)
@@ -77,16 +71,13 @@ def text_ids(length: int, device=None) -> torch.Tensor:
     return torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(length)).to(device)
 
 
-class Flux2Family(FlowMatchingFamily):
+class Flux2Family(DoubleSingleStreamBlocks, FlowMatchingFamily):
     traits = frozenset({"flow_matching", "components_folder", "double_single_blocks"})
     quantize_keep = FlowMatchingFamily.quantize_keep + ("time_guidance_embed.*",)
     modelspec_implementation = "https://github.com/black-forest-labs/flux2"
     default_resolution = 1024
     vae_scale_factor = 8  # pixels per latent; a transformer token covers 16x16 pixels
     compile_blocks = ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")
-    block_patterns = ((r"^transformer_blocks\.(\d+)\.", "double_{0}"),
-                      (r"^single_transformer_blocks\.(\d+)\.", "single_{0}"))
-    block_lists = ("transformer_blocks", "single_transformer_blocks")
     slot_table = staticmethod(flux2_lora_slots)
     lora_network_module = "networks.lora_flux"
     preset_modules = {
@@ -144,9 +135,6 @@ class Flux2Family(FlowMatchingFamily):
         return latents.shape[-2] * latents.shape[-1]  # already patchified: one token per latent position
 
     # -- adapters --------------------------------------------------------------------------------------
-    def block_filter(self, components: Components, path: str) -> bool:
-        return flux_block_filter(components, path)
-
     def adapter_targets(self, components: Components, target: str, text_encoder: bool) -> list[AdapterTarget]:
         if target == "full-lin":
             log.info("%s: FLUX.2 blocks have no per-block modulation, so 'full-lin' adapts the same layers as "
@@ -178,12 +166,6 @@ class Flux2Family(FlowMatchingFamily):
         latents = patchify(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample())
         mean, std = self._bn_stats(vae, latents)
         return (latents - mean) / std
-
-    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
-        vae = components.vae
-        latents = latents.to(vae.device, vae.dtype)
-        mean, std = self._bn_stats(vae, latents)
-        return vae.decode(unpatchify(latents * std + mean)).sample
 
     # -- text ------------------------------------------------------------------------------------------
     def _length(self, components: Components) -> int:
@@ -328,4 +310,4 @@ class Flux2KleinBase9B(Flux2Klein9B):
 FLUX2_CLASSES = (Flux2Dev, Flux2Klein4B, Flux2Klein9B, Flux2KleinBase4B, Flux2KleinBase9B)
 
 __all__ = ["Flux2Family", "Flux2Dev", "Flux2Klein4B", "Flux2Klein9B", "Flux2KleinBase4B", "Flux2KleinBase9B",
-           "FLUX2_CLASSES", "patchify", "unpatchify", "latent_ids", "text_ids"]
+           "FLUX2_CLASSES", "patchify", "latent_ids", "text_ids"]

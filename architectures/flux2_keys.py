@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from architectures.dit_keys import ExportSlot, _Layout, _slots_from_layout, _to_diffusers, _to_original, strip_bfl_prefix
+from architectures.dit_keys import ExportSlot, _Layout, _slots_from_layout, _to_diffusers, _to_original, \
+    double_block_attention, strip_bfl_prefix
 
 #: the shared modulation layers (diffusers module → BFL module); diffusers' kohya FLUX.2 LoRA converter drops them
 FLUX2_MODULATION = {"double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
@@ -60,12 +61,9 @@ def flux2_layout(config: Mapping[str, Any]) -> _Layout:
         modules.update({d + "attn.to_out.0": b + "img_attn.proj", d + "attn.to_add_out": b + "txt_attn.proj",
                         d + "ff.linear_in": b + "img_mlp.0", d + "ff.linear_out": b + "img_mlp.2",
                         d + "ff_context.linear_in": b + "txt_mlp.0", d + "ff_context.linear_out": b + "txt_mlp.2"})
-        fused[b + "img_attn.qkv"] = [(d + f"attn.to_{x}", inner) for x in "qkv"]
-        fused[b + "txt_attn.qkv"] = [(d + f"attn.add_{x}_proj", inner) for x in "qkv"]
-        params.update({d + "attn.norm_q.weight": b + "img_attn.norm.query_norm.scale",
-                       d + "attn.norm_k.weight": b + "img_attn.norm.key_norm.scale",
-                       d + "attn.norm_added_q.weight": b + "txt_attn.norm.query_norm.scale",
-                       d + "attn.norm_added_k.weight": b + "txt_attn.norm.key_norm.scale"})
+        block_fused, block_params = double_block_attention(d, b, inner)
+        fused.update(block_fused)
+        params.update(block_params)
     for i in range(int(config["num_single_layers"])):
         d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
         modules.update({d + "attn.to_qkv_mlp_proj": b + "linear1", d + "attn.to_out": b + "linear2"})

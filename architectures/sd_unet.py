@@ -222,10 +222,6 @@ class SDUNetFamily(Architecture):
         latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
         return latents * vae.config.scaling_factor
 
-    def decode_latents(self, components: Components, latents: torch.Tensor) -> torch.Tensor:
-        vae = components.vae
-        return vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
-
     # -- training objective ----------------------------------------------------------------------------
     def noisy_input_and_target(self, components, latents, noise, settings):
         sched = components.noise_scheduler
