@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.adapters.fused import FusedLinear
 from core.quantize import dense_weight_shape, dequantized_weight
 
 
@@ -157,13 +158,17 @@ class AdapterModule(nn.Module):
 
     # -- hooking the base layer ------------------------------------------------------------------------
     def apply_to(self) -> None:
-        if self._base_forward is None:
+        if isinstance(self.base, FusedLinear):   # a view of several layers: each adds its rows
+            self.base.attach(self)
+        elif self._base_forward is None:
             self._had_own_forward = "forward" in self.base.__dict__
             self._base_forward = self.base.forward
             self.base.forward = self.forward
 
     def restore(self) -> None:
-        if self._base_forward is not None:
+        if isinstance(self.base, FusedLinear):
+            self.base.detach_adapter()
+        elif self._base_forward is not None:
             if self._had_own_forward:
                 self.base.forward = self._base_forward
             else:  # leave no instance attribute behind (a copied layer would call the original's forward)
@@ -172,12 +177,17 @@ class AdapterModule(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self._base_forward(x, *args, **kwargs)
+        delta = self.contribution(x)
+        return out if delta is None else out + delta.to(out.dtype)
+
+    def contribution(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What the adapter adds to the layer's output for input ``x`` (None: nothing this time)."""
         if self.multiplier == 0:
-            return out
+            return None
         # drawn on the host (torch's CPU generator, saved with a training state): no device synchronisation
         if self.training and self.module_dropout and float(torch.rand(())) < self.module_dropout:
-            return out
-        return out + self.delta(x).to(out.dtype)
+            return None
+        return self.delta(x)
 
     # -- the contribution ------------------------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
