@@ -11,11 +11,12 @@ def registry() -> dict[str, type[Architecture]]:
     """Every family, id → class, in the order the UI lists them."""
     from architectures.flux1 import Flux1Dev, Flux1Schnell
     from architectures.flux2 import FLUX2_CLASSES
+    from architectures.flux3 import FLUX3_CLASSES
     from architectures.sd3 import SD3, SD35Large, SD35Medium
     from architectures.sd15 import SD15
     from architectures.sdxl import SDXL
     return {cls.id: cls for cls in (SD15, SDXL, SD3, SD35Medium, SD35Large, Flux1Dev, Flux1Schnell,
-                                     *FLUX2_CLASSES)}
+                                     *FLUX2_CLASSES, *FLUX3_CLASSES)}
 
 
 def get(arch_id: str) -> Architecture:

@@ -106,14 +106,18 @@ class Flux2Family(DoubleSingleStreamBlocks, FlowMatchingFamily):
              components_path: Path | None = None, text_encoders: bool = True,
              denoiser: bool = True) -> Components:
         from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from architectures.flux2_loading import load_flux2_components
-        parts = load_flux2_components(self.id, Path(model_path), config_dir, dtype, components_path, text_encoders,
-                                      denoiser)
+        parts = self.load_parts(Path(model_path), config_dir, dtype, components_path, text_encoders, denoiser)
         return Components(denoiser=parts["transformer"], vae=parts["vae"], text_encoders=parts["text_encoders"],
                           tokenizers=parts["tokenizers"],
                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts["scheduler_config"]),
                           scheduler_config=parts["scheduler_config"])
+
+    def load_parts(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype, components_path: Path | None,
+                   text_encoders: bool, denoiser: bool) -> dict:
+        """The loader's ``{"transformer", "vae", "text_encoders", "tokenizers", "scheduler_config"}`` (FLUX.3 has
+        its own loader)."""
+        from architectures.flux2_loading import load_flux2_components
+        return load_flux2_components(self.id, model_path, config_dir, dtype, components_path, text_encoders, denoiser)
 
     def configure_objective(self, components: Components, settings) -> None:
         super().configure_objective(components, settings)

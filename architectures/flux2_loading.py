@@ -315,13 +315,21 @@ def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.d
     sd = ckpt.read(prefix) if prefix else ckpt.read("")
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items()}
+    parts["transformer"] = transformer_from_single_file(Flux2Transformer2DModel, sd, path, config_dir, dtype)
+    return parts
+
+
+def transformer_from_single_file(cls, sd: dict[str, torch.Tensor], path: Path, config_dir: Path,
+                                 dtype: torch.dtype) -> torch.nn.Module:
+    """``cls.from_single_file`` (diffusers' own key converter) on the prefix-free state dict of ``path``, with the
+    explicit config folder and nothing fetched; any failure or weight left unloaded is a ModelLoadError."""
     from diffusers.utils import logging as dlogging
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # from_single_file's dtype cast warns "modules … kept in float32: []"
     try:
         with no_hf_progress_bars():
-            transformer = Flux2Transformer2DModel.from_single_file(
-                sd, config=str(config_dir), subfolder="transformer", local_files_only=True, torch_dtype=dtype)
+            transformer = cls.from_single_file(sd, config=str(config_dir), subfolder="transformer",
+                                               local_files_only=True, torch_dtype=dtype)
     except Exception as e:
         raise ModelLoadError(f"Loading the transformer from {path} with the config {config_dir / 'transformer'} "
                              f"failed: {e}") from e
@@ -330,8 +338,7 @@ def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.d
     meta = [n for n, p in transformer.named_parameters() if p.is_meta]
     if meta:
         raise ModelLoadError(f"The transformer from {path} was left partly unloaded ({meta[0]}).")
-    parts["transformer"] = transformer.eval()
-    return parts
+    return transformer.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
