@@ -132,6 +132,7 @@ class Architecture:
     text_encoder_quantize_keep: tuple[str, ...] = ("text_projection", "text_model.text_projection")
     ss_base_model_version: str = ""
     modelspec_architecture: str = ""
+    modelspec_implementation: str = ""
     default_resolution: int = 512
     vae_scale_factor: int = 8
     compile_blocks: tuple[str, ...] = ()  # class names of the denoiser's repeated blocks
@@ -170,8 +171,10 @@ class Architecture:
         n = settings.network
         if n.algorithm == "full_finetune":
             if not self.supports_full_checkpoint:
+                from architectures import registry
+                able = ", ".join(c.short_label or c.label for c in registry().values() if c.supports_full_checkpoint)
                 return [f"network.algorithm: full fine-tuning is not available for {self.label} (this trainer "
-                        "saves whole checkpoints of SD1.5 and SDXL only); choose an adapter algorithm such as LoRA"]
+                        f"writes whole checkpoints of {able}); choose an adapter algorithm such as LoRA"]
             return []
         if n.target not in self.adapter_presets:
             return [f"network.target: {self.label} supports {', '.join(self.adapter_presets)}, not {n.target!r}"]

@@ -97,6 +97,9 @@ class FlowMatchingFamily(Architecture):
     def check_settings(self, settings) -> list[str]:
         problems = super().check_settings(settings)
         n = settings.network
+        if n.algorithm == "full_finetune" and n.train_text_encoder and self.supports_full_checkpoint:
+            problems.append(f"network.train_text_encoder: a {self.label} full fine-tune saves the transformer alone "
+                            "(its original single file); the text encoders are not trained with it. Turn it off.")
         if n.algorithm != "full_finetune" and (n.algorithm not in FUSABLE_ALGORITHMS or n.dora):
             what = f"{n.algorithm}{' with DoRA' if n.dora else ''}"
             problems.append(
@@ -227,6 +230,54 @@ class FlowMatchingFamily(Architecture):
         if paths:
             files[".diffusers"], _ = export_peft(state_dict, paths)
         return files
+
+    # -- full fine-tuning ------------------------------------------------------------------------------
+    #: (diffusers state dict, transformer config) → the original single-file layout (SAI MMDiT / BFL keys);
+    #: families that set it set ``supports_full_checkpoint``
+    to_original_layout = None
+    #: the key prefix of the original single file (SD3's ``model.diffusion_model.``; BFL files have none)
+    original_prefix = ""
+
+    def _transformer_tensors(self, components: Components, dtype: torch.dtype, state_dicts) -> dict[str, torch.Tensor]:
+        sd = (state_dicts or {}).get("denoiser") or components.denoiser.state_dict()
+        return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+
+    def save_full_checkpoint(self, components: Components, path: Path, dtype: torch.dtype,
+                             state_dicts=None, metadata=None) -> Path:
+        """The transformer as the family's original single file (what ComfyUI's loader and diffusers'
+        ``from_single_file`` read, like ``flux1-dev.safetensors``): text encoders and VAE stay separate files,
+        as people download them."""
+        from core.io import atomic_save_safetensors
+        diffusers_sd = self._transformer_tensors(components, dtype, state_dicts)
+        tensors = {self.original_prefix + k: v.contiguous()
+                   for k, v in self.to_original_layout(diffusers_sd, components.denoiser.config).items()}
+        md = {"format": "pt", "modelspec.sai_model_spec": "1.0.1",
+              "modelspec.architecture": self.modelspec_architecture.removesuffix("/lora"),
+              "modelspec.implementation": self.modelspec_implementation, **(metadata or {})}
+        return atomic_save_safetensors(Path(path), tensors, md)
+
+    def save_diffusers_folder(self, components: Components, folder: Path, dtype: torch.dtype,
+                              state_dicts=None) -> Path:
+        """The transformer in diffusers layout, ``<folder>/transformer/`` (config and weights), written beside
+        ``folder`` and moved into place complete: ``<Transformer class>.from_pretrained(folder,
+        subfolder="transformer")`` loads it; the other parts are the base model's."""
+        import os
+        import shutil
+
+        from core.io import atomic_save_safetensors
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            components.denoiser.save_config(tmp / "transformer")
+            atomic_save_safetensors(tmp / "transformer" / "diffusion_pytorch_model.safetensors",
+                                    {k: v.contiguous() for k, v in
+                                     self._transformer_tensors(components, dtype, state_dicts).items()})
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
 
     # -- previews --------------------------------------------------------------------------------------
     def preview_embeddings(self, components: Components, prompts: list[str], clip_skip: int) -> dict:

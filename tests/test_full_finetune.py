@@ -1,7 +1,7 @@
 """Full fine-tuning (network.algorithm "full_finetune") on tiny SD1.5 / SDXL models on the CPU: the UNet itself
 trains, the EMA follows the expected lerp, the saved original-layout checkpoint (and diffusers folder) reload
-through the project's loader with identical outputs, other families are refused up front, and resume
-continues from step k."""
+through the project's loader with identical outputs, and resume continues from step k (the DiT families:
+tests/test_dit_full_finetune.py)."""
 from __future__ import annotations
 
 import threading
@@ -124,14 +124,6 @@ def test_ema_is_the_expected_lerp_and_is_what_gets_saved(tiny, tmp_path):
                               atol=1e-6)
     state = load_file(str(result.state_dir / "ema.safetensors"))
     assert state.keys() == ema.keys()
-
-
-@pytest.mark.parametrize("arch", ["flux1_dev", "sd3"])
-def test_other_families_are_refused_at_the_start(tiny, tmp_path, arch):
-    s, config = tiny_train_settings(arch, {"model.model_path": str(tmp_path / "no_model.safetensors")},
-                                    tiny["data"], tmp_path, network__algorithm="full_finetune")
-    with pytest.raises(SettingsError, match="full fine-tuning is not available"):
-        core.train(s, config=config)
 
 
 def test_resume_continues_from_step_k(tiny, tmp_path):
