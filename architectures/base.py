@@ -286,8 +286,8 @@ class Architecture:
     # -- memory estimate (core.estimate) -----------------------------------------------------------------
     #: sub-folder of the shipped config folder that holds the denoiser's diffusers config
     denoiser_subfolder: str = "unet"
-    #: the denoiser's lists of repeated blocks (attribute names): what block swapping may keep in CPU memory
-    #: (empty: none) and, for the DiT families, where the adapter presets look
+    #: the denoiser's lists of repeated blocks (attribute names, in forward order): what block swapping may keep
+    #: in CPU memory and the memory estimate counts per block (empty: none)
     block_lists: tuple[str, ...] = ()
 
     def config_dir(self) -> Path:

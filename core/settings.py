@@ -222,7 +222,7 @@ class NetworkSettings(Section):
                                show_if={"network.algorithm": ["full_finetune"], "network.ema": [True]})
     flux_blocks: Literal["all", "double", "single"] = setting(
         "all", "FLUX blocks", "Which FLUX transformer blocks get adapters: all, only the double-stream "
-        "blocks (19 in FLUX.1, 8 in FLUX.2 dev), or only the single-stream blocks.", choices=("all", "double", "single"),
+        "(or per-mode) blocks, or only the single-stream blocks.", choices=("all", "double", "single"),
         show_if={"model.architecture": FamilyTrait("double_single_blocks")})
     train_t5: bool = setting(False, "Train T5 too", "Also train the T5-XXL text encoder (lora_te3_ keys; large "
                              "and slow; diffusers does not load T5 adapters).",

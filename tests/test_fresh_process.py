@@ -44,6 +44,7 @@ from tests.tiny_models_dit import build_tiny_dit
 from tests.tiny_models_dit import settings_paths as dit_settings_paths
 from tests.tiny_models_flux2 import build_tiny_flux2
 from tests.tiny_models_flux2 import settings_paths as flux2_settings_paths
+from tests.tiny_models_flux3 import FLUX3_IDS, build_tiny_flux3
 
 ROOT = Path(__file__).resolve().parent.parent
 # the whole module's runs happen in one fixture, inside the first test: more than the suite's 600 s per test
@@ -54,7 +55,7 @@ SD3_IDS = ("sd3", "sd35_medium", "sd35_large")
 FLUX1_IDS = ("flux1_dev", "flux1_schnell")
 FLUX2_IDS = ("flux2_dev", "flux2_klein_4b", "flux2_klein_9b", "flux2_klein_base_4b", "flux2_klein_base_9b")
 LAYOUTS = {**{a: ("diffusers", "single_file") for a in SD_IDS + SD3_IDS},
-           **{a: ("diffusers", "bfl") for a in FLUX1_IDS + FLUX2_IDS}}
+           **{a: ("diffusers", "bfl") for a in FLUX1_IDS + FLUX2_IDS + FLUX3_IDS}}
 CASES = [(arch_id, layout) for arch_id, layouts in LAYOUTS.items() for layout in layouts]
 STEPS = 3
 CHILD_TIMEOUT_S = 300     # one child takes 10-30 s on a 2-core box
@@ -112,8 +113,8 @@ def _build(arch_id: str, layout: str, folder: Path) -> tuple[dict, dict]:
         builder(folder, "single_file")
         paths = {"model": tiny_single_file(arch_id, folder), "config_dir": tiny_config_dir(arch_id, folder)}
         return paths, {"model.model_path": str(paths["model"]), "model.config_path": str(paths["config_dir"])}
-    if arch_id in FLUX2_IDS:
-        paths = build_tiny_flux2(arch_id, folder, layout)
+    if arch_id in FLUX2_IDS + FLUX3_IDS:
+        paths = (build_tiny_flux2 if arch_id in FLUX2_IDS else build_tiny_flux3)(arch_id, folder, layout)
         return paths, flux2_settings_paths(paths)
     paths = build_tiny_dit(arch_id, folder, layout)
     return paths, {**dit_settings_paths(paths), "model.t5_max_length": 24}   # the tiny T5: short texts
@@ -144,6 +145,11 @@ def _launch(run: Run, case_dir: Path, code_root: Path = ROOT, script: str = CHIL
         run.stderr = f"timed out after {CHILD_TIMEOUT_S} s\n{exc.stderr or ''}"
     run.wall_s = time.perf_counter() - start
     return run
+
+
+def _baseline_knows(code_root: Path, arch_id: str) -> bool:
+    """Whether the family existed at BASELINE (a family added since has nothing to compare with)."""
+    return any(f'id = "{arch_id}"' in p.read_text(encoding="utf-8") for p in (code_root / "architectures").glob("*.py"))
 
 
 def _baseline_code(folder: Path) -> tuple[Path | None, str]:
@@ -178,7 +184,7 @@ def runs(request, tmp_path_factory) -> dict[tuple[str, str], Run]:
             # diffusers 0.42.1's kohya FLUX.1 converter hard-codes width 3072 for the single blocks
             overrides["network__flux_blocks"] = "double"
         for code_root, run_dir in ((ROOT, case_dir), (baseline_root, case_dir / "baseline")):
-            if code_root is None:
+            if code_root is None or not _baseline_knows(code_root, arch_id):
                 continue
             run_data = run_dir / "data"            # each run its own copy: nothing shared between two children
             shutil.copytree(data, run_data)
@@ -234,7 +240,7 @@ def test_fresh_process_saves_trained_finite_files(runs, arch_id, layout):
     state_file = state_dir / "adapter.safetensors"
     assert final in files and state_file in files, files
     assert {Path(p) for p in r.result["outputs"]} <= set(files)
-    if arch_id in SD3_IDS:   # diffusers reads no kohya SD3 keys: the PEFT-layout side file is written beside it
+    if arch_id in SD3_IDS + FLUX3_IDS:   # diffusers reads no kohya keys there: a PEFT-layout side file beside it
         assert final.with_name(final.stem + ".diffusers.safetensors") in files
     arch = architectures.get(arch_id)
     problems = [f"{path.relative_to(final.parent)}: {p}" for path in files
@@ -276,6 +282,8 @@ def test_fresh_process_saves_what_the_baseline_saved(runs, arch_id, layout):
     """Same seed, same machine: every tensor of every file equals what BASELINE's code saved, bit for bit."""
     if runs["baseline_missing"]:
         pytest.skip(runs["baseline_missing"])
+    if (arch_id, layout, "baseline") not in runs:
+        pytest.skip(f"{arch_id} was added after the baseline commit {BASELINE[:10]}")
     today, before = _finished(runs, arch_id, layout), runs[(arch_id, layout, "baseline")]
     if before.returncode != 0 or not before.result:
         pytest.fail(f"BASELINE's code failed on {arch_id} ({layout}) (exit {before.returncode}):\n"
@@ -302,6 +310,11 @@ def _model_inputs(arch_id, arch, comps):
         return (*flux2_inputs(arch, comps), {})
     if arch_id in SD3_IDS + FLUX1_IDS:
         return (*dit_inputs(arch, comps), {})
+    if arch_id in FLUX3_IDS:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            cond = arch.encode_text(comps, arch.tokenize(comps, ["a red square"]), 1)
+        return torch.randn(1, 32, 4, 6, generator=g), torch.tensor([0.6]), cond, {}
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, comps.denoiser.config.in_channels, 8, 8, generator=g)
     with torch.no_grad():
@@ -311,15 +324,25 @@ def _model_inputs(arch_id, arch, comps):
 
 
 def _diffusers_pipeline(arch_id: str, folder: Path):
-    """The model folder loaded by diffusers itself.  FLUX.2: the transformer alone in its pipeline class, as
-    tests/test_flux2.py does (``Flux2Pipeline.from_pretrained`` stops at the folder's Pixtral processor, which
-    transformers only offers as a placeholder without torchvision)."""
-    from diffusers import DiffusionPipeline, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
+    """(pipeline, its denoiser): the model folder loaded by diffusers itself.  FLUX.2: the transformer alone in its
+    pipeline class, as tests/test_flux2.py does (``Flux2Pipeline.from_pretrained`` stops at the folder's Pixtral
+    processor, which transformers only offers as a placeholder without torchvision); FLUX.3: the transformer in
+    its modular pipeline (the Qwen3-VL processor needs torchvision too)."""
+    from diffusers import (DiffusionPipeline, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel,
+                           Flux3Transformer2DModel)
+    if arch_id in FLUX3_IDS:
+        from diffusers.modular_pipelines.flux3 import Flux3AutoBlocks
+        transformer = Flux3Transformer2DModel.from_pretrained(str(folder), subfolder="transformer",
+                                                              local_files_only=True)
+        pipe = Flux3AutoBlocks().init_pipeline()
+        pipe.update_components(transformer=transformer)
+        return pipe, transformer
     if arch_id not in FLUX2_IDS:
-        return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+        return pipe, pipe.unet if arch_id in SD_IDS else pipe.transformer
     transformer = Flux2Transformer2DModel.from_pretrained(str(folder), subfolder="transformer", local_files_only=True)
     cls = Flux2Pipeline if arch_id == "flux2_dev" else Flux2KleinPipeline
-    return cls(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    return cls(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=transformer), transformer
 
 
 @pytest.mark.parametrize("arch_id", list(LAYOUTS))
@@ -327,8 +350,10 @@ def test_diffusers_loads_the_fresh_process_file(runs, arch_id):
     r = _finished(runs, arch_id, "diffusers")
     s = r.settings
     final = Path(r.result["final"])
-    # diffusers reads no kohya SD3 keys: the side file in diffusers/PEFT layout is the one it loads
-    loadable = final.with_name(final.stem + ".diffusers.safetensors") if arch_id in SD3_IDS else final
+    # where diffusers reads no kohya keys (SD3, FLUX.3) the family writes a side file in diffusers/PEFT layout
+    side = final.with_name(final.stem + ".diffusers.safetensors")
+    loadable = side if side.exists() else final
+    assert side.exists() == (arch_id in SD3_IDS + FLUX3_IDS)
 
     # the trainer's own view: base + the unfused adapter from the state folder
     arch = architectures.get(arch_id)
@@ -339,9 +364,8 @@ def test_diffusers_loads_the_fresh_process_file(runs, arch_id):
     n_ours = sum(1 for part in net.parts.values() if part == "unet")
     assert n_ours == len(net.adapters) > 10
 
-    pipe = _diffusers_pipeline(arch_id, r.paths["model"])
+    pipe, denoiser = _diffusers_pipeline(arch_id, r.paths["model"])
     pipe.load_lora_weights(str(loadable))
-    denoiser = pipe.unet if arch_id in SD_IDS else pipe.transformer
     assert _peft_modules(denoiser) == n_ours, (_peft_modules(denoiser), n_ours)   # every key placed, none dropped
 
     latents, t, cond, batch = _model_inputs(arch_id, arch, comps)
