@@ -1,9 +1,11 @@
-"""What SD3 / SD3.5 and FLUX.1 share: a transformer trained with rectified flow (flow matching), CLIP and T5
-text encoders, a 16-channel VAE with shift/scale, adapters exported under the original (kohya / BFL) module
-names with separately trained q/k/v fused back into one ``qkv`` layer.
+"""What the DiT families (SD3 / SD3.5, FLUX.1, FLUX.2, FLUX.3) share: a transformer trained with rectified flow
+(flow matching) and adapters trained on the layers of the original checkpoint layout, under its (kohya / BFL)
+names: where diffusers splits a layer the original holds as one (q, k, v → ``qkv``), one adapter of any
+algorithm covers all the parts (``core.adapters.fused.FusedLinear``), so every LyCORIS algorithm, DoRA
+included, is saved as the original layer's and loads in ComfyUI as trained.
 
-The two families differ in text conditioning, the transformer call, naming and metadata (``sd3.py``,
-``flux1.py``)."""
+The families differ in text conditioning, the transformer call, naming and metadata (``sd3.py``, ``flux1.py``,
+``flux2.py``, ``flux3.py``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,11 +15,7 @@ from torch import nn
 
 from architectures import flow_matching as fm
 from architectures.base import AdapterTarget, Architecture, Components
-from architectures.dit_keys import ExportSlot, export_community, export_peft
-
-#: Algorithms whose tensors are plain lora_down / lora_up / alpha, so that separately trained q/k/v can be
-#: written exactly as one fused module.
-FUSABLE_ALGORITHMS = ("lora", "locon")
+from architectures.dit_keys import ExportSlot, export_community, export_peft, is_plain_lora
 
 #: Target presets: attention; attention + MLP; every linear layer of the blocks (adaLN modulation included).
 DIT_PRESETS = ("attn", "attn_mlp", "full-lin")
@@ -83,8 +81,9 @@ class FlowMatchingFamily(Architecture):
     def text_encoder_targets(self, components: Components, settings_network) -> list[AdapterTarget]:
         raise NotImplementedError
 
-    def peft_paths(self, components: Components) -> dict[str, str]:
-        """internal adapter name → diffusers module path, for a diffusers/PEFT-layout file (none: no file)."""
+    def peft_parts(self, components: Components) -> dict[str, list[tuple[str, int, int | None]]]:
+        """Adapter name → the diffusers/PEFT paths it is written to (see :meth:`transformer_parts`), for a
+        diffusers-layout side file (empty: diffusers reads the main file, or nothing)."""
         return {}
 
     # -- objective -------------------------------------------------------------------------------------
@@ -100,13 +99,6 @@ class FlowMatchingFamily(Architecture):
         if n.algorithm == "full_finetune" and n.train_text_encoder and self.supports_full_checkpoint:
             problems.append(f"network.train_text_encoder: a {self.label} full fine-tune saves the transformer alone "
                             "(its original single file); the text encoders are not trained with it. Turn it off.")
-        if n.algorithm != "full_finetune" and (n.algorithm not in FUSABLE_ALGORITHMS or n.dora):
-            what = f"{n.algorithm}{' with DoRA' if n.dora else ''}"
-            problems.append(
-                f"network.algorithm: {self.label} adapters are saved in the original layout, where q, k and v are "
-                f"one fused layer (kohya/BFL names that ComfyUI and sd-scripts load). LoRA trained on q, k and v "
-                f"separately can be written exactly as one fused LoRA; {what} cannot. Choose LoRA (or LoCon) "
-                f"without DoRA for {self.label}.")
         return problems
 
     def configure_objective(self, components: Components, settings) -> None:
@@ -196,39 +188,81 @@ class FlowMatchingFamily(Architecture):
     def internal_name(self, path: str) -> str:
         return "lora_unet_" + path.replace(".", "_")
 
-    def adapter_targets(self, components: Components, target: str, text_encoder: bool) -> list[AdapterTarget]:
+    def _target_name(self, path: str, slot: ExportSlot) -> str:
+        """The community name an adapter on ``path`` trains under: the original layer's.  A layer the original
+        stores with its output halves swapped keeps its diffusers name; the export swaps a LoRA's rows."""
+        return self.internal_name(path) if slot.swap_halves else slot.stem
+
+    def _targets_for(self, components: Components, paths) -> list[AdapterTarget]:
+        """One target per layer of the original layout that ``paths`` (diffusers module paths) reach.  A fused layer
+        (q, k, v → ``qkv``; FLUX.1's q, k, v, MLP-in → ``linear1``) is trained whole, as the original model holds it:
+        one adapter over all its parts (:class:`FusedLinear`), whichever of them the preset named."""
+        from core.adapters.fused import FusedLinear
         slots = self.lora_slots(components)
-        targets = [AdapterTarget(self.internal_name(path), module, "unet", path)
-                   for path, module in self._block_modules(components, target)
-                   if path in slots and self.block_filter(components, path)]
+        modules = dict(components.denoiser.named_modules())
+        members = self._fused_members(slots)
+        out, seen = [], set()
+        for path in paths:
+            slot = slots.get(path)
+            if slot is None or slot.stem in seen or not isinstance(modules.get(path), nn.Linear):
+                continue
+            seen.add(slot.stem)
+            if slot.fused:
+                layer = FusedLinear([modules[p] for p in members[slot.stem]])
+                out.append(AdapterTarget(slot.stem, layer, "unet", members[slot.stem][0]))
+            else:
+                out.append(AdapterTarget(self._target_name(path, slot), modules[path], "unet", path))
+        return out
+
+    @staticmethod
+    def _fused_members(slots: dict[str, ExportSlot]) -> dict[str, list[str]]:
+        """Fused layer's stem → the diffusers paths of its parts, in the original's row order."""
+        out: dict[str, list[str]] = {}
+        for path, slot in sorted(((p, s) for p, s in slots.items() if s.fused), key=lambda ps: ps[1].index):
+            out.setdefault(slot.stem, []).append(path)
+        return out
+
+    def adapter_targets(self, components: Components, target: str, text_encoder: bool) -> list[AdapterTarget]:
+        paths = [path for path, _ in self._block_modules(components, target) if self.block_filter(components, path)]
+        targets = self._targets_for(components, paths)
         if text_encoder:
             targets += self.text_encoder_targets(components, components.network)
         return targets
 
     def adapter_candidates(self, components: Components, text_encoder: bool) -> list[AdapterTarget]:
-        """Every transformer linear with an original-layout name (embedders, final layer, …) for include patterns."""
-        slots = self.lora_slots(components)
-        modules = dict(components.denoiser.named_modules())
-        out = [AdapterTarget(self.internal_name(p), modules[p], "unet", p) for p in slots
-               if isinstance(modules.get(p), nn.Linear)]
+        """Every transformer layer with an original-layout name (embedders, final layer, …) for include patterns."""
+        out = self._targets_for(components, list(self.lora_slots(components)))
         if text_encoder:
             out += self.text_encoder_targets(components, components.network)
         return out
 
-    def transformer_paths(self, components: Components) -> dict[str, str]:
-        """Trained name (:meth:`internal_name`) → diffusers module path, for every layer that can take an adapter."""
-        return {self.internal_name(path): path for path in self.lora_slots(components)}
+    def transformer_parts(self, components: Components) -> dict[str, list[tuple[str, int, int | None]]]:
+        """Trained target name → the diffusers layers it covers: (module path, first output row, rows; None for
+        all of a layer trained alone)."""
+        out: dict[str, list[tuple[str, int, int | None]]] = {}
+        for path, slot in self.lora_slots(components).items():
+            if slot.fused:
+                out.setdefault(slot.stem, []).append((path, sum(slot.sizes[:slot.index]), slot.sizes[slot.index]))
+            else:
+                out[self._target_name(path, slot)] = [(path, 0, None)]
+        for parts in out.values():
+            parts.sort(key=lambda part: part[1])
+        return out
 
-    def _internal_slots(self, components: Components) -> dict[str, ExportSlot]:
-        slots = self.lora_slots(components)
-        return {name: slots[path] for name, path in self.transformer_paths(components).items()}
+    def original_names(self, components: Components) -> dict[str, str]:
+        """Trained target name → the original module's dotted path (``double_blocks.0.img_attn.qkv``)."""
+        return {self._target_name(path, slot): slot.original for path, slot in self.lora_slots(components).items()}
 
     def export_adapter(self, components: Components, state_dict: dict[str, torch.Tensor]
                        ) -> dict[str, dict[str, torch.Tensor]]:
-        files = {"": export_community(state_dict, self._internal_slots(components))}
-        paths = self.peft_paths(components)
-        if paths:
-            files[".diffusers"], _ = export_peft(state_dict, paths)
+        """The targets already carry the original names; only layers stored with swapped halves are rewritten.
+        Where the family names diffusers/PEFT paths (:meth:`peft_parts`), a LoRA is also written in that layout."""
+        swapped = {self.internal_name(path): slot.stem for path, slot in self.lora_slots(components).items()
+                   if slot.swap_halves}
+        files = {"": export_community(state_dict, swapped)}
+        parts = self.peft_parts(components)
+        if parts and is_plain_lora(state_dict):
+            files[".diffusers"], _ = export_peft(state_dict, parts)
         return files
 
     # -- full fine-tuning ------------------------------------------------------------------------------
@@ -303,5 +337,5 @@ def resolve_optional(resolve_path, value: str, setting: str) -> Path | None:
     return resolve_path(value, setting) if value else None
 
 
-__all__ = ["FlowMatchingFamily", "FUSABLE_ALGORITHMS", "DIT_PRESETS", "t5_targets", "clip_text_targets",
+__all__ = ["FlowMatchingFamily", "DIT_PRESETS", "t5_targets", "clip_text_targets",
            "resolve_optional"]

@@ -244,6 +244,7 @@ class ExportSlot:
     index: int = 0
     sizes: tuple[int, ...] = ()
     swap_halves: bool = False
+    original: str = ""       # the original module's dotted path (``double_blocks.0.img_attn.qkv``)
 
     @property
     def fused(self) -> bool:
@@ -256,12 +257,12 @@ def _kohya(prefix: str, module: str) -> str:
 
 def _slots_from_layout(layout: _Layout, prefix: str = "lora_unet") -> dict[str, ExportSlot]:
     """diffusers module path → ExportSlot (kohya stem of the original module)."""
-    out = {dif: ExportSlot(_kohya(prefix, orig), 0, (), orig in layout.swapped)
+    out = {dif: ExportSlot(_kohya(prefix, orig), 0, (), orig in layout.swapped, orig)
            for dif, orig in layout.modules.items()}
     for orig, parts in layout.fused.items():
         sizes = tuple(rows for _, rows in parts)
         for j, (dif, _) in enumerate(parts):
-            out[dif] = ExportSlot(_kohya(prefix, orig), j, sizes)
+            out[dif] = ExportSlot(_kohya(prefix, orig), j, sizes, False, orig)
     return out
 
 
@@ -294,61 +295,34 @@ def _lora_parts(name: str, tensors: dict[str, torch.Tensor], why: str) -> tuple[
     return down, up, alpha
 
 
-def export_community(state_dict: Mapping[str, torch.Tensor], slots: Mapping[str, ExportSlot]) -> dict[str, torch.Tensor]:
-    """The network's state dict (``{name}.{suffix}``) → the community file.
-
-    A module whose ``name`` has no slot keeps its keys (text encoders: their names already are the
-    community ones).  A 1:1 slot renames every tensor (any algorithm).  Fused slots (q, k, v → ``qkv``;
-    FLUX single blocks q, k, v, MLP-in → ``linear1``) are written exactly as one LoRA: the ``down`` matrices
-    concatenated (rank = the parts' ranks summed), ``up`` block-diagonal (rows of untrained parts zero) and
-    ``alpha`` = scale × total rank, so ``alpha / rank`` keeps each part's scale.  Parts of other algorithms
-    (LoHa, LoKr, DoRA, …) cannot be fused this way and raise ``ValueError``.
-    """
+def export_community(state_dict: Mapping[str, torch.Tensor], swapped: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The network's state dict (``{name}.{suffix}``) → the community file.  The adapters already carry the original
+    layout's names (fused layers are trained whole); only a layer the original stores with its output halves
+    swapped (``swapped``: trained name → original stem; the final AdaLN modulation) is rewritten, as a LoRA with
+    its ``up`` rows swapped — other algorithms cannot be permuted so and raise ``ValueError``."""
+    out: dict[str, torch.Tensor] = {}
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         name, suffix = _split_key(key)
-        by_module.setdefault(name, {})[suffix] = value
-    out: dict[str, torch.Tensor] = {}
-    groups: dict[str, list[tuple[ExportSlot, str, dict[str, torch.Tensor]]]] = {}
-    for name, tensors in by_module.items():
-        slot = slots.get(name)
-        if slot is None:
-            out.update({f"{name}.{s}": t for s, t in tensors.items()})
-        elif slot.fused:
-            groups.setdefault(slot.stem, []).append((slot, name, tensors))
-        elif slot.swap_halves:
-            down, up, alpha = _lora_parts(name, tensors, "a layer stored with swapped halves")
-            out.update({f"{slot.stem}.{s}": t for s, t in tensors.items()})
-            out[f"{slot.stem}.lora_up.weight"] = _swap_halves(up)
+        if name in swapped:
+            by_module.setdefault(name, {})[suffix] = value
         else:
-            out.update({f"{slot.stem}.{s}": t for s, t in tensors.items()})
-    for stem, members in groups.items():
-        members.sort(key=lambda m: m[0].index)
-        sizes = members[0][0].sizes
-        parts = [(slot, *_lora_parts(name, tensors, f"fusing into {stem}")) for slot, name, tensors in members]
-        scale_ref = parts[0][3] / parts[0][1].shape[0]
-        total_rank = sum(down.shape[0] for _, down, _, _ in parts)
-        dtype = parts[0][1].dtype
-        down = torch.cat([d.to(dtype) for _, d, _, _ in parts], dim=0)
-        up = torch.zeros(sum(sizes), total_rank, dtype=dtype)
-        col = 0
-        for slot, d, u, alpha in parts:
-            r = d.shape[0]
-            ratio = (alpha / r) / scale_ref
-            row = sum(sizes[:slot.index])
-            up[row:row + sizes[slot.index], col:col + r] = u.to(dtype) if ratio == 1.0 else (u.float() * ratio).to(dtype)
-            col += r
-        out[f"{stem}.lora_down.weight"] = down.contiguous()
-        out[f"{stem}.lora_up.weight"] = up
-        alpha_dtype = members[0][2]["alpha"].dtype if "alpha" in members[0][2] else torch.float32
-        out[f"{stem}.alpha"] = torch.tensor(scale_ref * total_rank, dtype=alpha_dtype)
+            out[key] = value
+    for name, tensors in by_module.items():
+        _lora_parts(name, tensors, "a layer stored with swapped halves")
+        stem = swapped[name]
+        out.update({f"{stem}.{s}": t for s, t in tensors.items()})
+        out[f"{stem}.lora_up.weight"] = _swap_halves(tensors["lora_up.weight"])
     return out
 
 
-def export_peft(state_dict: Mapping[str, torch.Tensor], paths: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The network's state dict → diffusers/PEFT keys ``{paths[name]}.lora_A.weight`` / ``.lora_B.weight`` with
-    ``alpha / rank`` folded into ``lora_A`` (PEFT files carry no alpha).  Returns (tensors, names left out
-    because ``paths`` has no entry for them)."""
+def export_peft(state_dict: Mapping[str, torch.Tensor], parts: Mapping[str, list[tuple[str, int, int | None]]]
+                ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The network's LoRA state dict → diffusers/PEFT keys ``{path}.lora_A.weight`` / ``.lora_B.weight`` with
+    ``alpha / rank`` folded into ``lora_A`` (PEFT files carry no alpha).  ``parts`` maps each adapter name to the
+    diffusers layers it covers, ``(path, first output row, rows or None for all)``: a LoRA on a fused layer is
+    written exactly as one LoRA per part (the same A, that part's rows of B).  Returns (tensors, names left out
+    because ``parts`` has no entry for them)."""
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         name, suffix = _split_key(key)
@@ -356,17 +330,25 @@ def export_peft(state_dict: Mapping[str, torch.Tensor], paths: Mapping[str, str]
     out: dict[str, torch.Tensor] = {}
     skipped = []
     for name, tensors in by_module.items():
-        path = paths.get(name)
-        if path is None:
+        where = parts.get(name)
+        if where is None:
             skipped.append(name)
             continue
         down, up, alpha = _lora_parts(name, tensors, "the diffusers/PEFT layout")
         scale = alpha / down.shape[0]
-        out[f"{path}.lora_A.weight"] = down if scale == 1.0 else (down.float() * scale).to(down.dtype)
-        out[f"{path}.lora_B.weight"] = up
+        a = down if scale == 1.0 else (down.float() * scale).to(down.dtype)
+        for i, (path, start, rows) in enumerate(where):
+            # each key its own tensor: safetensors refuses tensors that share memory
+            out[f"{path}.lora_A.weight"] = a if i == 0 else a.clone()
+            out[f"{path}.lora_B.weight"] = up if rows is None else up[start:start + rows].contiguous()
     return out, skipped
+
+
+def is_plain_lora(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every tensor is LoRA's (down, up, alpha): what the diffusers/PEFT LoRA layout can hold."""
+    return all(_split_key(k)[1] in LORA_SUFFIXES for k in state_dict)
 
 
 __all__ = ["flux_layout", "sd3_layout", "flux_bfl_to_diffusers", "flux_diffusers_to_bfl", "sd3_diffusers_to_original",
            "strip_bfl_prefix", "ExportSlot", "flux_lora_slots", "sd3_lora_slots", "export_community", "export_peft",
-           "LORA_SUFFIXES"]
+           "is_plain_lora", "LORA_SUFFIXES"]

@@ -160,6 +160,17 @@ class Flux2Family(DoubleSingleStreamBlocks, FlowMatchingFamily):
     def text_encoder_targets(self, components: Components, network) -> list[AdapterTarget]:
         return []  # check_settings refuses network.train_text_encoder
 
+    def export_adapter(self, components: Components, state_dict: dict[str, torch.Tensor]
+                       ) -> dict[str, dict[str, torch.Tensor]]:
+        """diffusers reads the main file's LoRA; its FLUX.2 LoKr loader wants BFL dotted keys under
+        ``diffusion_model.`` (it fuses the model's q, k, v to take the fused ``qkv`` LoKr): a side file in that form."""
+        files = super().export_adapter(components, state_dict)
+        if any(".lokr_" in k for k in state_dict):
+            original = self.original_names(components)
+            files[".diffusers"] = {f"diffusion_model.{original[name]}.{suffix}": t
+                                   for name, suffix, t in ((*k.split(".", 1), v) for k, v in state_dict.items())}
+        return files
+
     # -- latents ---------------------------------------------------------------------------------------
     @staticmethod
     def _bn_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,6 @@ import torch
 
 from architectures.base import AdapterTarget, Architecture, Components
 from architectures.dit_common import FlowMatchingFamily, flux_block_filter
-from architectures.dit_keys import export_community, export_peft
 from architectures.flux2 import Flux2Family, latent_ids, text_ids
 from architectures.flux3_keys import export_peft_lokr, flux3_diffusers_to_bfl, flux3_lora_slots
 
@@ -158,15 +157,19 @@ class Flux3Family(Flux2Family):
                      "'attn_mlp'. Add the shared modulations with network.include '*stream_modulations*'.", self.label)
         return FlowMatchingFamily.adapter_targets(self, components, target, text_encoder)
 
-    def peft_paths(self, components: Components) -> dict[str, str]:
-        return {name: f"transformer.{path}" for name, path in self.transformer_paths(components).items()}
+    def peft_parts(self, components: Components) -> dict[str, list[tuple[str, int, int | None]]]:
+        """diffusers' Flux3 loader takes only ``diffusion_model.`` keys without alpha: a side file in PEFT layout
+        (FLUX.3 keeps q, k, v apart, so every layer is 1:1)."""
+        return {name: [(f"transformer.{path}", 0, None) for path, _, _ in where]
+                for name, where in self.transformer_parts(components).items()}
 
     def export_adapter(self, components: Components, state_dict: dict[str, torch.Tensor]
                        ) -> dict[str, dict[str, torch.Tensor]]:
-        paths = self.peft_paths(components)
-        lokr = any(".lokr_" in k for k in state_dict)
-        side = export_peft_lokr(state_dict, paths) if lokr else export_peft(state_dict, paths)[0]
-        return {"": export_community(state_dict, self._internal_slots(components)), ".diffusers": side}
+        files = FlowMatchingFamily.export_adapter(self, components, state_dict)
+        if any(".lokr_" in k for k in state_dict):
+            paths = {name: where[0][0] for name, where in self.peft_parts(components).items()}
+            files[".diffusers"] = export_peft_lokr(state_dict, paths)
+        return files
 
     # -- text ------------------------------------------------------------------------------------------
     def tokenize(self, components: Components, captions: list[str]) -> list[torch.Tensor]:

@@ -91,13 +91,15 @@ class SD3Family(FlowMatchingFamily):
         """Components built elsewhere (the memory estimate's) count as with T5."""
         return not isinstance(components, SD3Components) or components.use_t5
 
-    def peft_paths(self, components: Components) -> dict[str, str]:
-        paths = {name: f"transformer.{path}" for name, path in self.transformer_paths(components).items()}
+    def peft_parts(self, components: Components) -> dict[str, list[tuple[str, int, int | None]]]:
+        """diffusers reads no kohya SD3 keys: a LoRA is also written in diffusers/PEFT layout."""
+        parts = {name: [(f"transformer.{path}", start, rows) for path, start, rows in where]
+                 for name, where in self.transformer_parts(components).items()}
         # text encoders are released after caching when they are not trained (nothing of theirs to name then)
         for i, prefix in ((0, "text_encoder"), (1, "text_encoder_2"))[:len(components.text_encoders)]:
             for t in clip_text_targets(components.text_encoders[i], self.te_prefixes[i], f"te{i + 1}"):
-                paths[t.name] = f"{prefix}.{t.path}"
-        return paths
+                parts[t.name] = [(f"{prefix}.{t.path}", 0, None)]
+        return parts
 
     # -- text ------------------------------------------------------------------------------------------
     def tokenize(self, components: Components, captions: list[str]) -> list[torch.Tensor]:

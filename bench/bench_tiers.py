@@ -149,7 +149,7 @@ def random_components(arch, dtype, config_dir=None):
     config = json.loads((sched_dir / "scheduler_config.json").read_text())
     scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     return Components(denoiser=denoiser, vae=None, text_encoders=[], tokenizers=[], noise_scheduler=scheduler,
-                      extra={"scheduler_config": config})
+                      scheduler_config=config)
 
 
 def random_inputs(arch, denoiser, resolution: int, device, dtype):

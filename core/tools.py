@@ -235,6 +235,19 @@ def _load_components(arch, path, config_dir):
     return arch.load(Path(path).expanduser(), Path(config_dir).expanduser() if config_dir else None, torch.float32)
 
 
+def _add_to_layer(layer: nn.Module, dw: torch.Tensor, db: torch.Tensor | None) -> None:
+    """Fold ΔW (and Δb) into the layer's weights; a fused view spreads its rows over the layers it stands for."""
+    from core.adapters.fused import FusedLinear
+    dw = dw.reshape(-1, *layer.weight.shape[1:]) if isinstance(layer, FusedLinear) else dw.reshape(layer.weight.shape)
+    row = 0
+    for part in layer.parts if isinstance(layer, FusedLinear) else [layer]:
+        rows = part.weight.shape[0]
+        part.weight.add_(dw[row:row + rows].to(part.weight.dtype))
+        if db is not None and part.bias is not None:
+            part.bias.add_(db[row:row + rows].to(part.bias.dtype))
+        row += rows
+
+
 def _dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"save_dtype must be one of {', '.join(_DTYPES)}, not {name!r}")
@@ -277,10 +290,7 @@ def merge_adapters(arch_id: str, base_model_path: str | Path, adapters: list[tup
                     bias_deltas[stem] = bias_deltas.get(stem, 0) + diff_b.float() * weight
                 del m
         for stem, dw in weight_deltas.items():
-            layer = layers[stem]
-            layer.weight.add_(dw.reshape(layer.weight.shape).to(layer.weight.dtype))
-            if stem in bias_deltas and layer.bias is not None:
-                layer.bias.add_(bias_deltas[stem].to(layer.bias.dtype))
+            _add_to_layer(layers[stem], dw, bias_deltas.get(stem))
     spec = (arch.modelspec_architecture or "").removesuffix("/lora")
     metadata = {"format": "pt", "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": spec,
                 "modelspec.title": Path(out_path).stem, "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),

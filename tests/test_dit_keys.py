@@ -1,5 +1,5 @@
 """Key layouts of SD3 / FLUX.1 (architectures/dit_keys.py): config-driven BFL ↔ diffusers conversion, the
-original MMDiT layout, and the exact fused export of separately trained q/k/v LoRAs."""
+original MMDiT layout, and the adapter export (swapped halves, the diffusers/PEFT split of a fused LoRA)."""
 from __future__ import annotations
 
 import pytest
@@ -90,18 +90,21 @@ def test_sd3_original_layout_round_trips_through_diffusers_converter(arch_id):
 
 def test_lora_slot_names():
     flux = flux_lora_slots(dict(num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1))
-    assert flux["transformer_blocks.0.attn.to_k"] == ExportSlot("lora_unet_double_blocks_0_img_attn_qkv", 1, (32, 32, 32))
+    assert flux["transformer_blocks.0.attn.to_k"] == ExportSlot("lora_unet_double_blocks_0_img_attn_qkv", 1, (32, 32, 32),
+                                                                 original="double_blocks.0.img_attn.qkv")
     assert flux["transformer_blocks.0.attn.add_v_proj"].stem == "lora_unet_double_blocks_0_txt_attn_qkv"
     assert flux["transformer_blocks.0.attn.to_add_out"].stem == "lora_unet_double_blocks_0_txt_attn_proj"
     assert flux["transformer_blocks.0.ff.net.0.proj"].stem == "lora_unet_double_blocks_0_img_mlp_0"
     assert flux["transformer_blocks.0.ff_context.net.2"].stem == "lora_unet_double_blocks_0_txt_mlp_2"
     assert flux["transformer_blocks.0.norm1.linear"].stem == "lora_unet_double_blocks_0_img_mod_lin"
     assert flux["single_transformer_blocks.0.proj_mlp"] == ExportSlot("lora_unet_single_blocks_0_linear1", 3,
-                                                                      (32, 32, 32, 128))
+                                                                      (32, 32, 32, 128),
+                                                                      original="single_blocks.0.linear1")
     assert flux["single_transformer_blocks.0.proj_out"].stem == "lora_unet_single_blocks_0_linear2"
     assert flux["single_transformer_blocks.0.norm.linear"].stem == "lora_unet_single_blocks_0_modulation_lin"
     sd3 = sd3_lora_slots(dict(num_layers=2, num_attention_heads=2, attention_head_dim=8))
-    assert sd3["transformer_blocks.0.attn.to_v"] == ExportSlot("lora_unet_joint_blocks_0_x_block_attn_qkv", 2, (16, 16, 16))
+    assert sd3["transformer_blocks.0.attn.to_v"] == ExportSlot("lora_unet_joint_blocks_0_x_block_attn_qkv", 2, (16, 16, 16),
+                                                              original="joint_blocks.0.x_block.attn.qkv")
     assert sd3["transformer_blocks.0.attn.add_q_proj"].stem == "lora_unet_joint_blocks_0_context_block_attn_qkv"
     assert sd3["transformer_blocks.0.attn.to_add_out"].stem == "lora_unet_joint_blocks_0_context_block_attn_proj"
     assert sd3["transformer_blocks.0.ff.net.0.proj"].stem == "lora_unet_joint_blocks_0_x_block_mlp_fc1"
@@ -121,54 +124,41 @@ def _delta(sd, name):
     return up @ down * (alpha / down.shape[0])
 
 
-def test_fused_export_is_exact():
-    """q/k/v (+ a fourth part, with different ranks and alphas, one part untrained) fused into one module
-    give exactly the per-part weight changes; untouched names pass through; swapped halves are swapped."""
+def test_export_swaps_halves_and_passes_everything_else():
+    """Names already are the original's: tensors pass through bit-exactly (any algorithm); a LoRA on a layer stored
+    with swapped output halves gets its up rows swapped; another algorithm there is refused."""
     g = torch.Generator().manual_seed(0)
-    sizes = (8, 8, 8, 32)
-    parts = [nn.Linear(12, s) for s in sizes]
-    sd, slots = {}, {}
-    specs = [("q", 4, 2.0), ("k", 4, 2.0), ("mlp", 2, 5.0)]  # v untrained
-    index = {"q": 0, "k": 1, "v": 2, "mlp": 3}
-    for name, rank, alpha in specs:
-        sd.update(_lora(name, parts[index[name]], rank, alpha, g))
-        slots[name] = ExportSlot("lora_unet_single_blocks_0_linear1", index[name], sizes)
-    sd.update(_lora("lora_te1_text_model_encoder_layers_0_mlp_fc1", nn.Linear(5, 6), 2, 1.0, g))
-    mod = nn.Linear(12, 16)
-    sd.update(_lora("norm", mod, 3, 3.0, g))
-    slots["norm"] = ExportSlot("lora_unet_final_layer_adaLN_modulation_1", 0, (), True)
-    out = export_community(sd, slots)
-    stem = "lora_unet_single_blocks_0_linear1"
-    assert out[f"{stem}.lora_down.weight"].shape == (10, 12) and out[f"{stem}.lora_up.weight"].shape == (56, 10)
-    fused = _delta(out, stem)
-    rows = torch.split(fused, sizes)
-    for name, _, _ in specs:
-        torch.testing.assert_close(rows[index[name]], _delta(sd, name))
-    assert not rows[2].any()
-    te = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
-    assert all(torch.equal(out[f"{te}.{s}"], sd[f"{te}.{s}"]) for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+    sd = _lora("lora_unet_single_blocks_0_linear1", nn.Linear(12, 56), 4, 2.0, g)
+    sd |= {"lora_unet_double_blocks_0_img_attn_qkv.lokr_w1": torch.randn(4, 4, generator=g)}
+    sd |= _lora("norm", nn.Linear(12, 16), 3, 3.0, g)
+    out = export_community(sd, {"norm": "lora_unet_final_layer_adaLN_modulation_1"})
+    assert all(torch.equal(out[k], v) for k, v in sd.items() if not k.startswith("norm."))
     swapped = _delta(out, "lora_unet_final_layer_adaLN_modulation_1")
     torch.testing.assert_close(torch.cat(swapped.chunk(2)[::-1]), _delta(sd, "norm"))
-    # same alpha everywhere: alpha / rank of the fused module is the parts' scale, up copied bit-exactly
-    same = {k: v for k, v in sd.items() if k.split(".")[0] in ("q", "k")}
-    out2 = export_community(same, {k: v for k, v in slots.items() if k in ("q", "k")})
-    assert float(out2[f"{stem}.alpha"]) / out2[f"{stem}.lora_down.weight"].shape[0] == 2.0 / 4
-    assert torch.equal(out2[f"{stem}.lora_up.weight"][:8, :4], sd["q.lora_up.weight"])
-
-
-def test_fusing_other_algorithms_fails_clearly():
-    sd = {"q.hada_w1_a": torch.zeros(2, 2), "q.hada_w1_b": torch.zeros(2, 2), "q.alpha": torch.tensor(1.0)}
+    assert not any(k.startswith("norm.") for k in out)
+    loha = {"norm.hada_w1_a": torch.zeros(2, 2), "norm.hada_w1_b": torch.zeros(2, 2)}
     with pytest.raises(ValueError, match="plain LoRA"):
-        export_community(sd, {"q": ExportSlot("x_qkv", 0, (2, 2, 2))})
-    # a 1:1 module keeps any algorithm's tensors under the new name
-    out = export_community(sd, {"q": ExportSlot("x_proj")})
-    assert set(out) == {"x_proj.hada_w1_a", "x_proj.hada_w1_b", "x_proj.alpha"}
+        export_community(loha, {"norm": "lora_unet_final_layer_adaLN_modulation_1"})
 
 
 def test_peft_export_folds_alpha():
     g = torch.Generator().manual_seed(1)
     sd = _lora("a", nn.Linear(4, 6), 2, 8.0, g) | _lora("t5", nn.Linear(4, 4), 2, 2.0, g)
-    out, skipped = export_peft(sd, {"a": "transformer.blocks.0.to_q"})
+    out, skipped = export_peft(sd, {"a": [("transformer.blocks.0.to_q", 0, None)]})
     assert skipped == ["t5"] and set(out) == {"transformer.blocks.0.to_q.lora_A.weight", "transformer.blocks.0.to_q.lora_B.weight"}
     torch.testing.assert_close(out["transformer.blocks.0.to_q.lora_B.weight"] @ out["transformer.blocks.0.to_q.lora_A.weight"],
                                _delta(sd, "a"))
+
+
+def test_peft_export_splits_a_fused_lora_exactly():
+    """A LoRA trained on a fused qkv is written as one LoRA per diffusers layer: the same A, that layer's B rows."""
+    g = torch.Generator().manual_seed(2)
+    sd = _lora("qkv", nn.Linear(12, 24), 4, 2.0, g)
+    parts = [("transformer.b.to_q", 0, 8), ("transformer.b.to_k", 8, 8), ("transformer.b.to_v", 16, 8)]
+    out, skipped = export_peft(sd, {"qkv": parts})
+    assert not skipped
+    full = _delta(sd, "qkv")
+    for path, start, rows in parts:
+        torch.testing.assert_close(out[f"{path}.lora_B.weight"] @ out[f"{path}.lora_A.weight"], full[start:start + rows])
+    a = [out[f"{p}.lora_A.weight"] for p, _, _ in parts]
+    assert len({t.data_ptr() for t in a}) == 3   # no shared memory (safetensors refuses it)

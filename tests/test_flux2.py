@@ -18,6 +18,7 @@ import core
 from architectures.base import ModelLoadError
 from architectures.flux2_keys import flux2_bfl_to_diffusers, flux2_diffusers_to_bfl
 from core.adapters import build_network
+from tests.test_dit_train_e2e import layers_covered
 from tests.tiny_models import build_tiny_dataset, tiny_train_settings, train_twice_with_disk_cache
 from tests.tiny_models_flux2 import FLUX2_IDS, build_tiny_flux2, fake_full_size_bfl, load_kwargs, settings_paths
 
@@ -228,9 +229,9 @@ def test_train_each_variant(tiny, tmp_path, run):
         assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_1_txt_attn_qkv",
                 "lora_unet_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_1_txt_attn_proj",
                 "lora_unet_single_blocks_1_linear1", "lora_unet_single_blocks_0_linear2"} <= stems
-        # q, k and v (rank 4 each) fused: rank 12, alpha 2 × 3 (alpha/rank stays 0.5)
-        assert sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 12
-        assert float(sd["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 6.0
+        # q, k and v trained as the one qkv layer BFL holds: the network's rank 4 and alpha 2
+        assert sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape[0] == 4
+        assert float(sd["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 2.0
         assert float(sd["lora_unet_single_blocks_0_linear1.alpha"]) == 2.0
         has_mlp = "lora_unet_double_blocks_0_img_mlp_0" in stems
         assert has_mlp == ("attn" not in run.split("-")[-1])
@@ -268,7 +269,7 @@ def test_trained_file_loads_whole_in_diffusers(tiny, tmp_path, arch_id, layout, 
     cls = Flux2Pipeline if arch_id == "flux2_dev" else Flux2KleinPipeline
     pipe = cls(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=theirs_comps.denoiser)
     pipe.load_lora_weights(str(result.final))
-    assert _peft_modules(pipe.transformer) == len(net.adapters) > 20
+    assert _peft_modules(pipe.transformer) == layers_covered(net) > 20
 
     latents, t, cond = _inputs(arch, comps)
     net.apply_to()
@@ -296,7 +297,7 @@ def _merge_kohya(original, lora):
 
 
 @pytest.mark.parametrize("arch_id,target", [("flux2_dev", "attn_mlp"), ("flux2_klein_4b", "attn")])
-def test_fused_export_equals_the_unfused_trained_model(tiny, arch_id, target):
+def test_the_saved_file_merged_into_the_bfl_weights_is_the_trained_model(tiny, arch_id, target):
     s, _ = make_settings(tiny, arch_id, "diffusers", tiny["root"], network__target=target)
     arch, comps = load_arch(tiny, arch_id, "diffusers", settings=s)
     tr = comps.denoiser
@@ -325,7 +326,8 @@ def test_targets_modulation_and_text_encoder(tiny, caplog):
     names = lambda ts: sorted(t.name for t in ts)  # noqa: E731
     full, attn_mlp = arch.adapter_targets(comps, "full-lin", False), arch.adapter_targets(comps, "attn_mlp", False)
     assert names(full) == names(attn_mlp) and not any("modulation" in t.name for t in full)
-    assert len(arch.adapter_targets(comps, "attn", False)) == 2 * 8 + 2 * 2
+    # per double block: img/txt qkv (each one fused layer) and their two output projections; per single block 2
+    assert len(arch.adapter_targets(comps, "attn", False)) == 2 * 4 + 2 * 2
     with_mod = arch.select_adapter_targets(comps, "attn", False, include="*modulation*")
     added = [t for t in with_mod if "modulation" in t.path]
     assert sorted(t.path for t in added) == ["double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",

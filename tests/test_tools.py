@@ -101,8 +101,8 @@ def test_merge_sdxl_two_adapters(models, tmp_path):
 
 def test_merge_errors(models, tmp_path):
     path, cfg = models["sd15"]
-    with pytest.raises(ValueError, match="not supported"):
-        merge_adapters("flux1_dev", path, [(tmp_path / "x.safetensors", 1.0)], tmp_path / "o.safetensors")
+    with pytest.raises(ValueError, match="does not exist"):
+        merge_adapters("sd15", path, [(tmp_path / "x.safetensors", 1.0)], tmp_path / "o.safetensors", cfg)
     # an SDXL adapter does not fit the SD1.5 model
     sdxl_path, sdxl_cfg = models["sdxl"]
     f = save_network(random_network("sdxl", load("sdxl", sdxl_path, sdxl_cfg), "lora", "attn", 2, 1.0),
