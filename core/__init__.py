@@ -7,8 +7,9 @@
 """
 from core.events import RunFailed, SaveFailed, TrainingDiverged
 from core.settings import Settings, SettingsError, load_settings, save_settings
+from core.kohya_import import import_kohya
 
-__all__ = ["Settings", "SettingsError", "RunFailed", "SaveFailed", "TrainingDiverged", "load_settings", "save_settings", "train", "TrainResult"]
+__all__ = ["Settings", "SettingsError", "RunFailed", "SaveFailed", "TrainingDiverged", "load_settings", "save_settings", "train", "TrainResult", "import_kohya"]
 
 
 def __getattr__(name):

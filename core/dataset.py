@@ -46,10 +46,24 @@ class DatasetError(ValueError):
     """A problem with the training images or captions; the message says which files and what to do."""
 
 
+@dataclass(frozen=True)
+class Augment:
+    """How an image's samples vary each time it is used: caption shuffle / keep tokens / dropout, flip."""
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0
+    flip_aug: bool = False
+
+    @classmethod
+    def of(cls, ds) -> Augment:
+        return cls(ds.shuffle_caption, ds.keep_tokens, ds.caption_dropout_rate, ds.flip_aug)
+
+
 @dataclass
 class ImageItem:
     """One training image.  ``width``/``height`` are after EXIF rotation; ``bucket`` is the (w, h) it is
-    trained at, set by :func:`assign_buckets`."""
+    trained at, set by :func:`assign_buckets`.  ``augment`` and ``resolution`` are those of the folder (subset)
+    it was scanned from; None takes the dataset settings' (:func:`item_augment`, :func:`assign_buckets`)."""
     path: Path
     caption: str
     repeats: int
@@ -57,6 +71,12 @@ class ImageItem:
     height: int
     bucket: Bucket | None = None
     is_reg: bool = False  # a DreamBooth regularization (class) image: see reg_samples / BucketBatchSampler
+    augment: Augment | None = None
+    resolution: int | None = None
+
+
+def item_augment(item: ImageItem, ds) -> Augment:
+    return item.augment or Augment.of(ds)
 
 
 def _name_list(names: Sequence[str], limit: int = _LIST_LIMIT) -> str:
@@ -136,16 +156,18 @@ def read_caption(path: Path) -> str:
     return ", ".join(line for line in lines if line)
 
 
-def scan_dataset(ds, root: Path, reg: bool = False, progress: Callable[[int], None] | None = None) -> list[ImageItem]:
+def scan_dataset(ds, root: Path, reg: bool = False, progress: Callable[[int], None] | None = None,
+                 label: str | None = None) -> list[ImageItem]:
     """Every image under ``root`` (png, jpg, jpeg, webp, bmp; subfolders included) with its caption, repeats
-    and size.  Raises one DatasetError listing all unreadable images and all images without a caption (when
-    no default caption is set).
+    and size, and the augmentation and resolution of ``ds``.  Raises one DatasetError listing all unreadable
+    images and all images without a caption (when no default caption is set).
 
     ``reg=True`` scans a DreamBooth regularization folder (``ds.reg_path``) by the same rules: the items are
     marked ``is_reg`` and folders without an ``N_name`` prefix repeat ``ds.reg_num_repeats`` times.
-    ``progress(images seen)`` is called for every image (the trainer stops there when asked)."""
+    ``progress(images seen)`` is called for every image (the trainer stops there when asked).  ``label`` names
+    the folder in messages (a subset's, from ``DatasetSettings.folders``)."""
     root = Path(root).expanduser()
-    what = "regularization folder (dataset.reg_path)" if reg else "dataset folder"
+    what = label or ("regularization folder (dataset.reg_path)" if reg else "dataset folder")
     if not root.exists():
         raise DatasetError(f"The {what} {root} does not exist. Choose the folder with your "
                            + ("class images, or leave it empty to train without them." if reg else
@@ -190,7 +212,8 @@ def scan_dataset(ds, root: Path, reg: bool = False, progress: Callable[[int], No
         else:
             uncaptioned.append(str(rel))
             continue
-        items.append(ImageItem(path=path, caption=caption, repeats=repeats, width=w, height=h, is_reg=reg))
+        items.append(ImageItem(path=path, caption=caption, repeats=repeats, width=w, height=h, is_reg=reg,
+                               augment=Augment.of(ds), resolution=ds.resolution))
 
     problems = []
     if broken:
@@ -202,11 +225,37 @@ def scan_dataset(ds, root: Path, reg: bool = False, progress: Callable[[int], No
                         "set. Add the caption files or set 'Caption for images without one':\n"
                         + _name_list(uncaptioned))
     if problems:
-        raise DatasetError(f"Problems in the {'regularization images' if reg else 'dataset'} {root}:\n"
+        raise DatasetError(f"Problems in the {label or ('regularization images' if reg else 'dataset')} {root}:\n"
                            + "\n".join(problems))
     if not items:
-        raise DatasetError(f"No images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found in {root} or its "
-                           "subfolders.")
+        raise DatasetError(f"No images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) found in "
+                           f"{'the ' + label + ' ' if label else ''}{root} or its subfolders.")
+    return items
+
+
+def check_apart(folders: Sequence[tuple[object, Path]]) -> None:
+    """Refuses a regularization folder that lies in a training folder (its images would be trained as training
+    images too) or holds one.  ``folders``: (``ImageFolder`` of ``DatasetSettings.folders``, resolved root)."""
+    for reg, reg_root in ((f, r.resolve()) for f, r in folders if f.is_reg):
+        for train, train_root in ((f, r.resolve()) for f, r in folders if not f.is_reg):
+            if reg_root == train_root or train_root in reg_root.parents:
+                raise DatasetError(f"The regularization folder ({reg.setting}) {reg_root} lies inside the training "
+                                   f"folder ({train.setting}) {train_root}, so its images would be trained as "
+                                   "training images too. Move it out of the training folder.")
+            if reg_root in train_root.parents:
+                raise DatasetError(f"The training folder ({train.setting}) {train_root} lies inside the "
+                                   f"regularization folder ({reg.setting}) {reg_root}. Keep the two folders apart.")
+
+
+def scan_folders(folders: Sequence[tuple[object, Path]], progress: Callable[[int], None] | None = None
+                 ) -> list[ImageItem]:
+    """The images of every folder (``DatasetSettings.folders`` with their resolved roots, in that order), each
+    scanned with its own settings (repeats, caption extension, augmentation, resolution) and named by its label
+    in messages.  Regularization folders that overlap training folders are refused before anything is read."""
+    check_apart(folders)
+    items: list[ImageItem] = []
+    for folder, root in folders:
+        items += scan_dataset(folder.settings, root, reg=folder.is_reg, progress=progress, label=folder.label)
     return items
 
 
@@ -273,19 +322,24 @@ def choose_bucket(w: int, h: int, buckets: Sequence[Bucket], resolution: int, st
 
 
 def assign_buckets(items: Sequence[ImageItem], ds) -> dict[Bucket, int]:
-    """Sets ``item.bucket`` for every item from the dataset settings; returns {bucket: image count}.  Without
-    buckets every image is trained at (resolution, resolution) (resized to cover, centre-cropped)."""
+    """Sets ``item.bucket`` for every item from the dataset settings and the item's own resolution (a subset's;
+    None: ``ds.resolution``); returns {bucket: image count}.  Without buckets every image is trained at
+    (resolution, resolution) (resized to cover, centre-cropped).  Items of different resolutions may share a
+    bucket: a batch holds one bucket, so its tensors still have one shape."""
     counts: dict[Bucket, int] = defaultdict(int)
     if not ds.enable_buckets:
         for it in items:
-            it.bucket = (ds.resolution, ds.resolution)
+            res = it.resolution or ds.resolution
+            it.bucket = (res, res)
             counts[it.bucket] += 1
         return dict(counts)
-    buckets = make_buckets(ds.resolution, ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps)
+    buckets = {res: make_buckets(res, ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps)
+               for res in sorted({it.resolution or ds.resolution for it in items})}
     too_small = []
     for it in items:
+        res = it.resolution or ds.resolution
         try:
-            it.bucket = choose_bucket(it.width, it.height, buckets, ds.resolution, ds.bucket_reso_steps,
+            it.bucket = choose_bucket(it.width, it.height, buckets[res], res, ds.bucket_reso_steps,
                                       ds.bucket_no_upscale)
         except DatasetError as exc:
             too_small.append(f"{it.path}: {exc}")
@@ -609,6 +663,21 @@ class LatentCache:
         return encoded
 
 
+def fill_cache(cache: LatentCache, items: Sequence[ImageItem], ds, batch_size: int,
+               progress: Callable[[int, int], None] | None = None) -> int:
+    """:meth:`LatentCache.fill` with mirrored latents only for the items whose folder flips (:func:`item_augment`):
+    one fill per flip choice, ``progress(done, total)`` counted over all of them."""
+    flips = [item_augment(it, ds).flip_aug for it in items]
+    total = sum(2 if f else 1 for f in flips)
+    encoded = offset = 0
+    for flip in sorted(set(flips)):
+        group = [it for it, f in zip(items, flips) if f == flip]
+        encoded += cache.fill(group, flip, batch_size,
+                              progress=progress and (lambda done, _, o=offset: progress(o + done, total)))
+        offset += len(group) * (2 if flip else 1)
+    return encoded
+
+
 # -- batches for the training loop -----------------------------------------------------------------------
 
 class TrainingDataset:
@@ -618,8 +687,9 @@ class TrainingDataset:
     [-1, 1] when the cache mode is "off" (or no cache is given); ``captions`` (processed); ``original_sizes``
     [(h, w)]; ``crop_coords`` [(top, left)]; ``target_sizes`` [(h, w) of the bucket]; ``flips`` [bool];
     ``paths`` [Path]; ``loss_weights`` [float]: 1.0 for training images, ``ds.prior_loss_weight`` for
-    regularization images.  Flip (when ``ds.flip_aug``) and caption augmentation are drawn from an RNG seeded by
-    (seed, epoch, batch_index), so a resumed run gets the same batches.
+    regularization images.  Flip and caption augmentation follow each item's own options (its subset's;
+    :func:`item_augment`) and are drawn from an RNG seeded by (seed, epoch, batch_index), so a resumed run gets
+    the same batches.
     """
 
     def __init__(self, items: Sequence[ImageItem], ds, cache: LatentCache | None, seed: int):
@@ -646,9 +716,10 @@ class TrainingDataset:
         prior_weight = float(getattr(ds, "prior_loss_weight", 1.0))
         tensors = []
         for it in items:
-            flip = bool(ds.flip_aug) and rng.random() < 0.5
-            out["captions"].append(process_caption(it.caption, ds.shuffle_caption, ds.keep_tokens,
-                                                   ds.caption_dropout_rate, rng))
+            aug = item_augment(it, ds)
+            flip = bool(aug.flip_aug) and rng.random() < 0.5
+            out["captions"].append(process_caption(it.caption, aug.shuffle_caption, aug.keep_tokens,
+                                                   aug.caption_dropout_rate, rng))
             bw, bh = it.bucket
             if use_cache:
                 tensors.append(self.cache.get(it, flip))

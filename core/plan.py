@@ -121,7 +121,7 @@ def text_cache_blockers(settings) -> list[str]:
     out = []
     if settings.network.train_text_encoder:
         out.append("the text encoder is trained")
-    if settings.dataset.shuffle_caption:
+    if settings.dataset.uses("shuffle_caption"):  # in any subset
         out.append("captions are shuffled every step")
     return out
 
@@ -302,7 +302,7 @@ def _fit_memory(plan: Plan, profile, settings, arch, config_dir, budget, budget_
     optimizer = settings.optimizer.optimizer_type
     full_ft = settings.network.algorithm == "full_finetune"
     base = EstimateInputs(
-        resolution=int(settings.dataset.resolution), batch_size=int(settings.schedule.train_batch_size),
+        resolution=settings.dataset.largest_resolution(), batch_size=int(settings.schedule.train_batch_size),
         precision=plan.mixed_precision, device=plan.device, attention=plan.attention, optimizer=optimizer,
         cache_text_encoder_outputs=plan.cache_text_encoder_outputs,
         train_text_encoder=bool(settings.network.train_text_encoder),

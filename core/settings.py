@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -67,6 +67,33 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SubsetSettings(BaseModel):
+    """One folder of a dataset with several subsets (sd-scripts' ``[[datasets.subsets]]``).  An option left
+    unset (None) takes the dataset's value (:meth:`DatasetSettings.subset_settings`)."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    image_dir: str = Field(min_length=1, description="Folder of images with same-name caption files; relative "
+                           "paths are inside the datasets folder.")
+    num_repeats: int | None = Field(None, ge=1, le=10000)
+    caption_extension: str | None = Field(None, min_length=1)
+    keep_tokens: int | None = Field(None, ge=0, le=256)
+    shuffle_caption: bool | None = None
+    flip_aug: bool | None = None
+    caption_dropout_rate: float | None = Field(None, ge=0.0, le=1.0)
+    is_reg: bool = Field(False, description="Regularization (class) images for DreamBooth prior preservation, "
+                         "weighted by the prior loss weight")
+    resolution: int | None = Field(None, ge=64, le=4096, multiple_of=8)
+
+
+class ImageFolder(NamedTuple):
+    """A folder of images to scan, as :meth:`DatasetSettings.folders` lists them."""
+    setting: str            # the field that holds the path, for PathNotAllowed
+    path: str               # as the user gave it
+    is_reg: bool
+    settings: "DatasetSettings"  # what its images are scanned and trained with
+    label: str | None = None  # how messages name a subset's ("folder of subset 2 (dataset.subsets[1].image_dir)")
+
+
 class DatasetSettings(Section):
     path: str = setting("", "Image folder",
                         "Folder of images with same-name caption files. Subfolders named like '10_dog' repeat "
@@ -112,6 +139,50 @@ class DatasetSettings(Section):
         "memory", "Cache latents", "Encode every image once. 'disk' keeps the cache next to the images and "
         "reuses it while the image file is unchanged; the text-encoder outputs are then kept there too, so a "
         "rerun with the same model does not run the text encoders again.", choices=("memory", "disk", "off"))
+    subsets: list[SubsetSettings] = setting(
+        list, "Subsets", "More image folders, each with its own options, as in sd-scripts' dataset config "
+        "([[datasets.subsets]]): one row per folder. An empty cell takes the value set above. is_reg marks "
+        "regularization images (weighted by the prior loss weight); a resolution of its own gives the folder "
+        "its own buckets. The image folder above, when set, is trained as well.", widget="table")
+
+    def subset_settings(self, subset: SubsetSettings) -> "DatasetSettings":
+        """The settings a subset's images are scanned and trained with: its own values where set, the
+        dataset's otherwise (a regularization subset's repeats are its ``reg_num_repeats``)."""
+        own = subset.model_dump(exclude={"image_dir", "is_reg"}, exclude_none=True)
+        if subset.is_reg and "num_repeats" in own:
+            own["reg_num_repeats"] = own.pop("num_repeats")
+        return self.model_copy(update=own | {"subsets": []})
+
+    def folders(self) -> list[ImageFolder]:
+        """Every folder of images: the image folder, the regularization folder, then the subsets, each when set."""
+        out = [ImageFolder("dataset.path", self.path, False, self)] if self.path.strip() else []
+        if self.reg_path.strip():
+            out.append(ImageFolder("dataset.reg_path", self.reg_path.strip(), True, self))
+        return out + [ImageFolder(f"dataset.subsets[{i}].image_dir", sub.image_dir, sub.is_reg,
+                                  self.subset_settings(sub), f"{'regularization ' if sub.is_reg else ''}folder of "
+                                  f"subset {i + 1} (dataset.subsets[{i}].image_dir)")
+                      for i, sub in enumerate(self.subsets)]
+
+    def uses(self, option: str) -> bool:
+        """Whether the dataset or any subset turns this option on (e.g. ``shuffle_caption``)."""
+        return any(getattr(d, option) for d in [self, *map(self.subset_settings, self.subsets)])
+
+    def largest_resolution(self) -> int:
+        """The largest resolution any folder trains at (what the memory estimate plans for)."""
+        return max([self.resolution, *(sub.resolution for sub in self.subsets if sub.resolution)])
+
+    def problems(self) -> list[str]:
+        """Subset values that are each valid but do not fit the dataset's (see :func:`check_consistency`)."""
+        out = []
+        if all(folder.is_reg for folder in self.folders()):
+            out.append("dataset.path: choose the folder with your training images (or add a subset that is not "
+                       "is_reg)")
+        for i, sub in enumerate(self.subsets):
+            res = sub.resolution
+            if res is not None and self.enable_buckets and not (self.min_bucket_reso <= res <= self.max_bucket_reso):
+                out.append(f"dataset.subsets[{i}].resolution ({res}) must lie between the smallest and largest "
+                           f"bucket side ({self.min_bucket_reso} … {self.max_bucket_reso})")
+        return out
 
 
 class ModelSettings(Section):
@@ -578,8 +649,7 @@ def check_consistency(settings: Settings) -> list[str]:
                             "schedule.gradient_accumulation_steps to 1")
         if settings.memory.mixed_precision == "fp16":
             problems.append("optimizer.fused_backward_pass cannot use fp16 loss scaling: choose bf16 or no")
-    if not settings.dataset.path:
-        problems.append("dataset.path: choose the folder with your training images")
+    problems += d.problems()
     if not settings.model.model_path:
         problems.append("model.model_path: choose the base model")
     n = settings.network

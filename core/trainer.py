@@ -214,9 +214,9 @@ class _Run:
 
     def resolve_paths(self) -> None:
         s, c = self.s, self.config
-        self.dataset_root = c.resolve(s.dataset.path, "datasets_dir", "dataset.path")
-        reg = s.dataset.reg_path.strip()
-        self.reg_root = c.resolve(reg, "datasets_dir", "dataset.reg_path") if reg else None
+        self.image_folders = [(f, c.resolve(f.path, "datasets_dir", f.setting)) for f in s.dataset.folders()]
+        # the text-encoder disk cache lives beside the first training folder's images
+        self.dataset_root = next(root for f, root in self.image_folders if not f.is_reg)
         self.model_path = c.resolve(s.model.model_path, "models_dir", "model.model_path")
         self.config_dir = c.resolve(s.model.config_path, "models_dir", "model.config_path") \
             if s.model.config_path else None
@@ -266,9 +266,7 @@ class _Run:
         self.check_stop()
 
         self.status("Reading the dataset")
-        self.items = ds_mod.scan_dataset(s.dataset, self.dataset_root, progress=lambda n: self.check_stop())
-        if self.reg_root is not None:
-            self.items += self.scan_reg_images()
+        self.items = self.scan_images()
         ds_mod.assign_buckets(self.items, s.dataset)
         train_items = [i for i in self.items if not i.is_reg]
         self.log(f"{len(train_items)} images, {sum(i.repeats for i in train_items)} per epoch with repeats, "
@@ -358,26 +356,22 @@ class _Run:
             self.release_text_encoders()
             return self.train_loop()
 
-    def scan_reg_images(self) -> list:
-        """DreamBooth regularization images (dataset.reg_path), scanned by the training folder's rules."""
+    def scan_images(self) -> list:
+        """Every folder's images (dataset.path, dataset.reg_path, dataset.subsets), each scanned with its own
+        options; regularization images (DreamBooth) by the training folders' rules."""
         s = self.s
-        train_root, reg_root = self.dataset_root.resolve(), self.reg_root.resolve()
-        if reg_root == train_root or train_root in reg_root.parents:
-            raise ds_mod.DatasetError(f"The regularization folder {self.reg_root} lies inside the training "
-                                      f"folder {self.dataset_root}, so its images would be trained as training "
-                                      "images too. Move it out of the training folder.")
-        if reg_root in train_root.parents:
-            raise ds_mod.DatasetError(f"The training folder {self.dataset_root} lies inside the regularization "
-                                      f"folder {self.reg_root}. Keep the two folders apart.")
-        reg_items = ds_mod.scan_dataset(s.dataset, self.reg_root, reg=True, progress=lambda n: self.check_stop())
-        per_epoch = sum(i.repeats for i in self.items if not i.is_reg)
+        items = ds_mod.scan_folders(self.image_folders, progress=lambda n: self.check_stop())
+        reg_items = [i for i in items if i.is_reg]
+        if not reg_items:
+            return items
+        per_epoch = sum(i.repeats for i in items if not i.is_reg)
         pool = sum(i.repeats for i in reg_items)
         self.log(f"{len(reg_items)} regularization images ({pool} with repeats), cycled to {per_epoch} per epoch; "
                  f"prior loss weight {s.dataset.prior_loss_weight}")
         if pool > per_epoch:
             self.log(f"{pool - per_epoch} regularization sample(s) are never used: there are more than the "
                      f"{per_epoch} training samples per epoch", level="warning")
-        return reg_items
+        return items
 
     def prepare_data(self) -> None:
         s = self.s
@@ -395,7 +389,7 @@ class _Run:
             self.check_stop()
             self.status(f"Caching latents {done}/{total}")
 
-        self.latent_cache.fill(self.items, s.dataset.flip_aug, s.schedule.train_batch_size, progress=progress)
+        ds_mod.fill_cache(self.latent_cache, self.items, s.dataset, s.schedule.train_batch_size, progress=progress)
         self.sampler = ds_mod.BucketBatchSampler(self.items, s.schedule.train_batch_size, s.schedule.seed)
         self.data = ds_mod.TrainingDataset(self.items, s.dataset, self.latent_cache, s.schedule.seed)
         if s.dataset.cache_latents != "off" and not self.wants_previews():
@@ -425,7 +419,7 @@ class _Run:
                "quantized": self.plan.quantize_text_encoder, "dtype": str(self.plan.weight_dtype)}
         folder = self.dataset_root / ds_mod.CACHE_DIR_NAME if self.s.dataset.cache_latents == "disk" else None
         self.text_cache = TextCache("disk" if folder else "memory", folder, key, pin=self.device.type == "cuda")
-        captions = sorted({i.caption for i in self.items} | ({""} if self.s.dataset.caption_dropout_rate > 0 else set()))
+        captions = sorted({i.caption for i in self.items} | ({""} if self.s.dataset.uses("caption_dropout_rate") else set()))
         self.missing_captions = self.text_cache.load_existing(captions)
         if len(self.missing_captions) < len(captions):
             self.log(f"Text-encoder outputs of {len(captions) - len(self.missing_captions)} caption(s) read from the "

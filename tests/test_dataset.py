@@ -6,6 +6,7 @@ import os
 import random
 import zlib
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from core.dataset import (BucketBatchSampler, DatasetError, ImageItem, LatentCache, TrainingDataset,
+from core.dataset import (Augment, BucketBatchSampler, DatasetError, ImageItem, LatentCache, TrainingDataset,
                           assign_buckets, choose_bucket, crop_geometry, load_image, make_buckets,
                           process_caption, scan_dataset)
 from core.settings import DatasetSettings
@@ -74,6 +75,7 @@ def test_scan_repeats_from_folder_names_and_captions(tmp_path):
     assert by_name["a.png"].caption == "dog, brown"
     assert (by_name["a.png"].width, by_name["a.png"].height) == (64, 48)
     assert by_name["a.png"].bucket is None
+    assert all(it.augment == Augment.of(ds_settings()) and it.resolution == 128 for it in items)
     # stable order
     assert [it.path for it in items] == [it.path for it in scan_dataset(ds_settings(num_repeats=3), tmp_path)]
 
@@ -428,6 +430,7 @@ def test_memory_and_off_cache(small_dataset):
 def test_training_dataset_batches(small_dataset):
     ds, items = small_dataset
     ds = ds.model_copy(update={"shuffle_caption": True, "keep_tokens": 1})
+    items = [replace(it, augment=Augment.of(ds)) for it in items]   # as scanned with these options
     cache = LatentCache("memory", CountingEncoder(), "t")
     cache.fill(items, ds.flip_aug, 2)
     data = TrainingDataset(items, ds, cache, seed=3)

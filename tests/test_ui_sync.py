@@ -13,17 +13,18 @@ import json
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import get_args
 
 import gradio as gr
 import pytest
 
 from core.config import AppConfig
-from core.settings import (Settings, SettingsError, default_training_json, field_range, field_ui, iter_fields,
-                           save_settings)
+from core.settings import (Settings, SettingsError, SubsetSettings, default_training_json, field_range, field_ui,
+                           iter_fields, save_settings)
 from ui.app import build_app
 from ui.run_state import RunController, RunState
-from ui.schema_ui import (dotted_from_elem_id, elem_id, field_visible, governing_fields, settings_to_values,
-                          values_to_settings, visible_fields)
+from ui.schema_ui import (SettingsTable, dotted_from_elem_id, elem_id, field_visible, governing_fields,
+                          settings_to_values, values_to_settings, visible_fields)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = dict(iter_fields())
@@ -68,6 +69,12 @@ def roundtrip(component, value):
     return component.preprocess(component.postprocess(value))
 
 
+# a non-default value of every field of a table's item (a list-of-objects setting)
+TABLE_ITEMS = {SubsetSettings: {"image_dir": "portraits", "num_repeats": 7, "caption_extension": ".caption",
+                                "keep_tokens": 2, "shuffle_caption": False, "flip_aug": True,
+                                "caption_dropout_rate": 0.25, "is_reg": True, "resolution": 768}}
+
+
 def other_value(dotted: str, info):
     """A valid value different from the default, of the field's type."""
     ui = field_ui(dotted)
@@ -77,6 +84,12 @@ def other_value(dotted: str, info):
         return others[-1] if others else default
     if info.annotation is bool:
         return not default
+    if ui["widget"] == "table":   # an object setting every field, and one leaving the optional ones unset
+        item = get_args(info.annotation)[0]
+        full = TABLE_ITEMS[item]
+        assert set(full) == set(item.model_fields), f"give every field of {item.__name__} a value in TABLE_ITEMS"
+        assert all(full[name] != f.default for name, f in item.model_fields.items()), item
+        return [item(**full), item(**{k: v for k, v in full.items() if item.model_fields[k].is_required()})]
     lo, hi = field_range(info)
     if info.annotation is int:
         cand = (lo or 0) + (ui["step"] or 1) * 2
@@ -111,6 +124,14 @@ def test_control_kind_follows_the_declaration(app):
         comp = demo.studio_controls[dotted]
         ui = field_ui(dotted)
         assert comp.label == ui["label"], dotted
+        if ui["widget"] == "table":   # a list of objects: one column per field of the item, help above it
+            item = get_args(info.annotation)[0]
+            assert isinstance(comp, SettingsTable) and comp.headers == list(item.model_fields), dotted
+            assert comp.interactive and comp.type == "array", dotted
+            section, name = dotted.split(".")
+            help_md = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == f"help-{section}-{name}"]
+            assert len(help_md) == 1 and help_md[0].value == ui["help"], dotted
+            continue
         if ui["help"]:
             assert ui["help"] in (comp.info or ""), dotted
         lo, hi = field_range(info)
@@ -417,3 +438,46 @@ def test_run_tab_shows_the_plan_for_the_current_values():
     conflict = plan_markdown(values_to_settings_lenient({"memory.cache_text_encoder_outputs": "on",
                                                         "dataset.shuffle_caption": True}))
     assert "✗" in conflict and "shuffled" in conflict
+
+
+def test_the_subsets_table_reads_what_the_page_sends(app):
+    """Cells come back as the page holds them: numbers, texts for the optional checkboxes, empty cells (unset) and
+    an added but untouched row (dropped)."""
+    from gradio.components.dataframe import DataframeData
+    demo, _ = app
+    table = demo.studio_controls["dataset.subsets"]
+    row = {h: "" for h in table.headers} | {"is_reg": False}
+    sent = DataframeData(headers=table.headers, data=[
+        [v for v in (row | {"image_dir": "faces", "num_repeats": 4.0, "shuffle_caption": "true",
+                            "caption_dropout_rate": 0.1}).values()],
+        [v for v in (row | {"image_dir": "cls", "is_reg": True, "resolution": "768"}).values()],
+        list(row.values())])
+    values = settings_to_values(Settings()) | {"dataset.subsets": table.preprocess(sent)}
+    assert values_to_settings(values).dataset.subsets == [
+        SubsetSettings(image_dir="faces", num_repeats=4, shuffle_caption=True, caption_dropout_rate=0.1),
+        SubsetSettings(image_dir="cls", is_reg=True, resolution=768)]
+    bad = DataframeData(headers=table.headers, data=[list((row | {"image_dir": "x", "num_repeats": 0}).values())])
+    start = handler(demo, "run-start", "click")
+    names = _ordered_inputs(start)
+    msg = start.fn(*[(values | {"dataset.subsets": table.preprocess(bad)})[n] for n in names])
+    assert "dataset.subsets" in msg and "num_repeats" in msg and "Traceback" not in msg
+
+
+def test_a_kohya_config_is_imported_into_the_current_settings(app):
+    demo, config = app
+    importer = handler(demo, "kohya-import-button", "click")
+    names = _ordered_inputs(importer)[2:]
+    values = settings_to_values(Settings()) | {"model.architecture": "sdxl", "sampling.prompts": "kept"}
+    (config.path("presets_dir") / "job.toml").write_text('network_dim = 12\noptimizer_type = "CAME"\n'
+                                                        'resolution = "768,768"\n', encoding="utf-8")
+    out = importer.fn(None, "job.toml", *[values[n] for n in names])
+    shown = dict(zip([dotted_from_elem_id(c.elem_id) for c in importer.outputs[1:]], out[1:]))
+    assert shown["network.rank"] == 12 and shown["dataset.resolution"] == 768
+    assert shown["model.architecture"] == "sdxl" and shown["sampling.prompts"] == "kept"   # the rest stays
+    assert "`network_dim` | `network.rank`" in out[0] and "CAME" in out[0]
+    (config.path("presets_dir") / "junk.txt").write_text("[not toml", encoding="utf-8")
+    for typed, expected in (("junk.txt", "neither a kohya_ss GUI config"), ("/etc/passwd", "outside the folders"),
+                            ("", "Upload a kohya_ss GUI config")):
+        out = importer.fn(None, typed, *[values[n] for n in names])
+        assert expected in out[0] and "Traceback" not in out[0], typed
+        assert all(o == gr.skip() for o in out[1:]), "a failed import leaves the controls unchanged"

@@ -163,6 +163,14 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
                                              size="md")
                 preset_status = gr.Markdown(f"⚠ {defaults_problem}" if defaults_problem else "",
                                             elem_id="preset-status")
+                with gr.Accordion("Import a kohya config", open=False, elem_id="kohya-import"):
+                    with gr.Row(equal_height=True):
+                        kohya_file = gr.File(label="kohya_ss GUI .json or sd-scripts .toml", type="filepath",
+                                             file_types=[".json", ".toml"], elem_id="kohya-file", scale=3)
+                        kohya_path = gr.Textbox(label="or its path (inside the app's folders)",
+                                                elem_id="kohya-path", scale=3)
+                        kohya_button = gr.Button("Import", elem_id="kohya-import-button", scale=1, min_width=90)
+                    kohya_report = gr.Markdown("", elem_id="kohya-report")
 
         run_widgets: dict[str, Any] = {}
         with gr.Tabs(elem_id="tabs"):
@@ -228,6 +236,20 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
             settings, problem = preset_store.load_defaults(config.path("training_defaults"))
             return apply(settings, f"⚠ {problem}" if problem else "✓ Defaults restored")
 
+        def import_kohya(upload, typed, *vals):
+            """Into the current settings (their architecture where the file does not say); the report lists every
+            key: mapped, or why not."""
+            current = values_to_settings_lenient(dict(zip(names, vals)))
+            try:
+                settings, report = preset_store.import_kohya_config(config, upload, typed, current)
+            except SettingsError as exc:
+                return [settings_error_markdown(exc, "Cannot import")] + [gr.skip()] * len(names)
+            except OSError as exc:
+                return [f"✗ Cannot read the file: {exc}"] + [gr.skip()] * len(names)
+            return apply(settings, report.markdown())
+
+        kohya_button.click(import_kohya, inputs=[kohya_file, kohya_path] + inputs,
+                           outputs=[kohya_report] + inputs)
         preset_save.click(save_preset, inputs=[preset_name] + inputs, outputs=[preset_status, preset_name])
         preset_load.click(load_preset, inputs=[preset_name], outputs=[preset_status] + inputs)
         preset_reset.click(load_defaults, outputs=[preset_status] + inputs)
@@ -309,7 +331,7 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
 # settings the plan and its memory estimate read: whole sections, and single fields of others
 PLAN_SECTIONS = ("memory", "network")
 PLAN_FIELDS = ("model.architecture", "model.model_path", "model.config_path", "dataset.shuffle_caption",
-               "dataset.resolution", "schedule.train_batch_size", "optimizer.optimizer_type")
+               "dataset.resolution", "dataset.subsets", "schedule.train_batch_size", "optimizer.optimizer_type")
 
 
 def values_to_settings_lenient(values: dict) -> Settings:

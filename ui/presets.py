@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from core.config import AppConfig
+from core.kohya_import import ImportReport, import_kohya
 from core.settings import Settings, SettingsError, load_settings, save_settings
 
 _NAME = re.compile(r"^[\w][\w .+()-]{0,99}$")
@@ -52,3 +54,20 @@ def load_defaults(path: Path) -> tuple[Settings, str | None]:
         return load_settings(path), None
     except SettingsError as exc:
         return Settings(), f"{path.name} was not used: {exc}"
+
+
+def import_kohya_config(config: AppConfig, uploaded: str | None, typed: str, base: Settings
+                        ) -> tuple[Settings, ImportReport]:
+    """A kohya config into ``base`` (the current settings; its architecture is used where the file does not
+    say): the uploaded file, else the typed path (relative: inside the presets folder, and confined to the
+    app's folders).  Raises SettingsError (PathNotAllowed, KohyaImportError) saying what to change."""
+    if uploaded:
+        path = Path(uploaded)
+    elif (typed or "").strip():
+        path = config.resolve(typed.strip(), "presets_dir", "kohya config")
+    else:
+        raise SettingsError("Upload a kohya_ss GUI config (.json) or an sd-scripts TOML, or type its path.")
+    if not path.is_file():
+        raise SettingsError(f"{path} is not a file: choose the config the kohya_ss GUI saved or the .toml of "
+                            "sd-scripts' --config_file.")
+    return import_kohya(path, base.model.architecture, base=base, config=config)

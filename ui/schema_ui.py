@@ -7,7 +7,8 @@ added to the schema gets a control automatically; ``tests/test_ui_sync.py`` fail
 Conventions:
 - every control has ``elem_id = "setting-<section>-<name>"`` (see :func:`elem_id`);
 - ``widget``: "textarea" → multi-line Textbox, "path" → Textbox, "model" → Dropdown of the models folder
-  (custom values allowed), otherwise the type decides: Literal choices → Radio (≤ 3 short choices) or
+  (custom values allowed), "table" → a :class:`SettingsTable` for a list of objects (one row each, its help
+  in a Markdown above), otherwise the type decides: Literal choices → Radio (≤ 3 short choices) or
   Dropdown, bool → Checkbox, float in 0…1 → Slider, int/float → Number with the field's range;
 - ``advanced`` fields go into a closed "Advanced" accordion of their tab;
 - ``show_if`` fields are hidden, live, while their condition does not hold (:func:`visible_fields`).
@@ -17,9 +18,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, get_args, get_origin
 
 import gradio as gr
+from gradio.components.dataframe import DataframeData
+from pydantic import BaseModel
 
 from core.settings import (Settings, SettingsError, field_range, field_ui, iter_fields, settings_from_dict)
 
@@ -35,7 +38,7 @@ TABS: list[tuple[str, str, list[tuple[str, str | None]]]] = [
     ("run", "Run", [("memory", "Memory & speed")]),
 ]
 
-WIDE_WIDGETS = {"textarea", "path", "model"}
+WIDE_WIDGETS = {"textarea", "path", "model", "table"}
 CONTROLS_PER_ROW = 3
 
 
@@ -57,6 +60,8 @@ def field_infos() -> dict[str, Any]:
 
 def _annotation_kind(info) -> str:
     ann = info.annotation
+    if get_origin(ann) is list:
+        return "list"
     if ann is bool:
         return "bool"
     if ann is int:
@@ -112,6 +117,8 @@ def values_to_dict(values: Mapping[str, Any]) -> dict:
         kind = _annotation_kind(infos[dotted])
         if kind == "str" and value is None:
             value = ""
+        elif kind == "list" and value is None:
+            value = []
         elif kind == "int" and isinstance(value, float) and value.is_integer():
             value = int(value)
         data.setdefault(section, {})[name] = value
@@ -159,6 +166,39 @@ class FieldNumber(gr.Number):
         return self.round_to_precision(payload, self.precision)
 
 
+def _column_type(annotation) -> str:
+    """A table column's Dataframe datatype.  A bool that may be unset is a text column (empty, true or false):
+    a checkbox cannot show "unset"."""
+    if annotation is bool:
+        return "bool"
+    return "number" if set(get_args(annotation) or [annotation]) - {type(None)} <= {int, float} else "str"
+
+
+def _blank(cell) -> bool:
+    return cell is None or (isinstance(cell, str) and not cell.strip()) or (isinstance(cell, float)
+                                                                            and math.isnan(cell))
+
+
+class SettingsTable(gr.Dataframe):
+    """A list-of-objects setting as a table: one row per object, one column per field of the item model, headed
+    by the field's name (the names of sd-scripts' dataset config).  Shows a list of models or dicts; hands back a
+    list of dicts without the empty cells (an unset option) and empty rows (nothing but unticked boxes, as a
+    newly added row).  Converting and checking the cells
+    is left to the settings schema, so an error names the field."""
+    is_template = True
+
+    def postprocess(self, value):
+        rows = [item.model_dump() if isinstance(item, BaseModel) else dict(item) for item in value or []]
+        return super().postprocess([["" if row.get(h) is None else row[h] for h in self.headers] for row in rows])
+
+    def preprocess(self, payload):
+        if isinstance(payload, dict):  # the page's JSON (also the component's initial ``value``)
+            payload = DataframeData.model_validate(payload)
+        headers = payload.headers or self.headers
+        rows = [{h: cell for h, cell in zip(headers, row) if not _blank(cell)} for row in super().preprocess(payload)]
+        return [row for row in rows if any(cell is not False for cell in row.values())]
+
+
 def _float_step(default: float) -> float:
     if default and default > 0:
         return min(1.0, 10 ** math.floor(math.log10(default)))
@@ -194,6 +234,11 @@ def make_control(dotted: str, info, value: Any, *, visible: bool = True,
         models = list(models)
         return gr.Dropdown(choices=models, value=value, allow_custom_value=True, filterable=True,
                            info=help_text, scale=8, **common)
+    if widget == "table":
+        item_fields = get_args(info.annotation)[0].model_fields
+        return SettingsTable(value=value, headers=list(item_fields), type="array", interactive=True,
+                             datatype=[_column_type(f.annotation) for f in item_fields.values()],
+                             show_row_numbers=True, **common)
     if widget in ("textarea", "path") or (kind == "str" and not choices):
         lines = 4 if widget == "textarea" else 1
         return gr.Textbox(value=value, lines=lines, max_lines=12 if lines > 1 else 1, info=help_text,
@@ -264,11 +309,15 @@ def _layout(fields: list[tuple[str, Any]], values: Mapping[str, Any], visible: M
         widget = field_ui(dotted)["widget"]
         if widget in WIDE_WIDGETS:
             flush()
+            section, name = dotted.split(".")
+            if widget == "table":  # a Dataframe shows no help text of its own
+                help_text = gr.Markdown(field_ui(dotted)["help"], visible=visible[dotted],
+                                        elem_id=f"help-{section}-{name}")
+                out.groups.append((help_text, [dotted]))
             with gr.Row(equal_height=False, visible=visible[dotted]) as r:
                 out.controls[dotted] = make_control(dotted, info, values[dotted], visible=visible[dotted],
                                                     models=models_fn() if widget == "model" else ())
                 if widget == "model":
-                    section, name = dotted.split(".")
                     button = gr.Button("↻ Refresh", size="md", scale=0, min_width=110, visible=visible[dotted],
                                        elem_id=f"refresh-{section}-{name}", elem_classes=["refresh-btn"])
                     out.extras[f"refresh:{dotted}"] = button
