@@ -183,13 +183,15 @@ def test_family_refusals_come_before_loading(tiny, tmp_path):
     s = core.load_settings()
     s.model.architecture = "sd35_medium"
     s.network.algorithm = "loha"
-    assert any("loha cannot" in p for p in architectures.get("sd35_medium").check_settings(s))
+    assert architectures.get("sd35_medium").check_settings(s) == []   # trained on the fused layers
+    s.model.architecture = "flux3_klein"
+    assert any(p.startswith("network.algorithm") for p in architectures.get("flux3_klein").check_settings(s))
     s.model.architecture, s.network.algorithm, s.network.train_text_encoder = "flux2_klein_4b", "lora", True
     assert any(p.startswith("network.train_text_encoder") for p in check_consistency(s))
     s.model.architecture, s.network.train_text_encoder, s.network.target = "sd3", False, "full"
     assert any(p.startswith("network.target:") for p in architectures.get("sd3").check_settings(s))
-    s.model.architecture, s.network.algorithm = "flux1_dev", "full_finetune"
-    assert any("full fine-tuning is not available" in p for p in check_consistency(s))
+    s.model.architecture, s.network.algorithm, s.network.train_text_encoder = "flux1_dev", "full_finetune", True
+    assert any("saves the transformer alone" in p for p in check_consistency(s))
 
     result, events = run(tiny, tmp_path, model__architecture="sd3", network__target="full")
     assert isinstance(result, SettingsError) and "network.target" in str(result)
@@ -199,9 +201,9 @@ def test_family_refusals_come_before_loading(tiny, tmp_path):
 def test_the_run_tab_plan_shows_family_refusals():
     from ui.app import plan_markdown
     s = core.load_settings()
-    s.model.architecture, s.network.algorithm = "flux1_dev", "lokr"
+    s.model.architecture, s.network.algorithm = "flux3_klein", "loha"
     text = plan_markdown(s)
-    assert "Cannot start" in text and "lokr cannot" in text
+    assert "Cannot start" in text and "Choose LoRA, LoCon or LoKr" in text
 
 
 def test_resume_mismatch_names_the_field_before_loading(tiny, tmp_path):
