@@ -282,15 +282,7 @@ def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.d
         family, phrase = describe_dit_checkpoint(raw_keys)
         check_family(arch_id, path, family, phrase)
     features = file_features(keys, lambda k: ckpt.shape(prefix + k))
-    tr_cfg_path = config_dir / "transformer" / "config.json"
-    if not tr_cfg_path.is_file():
-        raise ModelLoadError(f"Config folder {config_dir} lacks transformer/config.json (a diffusers-layout config "
-                             f"folder of {short_label(arch_id)} is expected; leave model.config_path empty to use the "
-                             "shipped one).")
-    cfg = read_json(tr_cfg_path)
-    if cfg.get("_class_name") != "Flux2Transformer2DModel":
-        raise ModelLoadError(f"The config folder {config_dir} describes a {cfg.get('_class_name')}, not a FLUX.2 "
-                             "transformer. Pass a FLUX.2 config folder (model.config_path).")
+    cfg = transformer_config(arch_id, config_dir, "Flux2Transformer2DModel", "FLUX.2")
     check_variant(arch_id, path, features, cfg, config_dir / "transformer")
     expected = flux2_bfl_keys(cfg)
     have = set(keys)
@@ -317,6 +309,20 @@ def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.d
         sd = {k[len(prefix):]: v for k, v in sd.items()}
     parts["transformer"] = transformer_from_single_file(Flux2Transformer2DModel, sd, path, config_dir, dtype)
     return parts
+
+
+def transformer_config(arch_id: str, config_dir: Path, class_name: str, family: str) -> dict:
+    """The transformer config of a config folder for a single file, refused unless it is ``class_name``'s."""
+    tr_cfg_path = config_dir / "transformer" / "config.json"
+    if not tr_cfg_path.is_file():
+        raise ModelLoadError(f"Config folder {config_dir} lacks transformer/config.json (a diffusers-layout config "
+                             f"folder of {short_label(arch_id)} is expected; leave model.config_path empty to use the "
+                             "shipped one).")
+    cfg = read_json(tr_cfg_path)
+    if cfg.get("_class_name") != class_name:
+        raise ModelLoadError(f"The config folder {config_dir} describes a {cfg.get('_class_name')}, not a {family} "
+                             f"transformer. Pass a {family} config folder (model.config_path).")
+    return cfg
 
 
 def transformer_from_single_file(cls, sd: dict[str, torch.Tensor], path: Path, config_dir: Path,

@@ -237,15 +237,8 @@ def _check_file_family(arch_id: str, path: Path, raw_keys: list[str], keys: list
 def _check_against_config(arch_id: str, path: Path, keys: list[str], features: dict[str, Any],
                           config_dir: Path) -> dict[str, Any]:
     from architectures.flux3_keys import IGNORED_BFL_PREFIXES, flux3_bfl_keys
-    tr_cfg_path = config_dir / "transformer" / "config.json"
-    if not tr_cfg_path.is_file():
-        raise ModelLoadError(f"Config folder {config_dir} lacks transformer/config.json (a diffusers-layout config "
-                             f"folder of {short_label(arch_id)} is expected; leave model.config_path empty to use the "
-                             "shipped one).")
-    cfg = read_json(tr_cfg_path)
-    if cfg.get("_class_name") != "Flux3Transformer2DModel":
-        raise ModelLoadError(f"The config folder {config_dir} describes a {cfg.get('_class_name')}, not a FLUX.3 "
-                             "transformer. Pass a FLUX.3 config folder (model.config_path).")
+    from architectures.flux2_loading import transformer_config
+    cfg = transformer_config(arch_id, config_dir, "Flux3Transformer2DModel", "FLUX.3")
     wanted = config_features(cfg)
     if wanted != features:
         raise ModelLoadError(f"{path} holds a FLUX.3 transformer with {describe_shape(features)}"
