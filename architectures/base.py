@@ -220,6 +220,11 @@ class Architecture:
         (fused q/k/v, other module names) transform the tensors here."""
         return {"": state_dict}
 
+    def import_adapter(self, components: Components, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`export_adapter`'s main file: a community file's tensors → the trained names
+        (``{target name}.{tensor}``), as the tools read adapter files."""
+        return dict(state_dict)
+
     def adapter_metadata(self, settings, suffix: str) -> dict[str, str]:
         """Metadata entries this family adds to / overrides in the file written for ``suffix``."""
         return {}
@@ -227,6 +232,11 @@ class Architecture:
     # -- full fine-tuning -------------------------------------------------------------------------------
     #: whether :meth:`save_full_checkpoint` is implemented (full fine-tuning is refused at the start otherwise)
     supports_full_checkpoint: bool = False
+
+    def load_checkpoint_parts(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype) -> Components:
+        """The parts :meth:`save_full_checkpoint` writes, loaded from a model (the tools merge into them and
+        extract from them); here the whole model."""
+        return self.load(Path(model_path), Path(config_dir) if config_dir else None, dtype)
 
     def save_full_checkpoint(self, components: Components, path: Path, dtype: torch.dtype,
                              state_dicts: dict[str, dict[str, torch.Tensor]] | None = None,

@@ -8,6 +8,7 @@ The families differ in text conditioning, the transformer call, naming and metad
 ``flux2.py``, ``flux3.py``)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from architectures import flow_matching as fm
 from architectures.base import AdapterTarget, Architecture, Components
-from architectures.dit_keys import ExportSlot, export_community, export_peft, is_plain_lora
+from architectures.dit_keys import ExportSlot, export_community, export_peft, import_community, is_plain_lora
 
 #: Target presets: attention; attention + MLP; every linear layer of the blocks (adaLN modulation included).
 DIT_PRESETS = ("attn", "attn_mlp", "full-lin")
@@ -257,20 +258,69 @@ class FlowMatchingFamily(Architecture):
                        ) -> dict[str, dict[str, torch.Tensor]]:
         """The targets already carry the original names; only layers stored with swapped halves are rewritten.
         Where the family names diffusers/PEFT paths (:meth:`peft_parts`), a LoRA is also written in that layout."""
-        swapped = {self.internal_name(path): slot.stem for path, slot in self.lora_slots(components).items()
-                   if slot.swap_halves}
-        files = {"": export_community(state_dict, swapped)}
+        files = {"": export_community(state_dict, self._swapped(components))}
         parts = self.peft_parts(components)
         if parts and is_plain_lora(state_dict):
             files[".diffusers"], _ = export_peft(state_dict, parts)
         return files
 
+    def import_adapter(self, components: Components, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return import_community(state_dict, self._swapped(components))
+
+    def _swapped(self, components: Components) -> dict[str, str]:
+        """Trained name → original stem of the layers the original layout stores with their halves swapped."""
+        return {self.internal_name(path): slot.stem for path, slot in self.lora_slots(components).items()
+                if slot.swap_halves}
+
     # -- full fine-tuning ------------------------------------------------------------------------------
     #: (diffusers state dict, transformer config) → the original single-file layout (SAI MMDiT / BFL keys);
     #: families that set it set ``supports_full_checkpoint``
     to_original_layout = None
+    #: its inverse: (original keys without the prefix, transformer config) → diffusers state dict
+    from_original_layout = None
     #: the key prefix of the original single file (SD3's ``model.diffusion_model.``; BFL files have none)
     original_prefix = ""
+
+    def load_checkpoint_parts(self, model_path: Path, config_dir: Path | None, dtype: torch.dtype) -> Components:
+        """The transformer alone, what :meth:`save_full_checkpoint` writes (the tools merge into it and extract
+        from it): a diffusers folder's, or a single file's in the original layout (ours, a community fine-tune,
+        the MMDiT of an all-in-one SD3 file) with the transformer config of ``config_dir`` (default: shipped)."""
+        from architectures.load_util import default_config_dir
+        path = Path(model_path).expanduser()
+        if path.is_dir():
+            return self.load(path, config_dir, dtype, text_encoders=False)
+        config_dir = Path(config_dir).expanduser() if config_dir else default_config_dir(self.id)
+        return Components(denoiser=self._transformer_from_file(path, config_dir, dtype), vae=None, text_encoders=[],
+                          tokenizers=[], noise_scheduler=None)
+
+    def _transformer_from_file(self, path: Path, config_dir: Path, dtype: torch.dtype) -> nn.Module:
+        import diffusers
+
+        from architectures.base import ModelLoadError
+        from architectures.dit_keys import BFL_PREFIXES
+        from architectures.dit_loading import _build, describe_dit_checkpoint
+        from architectures.sd_loading import _assign, _Checkpoint
+        if not path.is_file():
+            raise ModelLoadError(f"Model path {path} does not exist.")
+        ckpt = _Checkpoint(path)
+        keys = ckpt.keys()
+        prefix = next((p for p in (self.original_prefix, *BFL_PREFIXES) if p and any(k.startswith(p) for k in keys)), "")
+        cfg_file = config_dir / "transformer" / "config.json"
+        if not cfg_file.is_file():
+            raise ModelLoadError(f"Config folder {config_dir} lacks transformer/config.json: pass the diffusers-layout "
+                                 f"config folder of this {self.short_label or self.label} model.")
+        cls = getattr(diffusers, json.loads(cfg_file.read_text())["_class_name"])
+        transformer = _build(cls, config_dir, "transformer")
+        try:
+            sd = self.from_original_layout({k[len(prefix):]: v for k, v in ckpt.read(prefix).items()},
+                                           transformer.config)
+        except (KeyError, ValueError) as e:
+            _, phrase = describe_dit_checkpoint(keys)
+            raise ModelLoadError(f"{path} is not a {self.label} transformer in its original layout: it looks like "
+                                 f"{phrase} ({e}). Choose the architecture of this file, or the config folder that "
+                                 "belongs to it.") from e
+        _assign(transformer, sd, "transformer", path, config_dir / "transformer", dtype)
+        return transformer.eval()
 
     def _transformer_tensors(self, components: Components, dtype: torch.dtype, state_dicts) -> dict[str, torch.Tensor]:
         sd = (state_dicts or {}).get("denoiser") or components.denoiser.state_dict()

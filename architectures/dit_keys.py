@@ -228,6 +228,11 @@ def sd3_diffusers_to_original(sd: Mapping[str, torch.Tensor], config: Mapping[st
     return _to_original(sd, sd3_layout(config), "SD3 transformer")
 
 
+def sd3_original_to_diffusers(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Original MMDiT keys (without ``model.diffusion_model.``) → diffusers ``SD3Transformer2DModel`` keys."""
+    return _to_diffusers(sd, sd3_layout(config), "SD3 transformer")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Adapter export: community names, fused q/k/v
 # ---------------------------------------------------------------------------------------------------------
@@ -316,6 +321,23 @@ def export_community(state_dict: Mapping[str, torch.Tensor], swapped: Mapping[st
     return out
 
 
+def import_community(state_dict: Mapping[str, torch.Tensor], swapped: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`export_community`: a community file's tensors → the trained names (``swapped``: trained
+    name → original stem, as there), un-swapping the ``up`` rows of a LoRA on a layer stored with swapped halves."""
+    trained = {stem: name for name, stem in swapped.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        stem, suffix = _split_key(key)
+        if stem not in trained:
+            out[key] = value
+            continue
+        if suffix not in LORA_SUFFIXES:
+            raise ValueError(f"{stem}: a layer stored with swapped halves needs plain LoRA tensors "
+                             f"(lora_down/lora_up/alpha), not {suffix}")
+        out[f"{trained[stem]}.{suffix}"] = _swap_halves(value) if suffix == "lora_up.weight" else value
+    return out
+
+
 def export_peft(state_dict: Mapping[str, torch.Tensor], parts: Mapping[str, list[tuple[str, int, int | None]]]
                 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The network's LoRA state dict → diffusers/PEFT keys ``{path}.lora_A.weight`` / ``.lora_B.weight`` with
@@ -349,6 +371,7 @@ def is_plain_lora(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return all(_split_key(k)[1] in LORA_SUFFIXES for k in state_dict)
 
 
-__all__ = ["flux_layout", "sd3_layout", "flux_bfl_to_diffusers", "flux_diffusers_to_bfl", "sd3_diffusers_to_original",
-           "strip_bfl_prefix", "ExportSlot", "flux_lora_slots", "sd3_lora_slots", "export_community", "export_peft",
+__all__ = ["flux_layout", "sd3_layout", "flux_bfl_to_diffusers", "flux_diffusers_to_bfl", "sd3_diffusers_to_original", "sd3_original_to_diffusers",
+           "strip_bfl_prefix", "ExportSlot", "flux_lora_slots", "sd3_lora_slots", "export_community", "import_community",
+           "export_peft",
            "is_plain_lora", "LORA_SUFFIXES"]

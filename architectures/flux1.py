@@ -20,7 +20,7 @@ from architectures import flow_matching as fm
 from architectures.base import AdapterTarget, Components
 from architectures.dit_common import (DoubleSingleStreamBlocks, FlowMatchingFamily, clip_text_targets,
                                        resolve_optional, t5_targets)
-from architectures.dit_keys import flux_diffusers_to_bfl, flux_lora_slots
+from architectures.dit_keys import flux_bfl_to_diffusers, flux_diffusers_to_bfl, flux_lora_slots
 
 _DOUBLE_ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out")
@@ -40,6 +40,7 @@ class FluxFamily(DoubleSingleStreamBlocks, FlowMatchingFamily):
     modelspec_implementation = "https://github.com/black-forest-labs/flux"
     supports_full_checkpoint = True
     to_original_layout = staticmethod(flux_diffusers_to_bfl)
+    from_original_layout = staticmethod(flux_bfl_to_diffusers)
     ss_base_model_version = "flux1"
     vae_scale_factor = 8
     compile_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")

@@ -42,7 +42,7 @@ import torch
 
 from architectures.base import AdapterTarget, Components
 from architectures.dit_common import DoubleSingleStreamBlocks, FlowMatchingFamily, resolve_optional
-from architectures.flux2_keys import flux2_diffusers_to_bfl, flux2_lora_slots
+from architectures.flux2_keys import flux2_bfl_to_diffusers, flux2_diffusers_to_bfl, flux2_lora_slots
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class Flux2Family(DoubleSingleStreamBlocks, FlowMatchingFamily):
     modelspec_implementation = "https://github.com/black-forest-labs/flux2"
     supports_full_checkpoint = True
     to_original_layout = staticmethod(flux2_diffusers_to_bfl)
+    from_original_layout = staticmethod(flux2_bfl_to_diffusers)
     default_resolution = 1024
     vae_scale_factor = 8  # pixels per latent; a transformer token covers 16x16 pixels
     compile_blocks = ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")

@@ -43,7 +43,7 @@ import torch
 from architectures.base import AdapterTarget, Architecture, Components
 from architectures.dit_common import FlowMatchingFamily, flux_block_filter
 from architectures.flux2 import Flux2Family, latent_ids, text_ids
-from architectures.flux3_keys import export_peft_lokr, flux3_diffusers_to_bfl, flux3_lora_slots
+from architectures.flux3_keys import export_peft_lokr, flux3_bfl_to_diffusers, flux3_diffusers_to_bfl, flux3_lora_slots
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class Flux3Family(Flux2Family):
     }
     slot_table = staticmethod(flux3_lora_slots)
     to_original_layout = staticmethod(flux3_diffusers_to_bfl)
+    from_original_layout = staticmethod(flux3_bfl_to_diffusers)
     hidden_layers = (4, 8, 12, 16, 20, 24, 28, 32)  # the modular pipeline's text_encoder_out_layers
     #: the text window is rounded up to this many tokens (``Flux3TextEncoderStep.pad_multiple``)
     pad_multiple = 80

@@ -21,7 +21,7 @@ import torch
 
 from architectures.base import AdapterTarget, Components
 from architectures.dit_common import FlowMatchingFamily, clip_text_targets, t5_targets
-from architectures.dit_keys import sd3_diffusers_to_original, sd3_lora_slots
+from architectures.dit_keys import sd3_diffusers_to_original, sd3_lora_slots, sd3_original_to_diffusers
 
 _ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
          "attn.add_v_proj", "attn.to_add_out", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -41,6 +41,7 @@ class SD3Family(FlowMatchingFamily):
     denoiser_subfolder = "transformer"
     supports_full_checkpoint = True
     to_original_layout = staticmethod(sd3_diffusers_to_original)
+    from_original_layout = staticmethod(sd3_original_to_diffusers)
     original_prefix = "model.diffusion_model."   # as sd3_medium.safetensors
     vae_scale_factor = 8
     default_t5_max_length = 256

@@ -105,7 +105,11 @@ def save_adapter_files(path: Path, network, metadata_fn, save_precision: str, ex
     ``export(state_dict) -> {suffix: tensors}`` is the family's hook (``Architecture.export_adapter``): ``""``
     is ``path`` itself, another suffix is written beside it as ``<stem><suffix>.safetensors``.
     ``metadata_fn(tensors_hash, suffix)`` builds each file's metadata."""
-    tensors = network.export_state_dict(SAVE_DTYPES[save_precision])
+    return write_adapter_files(path, network.export_state_dict(SAVE_DTYPES[save_precision]), metadata_fn, export)
+
+
+def write_adapter_files(path: Path, tensors: dict, metadata_fn, export=None) -> list[Path]:
+    """:func:`save_adapter_files` for tensors already in the network's export layout (``{target}.{tensor}``)."""
     files = export(tensors) if export is not None else {"": tensors}
     out = []
     for suffix in sorted(files, key=lambda s: s != ""):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.export import write_adapter_files
 from core.io import atomic_save_safetensors, unused_path
 
 _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -159,15 +160,16 @@ def format_summary(summary: dict[str, Any]) -> str:
 def _layer_map(arch, components) -> dict[str, nn.Module]:
     """Community key stem → layer, for every layer the family can put an adapter on."""
     out: dict[str, nn.Module] = {}
+    with_te = bool(components.text_encoders)   # a transformer-only checkpoint has none
     try:
-        candidates = arch.adapter_candidates(components, True)
+        candidates = arch.adapter_candidates(components, with_te)
     except Exception:
         candidates = None
     for t in candidates or []:
         out.setdefault(t.name, t.module)
     for preset in arch.adapter_presets:
         try:
-            targets = arch.adapter_targets(components, preset, True)
+            targets = arch.adapter_targets(components, preset, with_te)
         except Exception:
             continue
         for t in targets:
@@ -232,7 +234,8 @@ def _build_module(stem: str, layer: nn.Module, t: dict[str, torch.Tensor]) -> nn
 
 
 def _load_components(arch, path, config_dir):
-    return arch.load(Path(path).expanduser(), Path(config_dir).expanduser() if config_dir else None, torch.float32)
+    return arch.load_checkpoint_parts(Path(path).expanduser(), Path(config_dir).expanduser() if config_dir else None,
+                                      torch.float32)
 
 
 def _add_to_layer(layer: nn.Module, dw: torch.Tensor, db: torch.Tensor | None) -> None:
@@ -269,8 +272,8 @@ def merge_adapters(arch_id: str, base_model_path: str | Path, adapters: list[tup
     dtype = _dtype(save_dtype)
     if not adapters:
         raise ValueError("no adapter to merge")
-    files = [(_read(p)[0], float(w), Path(p).name) for p, w in adapters]
     components = _load_components(arch, base_model_path, config_dir)
+    files = [(arch.import_adapter(components, _read(p)[0]), float(w), Path(p).name) for p, w in adapters]
     layers = _layer_map(arch, components)
     weight_deltas: dict[str, torch.Tensor] = {}
     bias_deltas: dict[str, torch.Tensor] = {}
@@ -278,6 +281,11 @@ def merge_adapters(arch_id: str, base_model_path: str | Path, adapters: list[tup
         for sd, weight, name in files:
             groups = _group(sd)
             unknown = sorted(s for s in groups if s not in layers)
+            if unknown and not components.text_encoders and all(s.startswith("lora_te") for s in unknown):
+                raise ValueError(f"{name}: {len(unknown)} modules adapt the text encoders (e.g. {unknown[0]}), but a "
+                                 f"{arch.label} checkpoint holds the transformer only (its text encoders are "
+                                 "separate files), so they cannot be merged into it. Merge an adapter trained "
+                                 "without text-encoder training.")
             if unknown:
                 raise ValueError(f"{name}: {len(unknown)} of {len(groups)} modules match no layer of this "
                                  f"{arch.label} model (e.g. {unknown[:3]}): wrong model family?")
@@ -417,7 +425,10 @@ def extract_lora(arch_id: str, base_path: str | Path, tuned_path: str | Path, ou
     layer's weight difference at ``rank`` (k×k convolutions at ``conv_rank``; skipped when it is None).
     ``target``: the family's layer preset (default ``full`` when ``conv_rank`` is given and the family has
     it, else ``attn_mlp`` / its first preset); text encoders are included.  Layers whose difference is at
-    most ``min_diff`` (max abs) are left out; biases and norms are not represented."""
+    most ``min_diff`` (max abs) are left out; biases and norms are not represented.  The file is written with the
+    family's export rules (original layer names, e.g. a fused ``qkv``) and its diffusers-layout side file where
+    training writes one.  DiT families compare the transformers alone: a folder or a transformer single file
+    (their text encoders are separate files)."""
     import architectures
     arch = architectures.get(arch_id)
     rank = int(rank)
@@ -433,8 +444,9 @@ def extract_lora(arch_id: str, base_path: str | Path, tuned_path: str | Path, ou
     dtype = _dtype(save_dtype)
     base = _load_components(arch, base_path, config_dir)
     tuned = _load_components(arch, tuned_path, config_dir)
-    base_targets = arch.adapter_targets(base, target, True)
-    tuned_layers = {t.name: t.module for t in arch.adapter_targets(tuned, target, True)}
+    with_te = bool(base.text_encoders and tuned.text_encoders)
+    base_targets = arch.adapter_targets(base, target, with_te)
+    tuned_layers = {t.name: t.module for t in arch.adapter_targets(tuned, target, with_te)}
     out: dict[str, torch.Tensor] = {}
     has_conv = False
     with torch.no_grad():
@@ -480,7 +492,11 @@ def extract_lora(arch_id: str, base_path: str | Path, tuned_path: str | Path, ou
         "modelspec.implementation": getattr(arch, "modelspec_implementation", "") or "",
         "modelspec.title": Path(out_path).stem, "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    return atomic_save_safetensors(unused_path(Path(out_path).expanduser()), out, metadata)
+    # the family's export: original names, and its diffusers-layout side file where it writes one
+    written = write_adapter_files(unused_path(Path(out_path).expanduser()), out,
+                                  lambda sha, suffix: {**metadata, "sshs_model_hash": sha},
+                                  lambda sd: arch.export_adapter(base, sd))
+    return written[0]
 
 
 __all__ = ["adapter_summary", "format_summary", "merge_adapters", "resize_lora", "format_resize_report",

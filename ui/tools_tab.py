@@ -142,6 +142,8 @@ def build_tools_tab(config: AppConfig) -> None:
     s_btn.click(partial(summary_handler, dirs=dirs, roots=roots), [s_path], s_out)
 
     gr.Markdown("### Merge adapters into a base model")
+    gr.Markdown("Writes the family's original single file. For SD3, SD3.5 and FLUX that is the transformer alone "
+                "(a diffusers folder or a transformer file as the base; text encoders and VAE stay separate).")
     with gr.Row():
         m_arch = gr.Dropdown(merge_choices, value=merge_choices[0][1], label="Model family",
                              elem_id="tools-merge-arch")
