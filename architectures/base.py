@@ -67,6 +67,19 @@ class Components:
 
 
 @dataclass
+class Noised:
+    """One batch noised for training: the model's input and timesteps, the target, a loss weight per sample, and
+    the noise level per sample as ``level`` (t/T for DDPM, σ for flow matching) and ``noise_to_signal`` (noise std
+    over signal std) for the loss options of core.loss."""
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor
+    level: torch.Tensor
+    noise_to_signal: torch.Tensor
+
+
+@dataclass
 class AdapterTarget:
     """A layer that gets an adapter.  ``name`` is the community (kohya) key stem, e.g.
     ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``; ``part`` is "unet" or "te<N>"; ``path`` is
@@ -264,8 +277,9 @@ class Architecture:
 
     # -- training objective ----------------------------------------------------------------------------
     def noisy_input_and_target(self, components: Components, latents: torch.Tensor, noise: torch.Tensor,
-                               settings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (noisy latents, timesteps, target, per-sample loss weight)."""
+                               settings, input_noise: torch.Tensor | None = None) -> Noised:
+        """Draws the noise levels (within ``schedule.min_timestep`` … ``max_timestep``) and noises ``latents``
+        with ``input_noise`` (input perturbation; default ``noise``); the target is built from ``noise``."""
         raise NotImplementedError
 
     def predict(self, components: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict,

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from architectures import flow_matching as fm
-from architectures.base import AdapterTarget, Architecture, Components
+from architectures.base import AdapterTarget, Architecture, Components, Noised
 from architectures.dit_keys import ExportSlot, export_community, export_peft, import_community, is_plain_lora
+from core.loss import remap_level
 
 #: Target presets: attention; attention + MLP; every linear layer of the blocks (adaLN modulation included).
 DIT_PRESETS = ("attn", "attn_mlp", "full-lin")
@@ -122,7 +123,7 @@ class FlowMatchingFamily(Architecture):
         """Tokens the transformer sees for these latents (2×2 patches)."""
         return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
-    def noisy_input_and_target(self, components, latents, noise, settings):
+    def noisy_input_and_target(self, components, latents, noise, settings, input_noise=None) -> Noised:
         s = settings.schedule
         cfg = components.scheduler_config
         sigmas = fm.sample_sigmas(
@@ -134,8 +135,10 @@ class FlowMatchingFamily(Architecture):
                                                       ("base_shift", "base_shift"), ("max_shift", "max_shift"))
                                if v in cfg},
             device=latents.device)
-        noisy = fm.noisy_latents(latents, noise, sigmas)
-        return noisy, sigmas, fm.velocity_target(latents, noise), fm.loss_weights(s.loss_weighting, sigmas)
+        sigmas = remap_level(sigmas, s.min_timestep, s.max_timestep)
+        noisy = fm.noisy_latents(latents, noise if input_noise is None else input_noise, sigmas)
+        return Noised(noisy, sigmas, fm.velocity_target(latents, noise), fm.loss_weights(s.loss_weighting, sigmas),
+                      sigmas, sigmas / (1 - sigmas).clamp(min=1e-6))
 
     # -- latents ---------------------------------------------------------------------------------------
     def encode_latents(self, components: Components, pixels: torch.Tensor) -> torch.Tensor:

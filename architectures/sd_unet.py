@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from architectures.base import AdapterTarget, Architecture, Components
+from architectures.base import AdapterTarget, Architecture, Components, Noised
+from core.loss import timestep_range
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
@@ -15,6 +16,21 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, v_prediction: bool) -> torch
     clipped = torch.clamp(snr, max=gamma)
     # zero-terminal-SNR schedules reach SNR 0; keep ε weights finite there
     return clipped / (snr + 1) if v_prediction else clipped / snr.clamp(min=1e-8)
+
+
+def ddpm_loss_weight(snr: torch.Tensor, schedule, v_prediction: bool) -> torch.Tensor:
+    """The per-sample weight of sd-scripts' DDPM loss options, multiplied: Min-SNR-γ, ``scale_v_pred_loss_like_
+    noise_pred`` (SNR/(SNR+1): a v-prediction loss weighted like an ε one) and ``debiased_estimation_loss``
+    (1/√SNR, or 1/(SNR+1) for v-prediction; SNR capped at 1000)."""
+    weight = torch.ones_like(snr)
+    if schedule.min_snr_gamma > 0:
+        weight = weight * min_snr_weight(snr, schedule.min_snr_gamma, v_prediction)
+    if schedule.scale_v_pred_loss_like_noise_pred and v_prediction:
+        weight = weight * snr / (snr + 1)
+    if schedule.debiased_estimation_loss:
+        capped = snr.clamp(max=1000)
+        weight = weight * (1 / (capped + 1) if v_prediction else capped.clamp(min=1e-8).rsqrt())
+    return weight
 
 
 def snr_of(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -223,20 +239,19 @@ class SDUNetFamily(Architecture):
         return latents * vae.config.scaling_factor
 
     # -- training objective ----------------------------------------------------------------------------
-    def noisy_input_and_target(self, components, latents, noise, settings):
+    def noisy_input_and_target(self, components, latents, noise, settings, input_noise=None) -> Noised:
+        s = settings.schedule
         sched = components.noise_scheduler
         b = latents.shape[0]
-        timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), device=latents.device)
-        noisy = sched.add_noise(latents, noise, timesteps)
+        total = sched.config.num_train_timesteps
+        lo, hi = timestep_range(s.min_timestep, s.max_timestep)
+        timesteps = torch.randint(round(lo * total), round(hi * total), (b,), device=latents.device)
+        noisy = sched.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
         v_pred = sched.config.prediction_type == "v_prediction"
         target = sched.get_velocity(latents, noise, timesteps) if v_pred else noise
-        gamma = settings.schedule.min_snr_gamma
-        if gamma > 0:
-            acp = sched.alphas_cumprod.to(latents.device)
-            weight = min_snr_weight(snr_of(acp, timesteps), gamma, v_pred)
-        else:
-            weight = torch.ones(b, device=latents.device)
-        return noisy, timesteps, target, weight
+        snr = snr_of(sched.alphas_cumprod.to(latents.device), timesteps)
+        return Noised(noisy, timesteps, target, ddpm_loss_weight(snr, s, v_pred), timesteps.float() / total,
+                      snr.clamp(min=1e-8).rsqrt())
 
     # -- previews --------------------------------------------------------------------------------------
     def build_pipeline(self, components: Components):

@@ -38,6 +38,10 @@ TimestepSampling = Literal["uniform", "sigmoid", "logit_normal", "mode", "shift"
 LossWeighting = Literal["none", "sigma_sqrt", "cosmap"]
 TIMESTEP_SAMPLING: tuple[str, ...] = get_args(TimestepSampling)
 LOSS_WEIGHTING: tuple[str, ...] = get_args(LossWeighting)
+LossType = Literal["l2", "huber", "smooth_l1"]
+HuberSchedule = Literal["constant", "exponential", "snr"]
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+HUBER_SCHEDULES: tuple[str, ...] = get_args(HuberSchedule)
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "Prodigy", "SGD")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -389,6 +393,41 @@ class ScheduleSettings(Section):
     noise_offset: float = setting(0.0, "Noise offset", ge=0.0, le=1.0, step=0.01, advanced=True)
     min_snr_gamma: float = setting(0.0, "Min-SNR gamma", "Loss weighting; 5 is common. 0 disables.",
                                    ge=0.0, le=100.0, show_if={"model.architecture": FamilyTrait("ddpm")})
+    debiased_estimation_loss: bool = setting(False, "Debiased estimation", "Weights each sample's loss by "
+                                             "1/√SNR (1/(SNR+1) for v-prediction models), as sd-scripts' "
+                                             "debiased_estimation_loss.", advanced=True,
+                                             show_if={"model.architecture": FamilyTrait("ddpm")})
+    scale_v_pred_loss_like_noise_pred: bool = setting(
+        False, "Scale v-prediction loss like noise prediction", "For v-prediction models: weights the loss by "
+        "SNR/(SNR+1) so that it behaves like an ε-prediction loss (sd-scripts' option of that name). No effect on "
+        "ε-prediction models.", advanced=True, show_if={"model.architecture": FamilyTrait("ddpm")})
+    loss_type: LossType = setting(
+        "l2", "Loss", "l2: mean squared error. huber / smooth_l1: pseudo-Huber losses that outliers pull less "
+        "(sd-scripts' loss_type).", choices=LOSS_TYPES, advanced=True,
+        choice_labels={"l2": "L2 (MSE)", "huber": "Huber", "smooth_l1": "Smooth L1"})
+    huber_schedule: HuberSchedule = setting(
+        "snr", "Huber schedule", "The Huber threshold per noise level: constant (huber_c); exponential (1 on "
+        "clean inputs down to huber_c on pure noise); snr (follows the signal-to-noise ratio; sd-scripts' "
+        "default).", choices=HUBER_SCHEDULES, advanced=True, show_if={"schedule.loss_type": ["huber", "smooth_l1"]})
+    huber_c: float = setting(0.1, "Huber c", "The Huber threshold (or its value on pure noise for the "
+                             "exponential and snr schedules).", ge=0.0001, le=10.0, step=0.01, advanced=True,
+                             show_if={"schedule.loss_type": ["huber", "smooth_l1"]})
+    huber_scale: float = setting(1.0, "Huber scale", "Multiplies the constant and exponential thresholds.",
+                                 ge=0.0001, le=100.0, step=0.1, advanced=True,
+                                 show_if={"schedule.loss_type": ["huber", "smooth_l1"],
+                                          "schedule.huber_schedule": ["constant", "exponential"]})
+    min_timestep: int = setting(0, "Min timestep", "The least noisy level trained, out of 1000 (flow-matching "
+                                "models: σ × 1000).", ge=0, le=999, advanced=True)
+    max_timestep: int = setting(1000, "Max timestep", "The noisiest level trained (exclusive for SD1.5/SDXL), out "
+                                "of 1000. Flow-matching models map their sampled σ linearly into the range.",
+                                ge=1, le=1000, advanced=True)
+    ip_noise_gamma: float = setting(0.0, "Input perturbation noise", "Extra noise in the model's input that the "
+                                    "target does not contain (sd-scripts' ip_noise_gamma; 0.1 is common). 0 "
+                                    "disables.", ge=0.0, le=1.0, step=0.01, advanced=True)
+    multires_noise_iterations: int = setting(0, "Multires noise iterations", "Pyramid noise: adds coarser noise "
+                                             "levels (6–10 is common). 0 disables.", ge=0, le=20, advanced=True)
+    multires_noise_discount: float = setting(0.3, "Multires noise discount", "Strength kept per coarser level.",
+                                             ge=0.0, le=1.0, step=0.05, advanced=True)
     timestep_sampling: TimestepSampling = setting(
         "sigmoid", "Timestep sampling", "How noise levels σ are drawn for flow-matching models: uniform; "
         "sigmoid(scale·N(0,1)); logit-normal(mean, std) (SD3 paper); mode (heavy tails); shift: sigmoid, then "
@@ -632,6 +671,10 @@ def default_training_json() -> Path:
 def check_consistency(settings: Settings) -> list[str]:
     """Combinations that are each valid but cannot work together; returns messages (empty when fine)."""
     problems = []
+    sch = settings.schedule
+    if sch.min_timestep >= sch.max_timestep:
+        problems.append(f"schedule.min_timestep ({sch.min_timestep}) must be below schedule.max_timestep "
+                        f"({sch.max_timestep}) (Schedule → Advanced)")
     d = settings.dataset
     if d.enable_buckets and d.min_bucket_reso > d.max_bucket_reso:
         problems.append(f"dataset.min_bucket_reso ({d.min_bucket_reso}) is larger than dataset.max_bucket_reso "

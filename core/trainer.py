@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import architectures
 from core import dataset as ds_mod
@@ -26,6 +25,7 @@ from core.events import RunFailed, SaveFailed, TrainingDiverged, emit
 from core.full_finetune import EMA, FULL_FINETUNE, FullFineTune
 from core.export import adapter_metadata, save_adapter_files, tag_frequency
 from core.memory_setup import run_context, setup_denoiser, text_encoder_on_device, torch_switches
+from core.loss import conditional_loss, huber_threshold, multires_noise
 from core.io import (NonFiniteError, atomic_save_image, atomic_save_safetensors, atomic_torch_save,
                      atomic_write_json, check_finite, unused_path, unused_stem)
 from core.optim import build_fused_backward_optimizer, build_optimizer, build_scheduler
@@ -175,26 +175,34 @@ def optimizer_tensors(state: dict) -> dict[str, torch.Tensor]:
 
 def diffusion_loss(arch, components, latents: torch.Tensor, cond: dict, batch: dict, settings: Settings,
                    weight_dtype: torch.dtype, autocast) -> torch.Tensor:
-    """The training objective for one batch: noise, the family's target and weighting, weighted MSE.
+    """The training objective for one batch: noise (offset, multi-resolution, input perturbation), the family's
+    target and weighting, the loss of ``schedule.loss_type`` per sample, weighted.
 
     ``batch["loss_weights"]`` (optional, one float per sample: DreamBooth's prior_loss_weight for
     regularization images) multiplies the per-sample loss.  The weights are a host-side list, so the tensor is
     built on the CPU (pinned for CUDA) and copied without blocking; all-1 weights are skipped."""
+    s = settings.schedule
     noise = torch.randn_like(latents)
-    if settings.schedule.noise_offset > 0:
-        noise = noise + settings.schedule.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
-                                                                      device=latents.device)
-    noisy, timesteps, target, weight = arch.noisy_input_and_target(components, latents, noise, settings)
+    if s.noise_offset > 0:
+        noise = noise + s.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
+    if s.multires_noise_iterations > 0:
+        noise = multires_noise(noise, s.multires_noise_iterations, s.multires_noise_discount)
+    # input perturbation: the model sees extra noise that the target does not hold
+    input_noise = noise + s.ip_noise_gamma * torch.randn_like(latents) if s.ip_noise_gamma > 0 else None
+    x = arch.noisy_input_and_target(components, latents, noise, settings, input_noise)
     with autocast():
-        pred = arch.predict(components, noisy.to(weight_dtype), timesteps, cond, batch)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+        pred = arch.predict(components, x.noisy.to(weight_dtype), x.timesteps, cond, batch)
+    huber_c = (huber_threshold(s.huber_schedule, s.huber_c, s.huber_scale, x.level, x.noise_to_signal)
+               if s.loss_type != "l2" else None)
+    per_sample = conditional_loss(pred.float(), x.target.float(), s.loss_type, huber_c).mean(
+        dim=tuple(range(1, pred.ndim)))
     loss_weights = batch.get("loss_weights") if isinstance(batch, dict) else None
     if loss_weights is not None and any(w != 1.0 for w in loss_weights):
         lw = torch.tensor(loss_weights, dtype=torch.float32)
         if per_sample.device.type == "cuda":
             lw = lw.pin_memory()
         per_sample = per_sample * lw.to(per_sample.device, non_blocking=True)
-    return (per_sample * weight).mean()
+    return (per_sample * x.weight).mean()
 
 
 class _Run:

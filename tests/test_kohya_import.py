@@ -30,6 +30,7 @@ GUI_SDXL = {
     "sample_every_n_steps": 250, "sample_sampler": "euler_a", "sdxl_cache_text_encoder_outputs": True,
     "flux1_cache_text_encoder_outputs": True, "wandb_api_key": "", "xformers": "sdpa", "color_aug": False,
     "training_comment": "lxndrn woman", "prior_loss_weight": 1.0, "dataset_config": "", "huber_c": 0.1,
+    "huber_schedule": "snr", "loss_type": "huber", "ip_noise_gamma": 0.1, "scale_weight_norms": 1.0,
 }
 GUI_MAPPED = {
     "sdxl": ("model.architecture", "sdxl"), "pretrained_model_name_or_path": ("model.model_path",
@@ -64,10 +65,13 @@ GUI_MAPPED = {
     "sdxl_cache_text_encoder_outputs": ("memory.cache_text_encoder_outputs", "on"),
     "training_comment": ("saving.trigger_phrase", "lxndrn woman"),
     "prior_loss_weight": ("dataset.prior_loss_weight", 1.0),
+    "huber_c": ("schedule.huber_c", 0.1), "huber_schedule": ("schedule.huber_schedule", "snr"),
+    "loss_type": ("schedule.loss_type", "huber"), "ip_noise_gamma": ("schedule.ip_noise_gamma", 0.1),
 }
 GUI_IGNORED = {"sd3_checkbox", "flux1_checkbox", "v2", "v_parameterization", "reg_data_dir", "output_dir", "max_train_epochs",
                "LyCORIS_preset", "optimizer_args.betas", "learning_rate", "flux1_cache_text_encoder_outputs",
-               "sample_sampler", "wandb_api_key", "xformers", "color_aug", "dataset_config", "huber_c"}
+               "sample_sampler", "wandb_api_key", "xformers", "color_aug", "dataset_config",
+               "scale_weight_norms"}
 
 
 @pytest.fixture
@@ -99,11 +103,11 @@ def test_a_kohya_ss_gui_sdxl_lora_config_maps_field_by_field(config, tmp_path):
     assert "outside the folders" in ignored["output_dir"] and settings.saving.output_dir == ""
     assert ignored["learning_rate"] == "the U-Net / transformer learning rate is unet_lr"
     assert ignored["flux1_cache_text_encoder_outputs"] == "an option of another model type"
-    assert ignored["max_train_epochs"] == "empty" and ignored["huber_c"] == "no equivalent setting"
+    assert ignored["max_train_epochs"] == "empty" and ignored["scale_weight_norms"] == "no equivalent setting"
     # what was not in the file keeps the base settings
     assert settings.network.target == Settings().network.target
     md = report.markdown()
-    assert "`unet_lr` | `optimizer.learning_rate`" in md and "`huber_c`" in md
+    assert "`unet_lr` | `optimizer.learning_rate`" in md and "`scale_weight_norms`" in md
 
 
 TRAIN_TOML = """
