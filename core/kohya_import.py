@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from core.config import AppConfig, PathNotAllowed, confine, load_config
+from core.prompts import OPTIONS as PROMPT_OPTIONS
+from core.prompts import split_options
 from core.settings import (ADAPTER_ALGORITHMS, LR_SCHEDULERS, OPTIMIZERS, TIMESTEP_SAMPLING, Settings, SettingsError,
                            SubsetSettings, set_value)
 
@@ -170,18 +172,18 @@ def square_side(w: int, h: int) -> int:
 
 
 def parse_sample_prompts(text: str) -> tuple[list[str], dict[str, str]]:
-    """sd-scripts' prompt lines: the prompt, then options ``--n negative --w 768 --h 768 --s 20 --l 7 --d 42``;
-    returns the prompts and the first line's options."""
-    prompts, options = [], {}
+    """sd-scripts' prompt lines → the lines with the options this app reads (``--n --w --h --d --s --l``, kept
+    per line: core.prompts) and the other options removed, and those removed options (name → first value)."""
+    lines, dropped = [], {}
     for line in str(text).splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        prompt, *opts = re.split(r"\s--(?=[a-z]+\s)", " " + line)
-        prompts.append(prompt.strip())
-        if len(prompts) == 1:
-            options = {o.split(None, 1)[0]: (o.split(None, 1) + [""])[1].strip() for o in opts}
-    return prompts, options
+        prompt, options = split_options(line)
+        kept = [f"--{name} {value}" for name, value in options if name in PROMPT_OPTIONS]
+        dropped.update({name: value for name, value in options if name not in PROMPT_OPTIONS and name not in dropped})
+        lines.append(" ".join([prompt, *kept]))
+    return lines, dropped
 
 
 # -- reading the files -------------------------------------------------------------------------------------
@@ -447,17 +449,13 @@ def map_prompts(value, imp: _Import, kind_of_file: str) -> None:
         except OSError as exc:
             imp.ignore("sample_prompts", value, f"cannot read the prompt file ({exc})")
             return
-    prompts, options = parse_sample_prompts(text or "")
+    prompts, dropped = parse_sample_prompts(text or "")
     if not prompts:
         imp.ignore("sample_prompts", value, "no prompts")
         return
     imp.set("sample_prompts", "sampling.prompts", "\n".join(prompts))
-    for opt, dotted in (("n", "sampling.negative_prompt"), ("w", "sampling.width"), ("h", "sampling.height"),
-                        ("s", "sampling.steps"), ("l", "sampling.guidance_scale"), ("d", "sampling.seed")):
-        if opt in options:
-            imp.set(f"sample_prompts --{opt}", dotted, options.pop(opt))
-    for opt, v in options.items():
-        imp.ignore(f"sample_prompts --{opt}", v, "no equivalent setting")
+    for opt, v in dropped.items():
+        imp.ignore(f"sample_prompts --{opt}", v, "no equivalent option (removed from the lines)")
 
 
 def map_dataset_config(path_value: str, imp: _Import) -> bool:

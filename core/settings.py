@@ -38,6 +38,8 @@ TimestepSampling = Literal["uniform", "sigmoid", "logit_normal", "mode", "shift"
 LossWeighting = Literal["none", "sigma_sqrt", "cosmap"]
 TIMESTEP_SAMPLING: tuple[str, ...] = get_args(TimestepSampling)
 LOSS_WEIGHTING: tuple[str, ...] = get_args(LossWeighting)
+LogWith = Literal["none", "tensorboard", "wandb", "all"]
+LOG_WITH: tuple[str, ...] = get_args(LogWith)
 LossType = Literal["l2", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
@@ -475,12 +477,20 @@ class SavingSettings(Section):
     resume_from: str = setting("", "Resume from state", "A state folder written by an earlier run "
                                "(…/<output name>-state-000100).", widget="path")
     trigger_phrase: str = setting("", "Trigger phrase", "Written into the file's metadata.", advanced=True)
+    log_with: LogWith = setting(
+        "tensorboard", "Logs", "Loss, learning rates, speed, memory and previews, written in the output folder's "
+        "logs/ (sd-scripts' log_with). View them with `tensorboard --logdir <output folder>`. Weights & Biases "
+        "runs offline and needs the wandb package.", choices=LOG_WITH, advanced=True,
+        choice_labels={"none": "none", "tensorboard": "TensorBoard", "wandb": "Weights & Biases (offline)",
+                       "all": "TensorBoard and W&B"})
 
 
 class SamplingSettings(Section):
     sample_every_n_steps: int = setting(0, "Preview every N steps", "0 disables previews.", ge=0,
                                         le=10_000_000)
-    prompts: str = setting("", "Preview prompts", "One prompt per line.", widget="textarea")
+    prompts: str = setting("", "Preview prompts", "One prompt per line. A line may add sd-scripts' options: "
+                           "--n negative prompt, --w width, --h height, --d seed, --s steps, --l guidance scale "
+                           "(e.g. 'a photo of sks dog --n blurry --w 768 --h 512 --d 42').", widget="textarea")
     negative_prompt: str = setting("", "Negative prompt")
     steps: int = setting(20, "Sampling steps", ge=1, le=200)
     guidance_scale: float = setting(7.0, "Guidance scale", ge=0.0, le=50.0)
@@ -670,7 +680,8 @@ def default_training_json() -> Path:
 
 def check_consistency(settings: Settings) -> list[str]:
     """Combinations that are each valid but cannot work together; returns messages (empty when fine)."""
-    problems = []
+    from core.prompts import prompt_problems
+    problems = prompt_problems(settings.sampling.prompts)
     sch = settings.schedule
     if sch.min_timestep >= sch.max_timestep:
         problems.append(f"schedule.min_timestep ({sch.min_timestep}) must be below schedule.max_timestep "

@@ -30,6 +30,8 @@ from core.io import (NonFiniteError, atomic_save_image, atomic_save_safetensors,
                      atomic_write_json, check_finite, unused_path, unused_stem)
 from core.optim import build_fused_backward_optimizer, build_optimizer, build_scheduler
 from core.plan import estimate_config_dir, make_plan
+from core.prompts import parse_prompts
+from core.run_log import RunLog, log_problems, run_log_folder
 from core.text_cache import TextCache
 from core.settings import Settings, SettingsError, check_consistency
 
@@ -262,10 +264,15 @@ class _Run:
 
     def prepare_and_train(self) -> TrainResult:
         s = self.s
-        problems = check_consistency(s)
+        problems = check_consistency(s) + log_problems(s.saving.log_with)
         if problems:
             raise SettingsError("Cannot start:\n" + "\n".join("  " + p for p in problems))
         self.resolve_paths()
+        # the logs read the events the caller gets (host values: no device read of their own)
+        run_log = RunLog(run_log_folder(self.output_dir, s.saving.output_name), s.saving.log_with, s.to_dict())
+        self.scope.callback(run_log.close)
+        caller = self.on_event
+        self.on_event = lambda event: (run_log(event), caller is not None and caller(event))
         self.arch = architectures.get(s.model.architecture)
         self.full_ft = s.network.algorithm == FULL_FINETUNE
         self.resume_dir = self.config.resolve(s.saving.resume_from, "outputs_dir", "saving.resume_from") \
@@ -407,7 +414,7 @@ class _Run:
         return self.s.sampling.sample_every_n_steps > 0 and bool(self.prompts())
 
     def prompts(self) -> list[str]:
-        return [p.strip() for p in self.s.sampling.prompts.splitlines() if p.strip()]
+        return parse_prompts(self.s.sampling.prompts)
 
     @torch.no_grad()
     def encode_captions(self, captions: list[str]) -> dict:
@@ -679,7 +686,7 @@ class _Run:
         rate = done / elapsed if elapsed > 0 else 0.0
         mem = current_memory_use()
         emit(self.on_event, "progress", step=self.global_step, total_steps=self.total_steps, epoch=epoch + 1,
-             total_epochs=self.total_epochs, loss=loss,
+             total_epochs=self.total_epochs, loss=loss, lrs=[float(x) for x in self.lr_scheduler.get_last_lr()],
              lr=float(self.lr_scheduler.get_last_lr()[0]), elapsed_s=elapsed,
              eta_s=(self.total_steps - self.global_step) / rate if rate > 0 else None, it_per_s=rate,
              vram_gb=mem.get("vram_gb"), ram_gb=mem.get("ram_gb"))
@@ -690,8 +697,6 @@ class _Run:
         prompts = self.prompts()
         self.check_finite()
         self.status(f"Preview images at step {self.global_step}")
-        width = s.sampling.width or s.dataset.resolution
-        height = s.sampling.height or s.dataset.resolution
         c.denoiser.eval()
         self.network.eval()  # no adapter dropout in previews
         try:
@@ -701,13 +706,14 @@ class _Run:
                     stack.callback(c.vae.to, "cpu")
                 stack.enter_context(self.text_encoders_on_device())
                 images = []
-                for i, prompt in enumerate(prompts):  # one at a time: Stop skips the prompts still to render
+                for i, p in enumerate(prompts):  # one at a time: Stop skips the prompts still to render
                     if self.stop_event.is_set():
                         break
-                    one = s.model_copy(update={"sampling": s.sampling.model_copy(
-                        update={"seed": s.sampling.seed + i})})  # the seed render_each gives prompt i
-                    images += self.arch.sample(c, [prompt], one, (width, height), self.device,
-                                               self.plan.weight_dtype)
+                    # the seed render_each gives prompt i, unless the line sets one; then the line's options
+                    sampling = s.sampling.model_copy(update={"seed": s.sampling.seed + i, **p.overrides})
+                    size = (sampling.width or s.dataset.resolution, sampling.height or s.dataset.resolution)
+                    images += self.arch.sample(c, [p.prompt], s.model_copy(update={"sampling": sampling}), size,
+                                               self.device, self.plan.weight_dtype)
         finally:
             c.denoiser.train()
             self.network.train()
@@ -716,7 +722,8 @@ class _Run:
             path = self.output_dir / "samples" / f"{self.output_stem}-step{self.global_step:06d}-{i}.png"
             paths.append(str(atomic_save_image(path, image)))
         self.result.samples.extend(Path(p) for p in paths)
-        emit(self.on_event, "sample", step=self.global_step, paths=paths, prompts=prompts[:len(paths)])
+        emit(self.on_event, "sample", step=self.global_step, paths=paths,
+             prompts=[p.prompt for p in prompts[:len(paths)]])
 
     # -- saving and resuming ---------------------------------------------------------------------------
     def metadata(self, tensors_hash: str, suffix: str = "") -> dict:

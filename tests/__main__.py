@@ -6,12 +6,16 @@ runs pytest on tests/ inside .venv and exits with pytest's code.  "No tests coll
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 600          # per test (pytest-timeout); a test may ask for more with @pytest.mark.timeout(...)
+# Test files run in parallel worker processes (pytest-xdist), one per core up to this many: each test uses one
+# torch thread (tests/conftest.py), and a file stays in one worker so that its module fixtures are built once.
+MAX_WORKERS = 4
 
 
 def main(argv: list[str]) -> int:
@@ -28,7 +32,10 @@ def main(argv: list[str]) -> int:
         return 130
     # Test paths given on the command line replace the default (the whole tests/ folder).
     names_paths = any(not a.startswith("-") and (ROOT / a.split("::")[0]).exists() for a in argv)
-    cmd = [str(py), "-m", "pytest", "-q", f"--timeout={TIMEOUT_S}", "--rootdir", str(ROOT),
+    workers = min(MAX_WORKERS, os.cpu_count() or 1)
+    parallel = [] if workers < 2 or any(a == "-n" or a.startswith(("-n", "--numprocesses")) for a in argv) \
+        else ["-n", str(workers), "--dist", "loadfile"]
+    cmd = [str(py), "-m", "pytest", "-q", f"--timeout={TIMEOUT_S}", "--rootdir", str(ROOT), *parallel,
            *([] if names_paths else [str(ROOT / "tests")]), *argv]
     print("Running: " + " ".join(cmd), flush=True)
     try:

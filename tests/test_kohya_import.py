@@ -58,10 +58,8 @@ GUI_MAPPED = {
     "clip_skip": ("model.clip_skip", 2), "seed": ("schedule.seed", 12345),
     "save_every_n_epochs": ("saving.save_every_n_epochs", 2),
     "sample_every_n_steps": ("sampling.sample_every_n_steps", 250),
-    "sample_prompts": ("sampling.prompts", "lxndrn woman, portrait"),
-    "sample_prompts --n": ("sampling.negative_prompt", "blurry"), "sample_prompts --w": ("sampling.width", 832),
-    "sample_prompts --h": ("sampling.height", 1216), "sample_prompts --s": ("sampling.steps", 28),
-    "sample_prompts --l": ("sampling.guidance_scale", 6.5), "sample_prompts --d": ("sampling.seed", 7),
+    # the options stay on their line: previews read them per prompt (core.prompts)
+    "sample_prompts": ("sampling.prompts", "lxndrn woman, portrait --n blurry --w 832 --h 1216 --s 28 --l 6.5 --d 7"),
     "sdxl_cache_text_encoder_outputs": ("memory.cache_text_encoder_outputs", "on"),
     "training_comment": ("saving.trigger_phrase", "lxndrn woman"),
     "prior_loss_weight": ("dataset.prior_loss_weight", 1.0),
@@ -195,8 +193,7 @@ def test_an_sd_scripts_toml_with_a_two_subset_dataset_config(config, tmp_path):
         "mixed_precision": ("memory.mixed_precision", "bf16"),
         "timestep_sampling": ("schedule.timestep_sampling", "shift"),
         "discrete_flow_shift": ("schedule.discrete_flow_shift", 3.1582), "guidance_scale": ("model.guidance", 1.0),
-        "sample_prompts": ("sampling.prompts", "a woman in a park\na woman at night"),
-        "sample_prompts --w": ("sampling.width", 1024), "sample_prompts --h": ("sampling.height", 768),
+        "sample_prompts": ("sampling.prompts", "a woman in a park --w 1024 --h 768\na woman at night"),
         "output_name": ("saving.output_name", "flux_lokr"), "output_dir": ("saving.output_dir", "flux_lokr"),
         "seed": ("schedule.seed", 7), "dataset_config": ("dataset.subsets", "dataset.toml"),
         "general.shuffle_caption": ("dataset.shuffle_caption", True),
@@ -281,5 +278,6 @@ def test_pure_helpers():
     assert parse_resolution("1024,768") == (1024, 768) and parse_resolution([512, 512]) == (512, 512)
     assert parse_resolution(768) == (768, 768)
     assert square_side(1024, 768) == 880 and square_side(512, 512) == 512
-    prompts, options = parse_sample_prompts("a cat --n dog, blurry --w 512 --s 20\n\n# c\na dog --l 5\n")
-    assert prompts == ["a cat", "a dog"] and options == {"n": "dog, blurry", "w": "512", "s": "20"}
+    prompts, dropped = parse_sample_prompts("a cat --n dog, blurry --w 512 --ss euler_a --s 20\n\n# c\n"
+                                            "a dog --l 5 --ss ddim\n")
+    assert prompts == ["a cat --n dog, blurry --w 512 --s 20", "a dog --l 5"] and dropped == {"ss": "euler_a"}
