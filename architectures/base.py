@@ -277,9 +277,11 @@ class Architecture:
 
     # -- training objective ----------------------------------------------------------------------------
     def noisy_input_and_target(self, components: Components, latents: torch.Tensor, noise: torch.Tensor,
-                               settings, input_noise: torch.Tensor | None = None) -> Noised:
-        """Draws the noise levels (within ``schedule.min_timestep`` … ``max_timestep``) and noises ``latents``
-        with ``input_noise`` (input perturbation; default ``noise``); the target is built from ``noise``."""
+                               settings, input_noise: torch.Tensor | None = None,
+                               level: torch.Tensor | None = None) -> Noised:
+        """Draws the noise levels (within ``schedule.min_timestep`` … ``max_timestep``; ``level``, one per sample
+        in [0, 1], fixes them instead: the validation loss) and noises ``latents`` with ``input_noise`` (input
+        perturbation; default ``noise``); the target is built from ``noise``."""
         raise NotImplementedError
 
     def predict(self, components: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict,

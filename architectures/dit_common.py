@@ -123,19 +123,21 @@ class FlowMatchingFamily(Architecture):
         """Tokens the transformer sees for these latents (2×2 patches)."""
         return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
-    def noisy_input_and_target(self, components, latents, noise, settings, input_noise=None) -> Noised:
+    def noisy_input_and_target(self, components, latents, noise, settings, input_noise=None, level=None) -> Noised:
         s = settings.schedule
-        cfg = components.scheduler_config
-        sigmas = fm.sample_sigmas(
-            s.timestep_sampling, latents.shape[0], sigmoid_scale=s.sigmoid_scale, logit_mean=s.logit_mean,
-            logit_std=s.logit_std, mode_scale=s.mode_scale, shift=s.discrete_flow_shift,
-            image_seq_len=self.image_seq_len(latents),
-            flux_shift_config={k: cfg[v] for k, v in (("base_seq_len", "base_image_seq_len"),
-                                                      ("max_seq_len", "max_image_seq_len"),
-                                                      ("base_shift", "base_shift"), ("max_shift", "max_shift"))
-                               if v in cfg},
-            device=latents.device)
-        sigmas = remap_level(sigmas, s.min_timestep, s.max_timestep)
+        if level is not None:
+            sigmas = level.to(latents.device)
+        else:
+            cfg = components.scheduler_config
+            sigmas = remap_level(fm.sample_sigmas(
+                s.timestep_sampling, latents.shape[0], sigmoid_scale=s.sigmoid_scale, logit_mean=s.logit_mean,
+                logit_std=s.logit_std, mode_scale=s.mode_scale, shift=s.discrete_flow_shift,
+                image_seq_len=self.image_seq_len(latents),
+                flux_shift_config={k: cfg[v] for k, v in (("base_seq_len", "base_image_seq_len"),
+                                                          ("max_seq_len", "max_image_seq_len"),
+                                                          ("base_shift", "base_shift"), ("max_shift", "max_shift"))
+                                   if v in cfg},
+                device=latents.device), s.min_timestep, s.max_timestep)
         noisy = fm.noisy_latents(latents, noise if input_noise is None else input_noise, sigmas)
         return Noised(noisy, sigmas, fm.velocity_target(latents, noise), fm.loss_weights(s.loss_weighting, sigmas),
                       sigmas, sigmas / (1 - sigmas).clamp(min=1e-6))

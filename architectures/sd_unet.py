@@ -239,13 +239,14 @@ class SDUNetFamily(Architecture):
         return latents * vae.config.scaling_factor
 
     # -- training objective ----------------------------------------------------------------------------
-    def noisy_input_and_target(self, components, latents, noise, settings, input_noise=None) -> Noised:
+    def noisy_input_and_target(self, components, latents, noise, settings, input_noise=None, level=None) -> Noised:
         s = settings.schedule
         sched = components.noise_scheduler
         b = latents.shape[0]
         total = sched.config.num_train_timesteps
         lo, hi = timestep_range(s.min_timestep, s.max_timestep)
-        timesteps = torch.randint(round(lo * total), round(hi * total), (b,), device=latents.device)
+        timesteps = (torch.randint(round(lo * total), round(hi * total), (b,), device=latents.device) if level is None
+                     else (level.to(latents.device) * total).long().clamp(0, total - 1))
         noisy = sched.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
         v_pred = sched.config.prediction_type == "v_prediction"
         target = sched.get_velocity(latents, noise, timesteps) if v_pred else noise

@@ -424,6 +424,20 @@ def process_caption(caption: str, shuffle: bool, keep_tokens: int, dropout_rate:
 
 # -- batching --------------------------------------------------------------------------------------------
 
+def split_validation(items: Sequence[ImageItem], share: float, seed: int) -> tuple[list[ImageItem], list[ImageItem]]:
+    """(items to train on, held-out validation items): ``share`` of the training images (never regularization
+    images; at least one), chosen by ``seed`` alone, so the same images are held out on every run and resume."""
+    if share <= 0:
+        return list(items), []
+    train = [it for it in items if not it.is_reg]
+    n = max(1, round(len(train) * share))
+    if n >= len(train):
+        raise DatasetError(f"dataset.validation_split {share:g} would hold out all {len(train)} training image(s), "
+                           "leaving none to train on. Lower it (Dataset → Validation share) or add images.")
+    held = {id(train[i]) for i in random.Random(f"validation:{seed}").sample(range(len(train)), n)}
+    return [it for it in items if id(it) not in held], [it for it in train if id(it) in held]
+
+
 def reg_samples(items: Sequence[ImageItem]) -> list[int]:
     """The regularization samples of every epoch (DreamBooth prior preservation, as in sd-scripts): indices of
     ``is_reg`` items, exactly as many as the training images give per epoch (T = Σ repeats of the training

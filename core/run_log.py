@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SMOOTHING = 0.9   # the exponential moving average of the loss ("loss/smoothed")
 
@@ -35,8 +35,10 @@ def _wanted(log_with: str) -> set[str]:
 class RunLog:
     """Callable on every event of a run; opens its writers at the first event worth logging."""
 
-    def __init__(self, folder: Path, log_with: str, config: dict[str, Any]):
-        self.folder = Path(folder)
+    def __init__(self, folder: Callable[[], Path], log_with: str, config: dict[str, Any], warn: Callable[[str], None]):
+        self.folder_of = folder      # called when the first event is written: the run's name is known by then
+        self.folder: Path | None = None
+        self.warn = warn
         self.wanted = _wanted(log_with)
         self.config = config
         self.tb = None
@@ -46,6 +48,7 @@ class RunLog:
     def _open(self) -> None:
         if self.tb is not None or self.wandb_run is not None:
             return
+        self.folder = self.folder_of()
         self.folder.mkdir(parents=True, exist_ok=True)
         if "tensorboard" in self.wanted:
             from torch.utils.tensorboard import SummaryWriter
@@ -57,9 +60,19 @@ class RunLog:
                                         config=self.config)
 
     def __call__(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        if not self.wanted or kind not in ("progress", "validation", "sample"):
+        """Writes what the event holds; a log that cannot be written (disk full, read-only folder) is dropped with
+        a warning and never stops the run, whose own saves report such problems."""
+        if not self.wanted or event.get("type") not in ("progress", "validation", "sample"):
             return
+        try:
+            self._write(event)
+        except OSError as exc:
+            self.wanted = set()
+            self.close(quietly=True)
+            self.warn(f"The logs in {self.folder} cannot be written ({exc}); training goes on without them")
+
+    def _write(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
         self._open()
         step = int(event["step"])
         scalars: dict[str, float] = {}
@@ -95,16 +108,21 @@ class RunLog:
                 import wandb
                 self.wandb_run.log({f"preview/{i}": wandb.Image(pixels, caption=prompt)}, step=step)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+    def close(self, quietly: bool = False) -> None:
+        try:
+            if self.tb is not None:
+                self.tb.close()
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
+        except OSError as exc:
+            if not quietly:
+                self.warn(f"The logs in {self.folder} could not be completed ({exc})")
         self.tb = self.wandb_run = None
 
 
-def run_log_folder(output_dir: Path, output_name: str) -> Path:
-    return Path(output_dir) / "logs" / f"{output_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def run_log_folder(output_dir: Path, run_stem: str) -> Path:
+    """``<output folder>/logs/<run stem>-<start time>``: named like the run's files (``name``, ``name-1`` …)."""
+    return Path(output_dir) / "logs" / f"{run_stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _json(config: dict[str, Any]) -> str:

@@ -141,6 +141,11 @@ class DatasetSettings(Section):
     caption_dropout_rate: float = setting(0.0, "Caption dropout", "Share of steps trained with an empty "
                                           "caption.", ge=0.0, le=1.0, step=0.01)
     flip_aug: bool = setting(False, "Random horizontal flip")
+    validation_split: float = setting(0.0, "Validation share", "Share of the training images held out to "
+                                      "measure a validation loss (sd-scripts' validation_split); 0 disables. The "
+                                      "held-out images are not trained on.", ge=0.0, le=0.5, step=0.01)
+    validation_seed: int = setting(42, "Validation seed", "Which images are held out, and the fixed noise they "
+                                   "are measured with.", ge=0, le=2**32 - 1, advanced=True)
     cache_latents: Literal["memory", "disk", "off"] = setting(
         "memory", "Cache latents", "Encode every image once. 'disk' keeps the cache next to the images and "
         "reuses it while the image file is unchanged; the text-encoder outputs are then kept there too, so a "
@@ -455,6 +460,9 @@ class ScheduleSettings(Section):
     loss_weighting: LossWeighting = setting(
         "none", "Loss weighting", "Per-sample weight of flow-matching losses: none; σ⁻² (sigma_sqrt); cosmap.",
         choices=LOSS_WEIGHTING, show_if={"model.architecture": FamilyTrait("flow_matching")})
+    validate_every_n_steps: int = setting(0, "Validate every N steps", "With a validation share: measure the "
+                                          "validation loss every N steps; 0 measures it at the end of each epoch.",
+                                          ge=0, le=10_000_000)
     log_every_n_steps: int = setting(10, "Report loss every N steps", "Reading the loss from the GPU "
                                      "waits for it; doing so rarely keeps the GPU busy.", ge=1, le=10000,
                                      advanced=True)

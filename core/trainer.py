@@ -25,7 +25,7 @@ from core.events import RunFailed, SaveFailed, TrainingDiverged, emit
 from core.full_finetune import EMA, FULL_FINETUNE, FullFineTune
 from core.export import adapter_metadata, save_adapter_files, tag_frequency
 from core.memory_setup import run_context, setup_denoiser, text_encoder_on_device, torch_switches
-from core.loss import conditional_loss, huber_threshold, multires_noise
+from core.loss import conditional_loss, huber_threshold, multires_noise, timestep_range
 from core.io import (NonFiniteError, atomic_save_image, atomic_save_safetensors, atomic_torch_save,
                      atomic_write_json, check_finite, unused_path, unused_stem)
 from core.optim import build_fused_backward_optimizer, build_optimizer, build_scheduler
@@ -46,6 +46,8 @@ class TrainResult:
     steps: int = 0
     state_dir: Path | None = None
     samples: list[Path] = field(default_factory=list)
+    #: (step, validation loss) of every measurement, those before a resume included
+    validation: list[tuple[int, float]] = field(default_factory=list)
 
 
 class TrainingStopped(Exception):
@@ -176,22 +178,31 @@ def optimizer_tensors(state: dict) -> dict[str, torch.Tensor]:
 
 
 def diffusion_loss(arch, components, latents: torch.Tensor, cond: dict, batch: dict, settings: Settings,
-                   weight_dtype: torch.dtype, autocast) -> torch.Tensor:
+                   weight_dtype: torch.dtype, autocast, fixed: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> torch.Tensor:
     """The training objective for one batch: noise (offset, multi-resolution, input perturbation), the family's
     target and weighting, the loss of ``schedule.loss_type`` per sample, weighted.
+
+    ``fixed`` = (noise, level per sample) measures the objective at those instead of drawing them, without the
+    noise options that only regularise training (the validation loss: comparable from one measurement to the
+    next, and no draw from the training's random streams).
 
     ``batch["loss_weights"]`` (optional, one float per sample: DreamBooth's prior_loss_weight for
     regularization images) multiplies the per-sample loss.  The weights are a host-side list, so the tensor is
     built on the CPU (pinned for CUDA) and copied without blocking; all-1 weights are skipped."""
     s = settings.schedule
-    noise = torch.randn_like(latents)
-    if s.noise_offset > 0:
-        noise = noise + s.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
-    if s.multires_noise_iterations > 0:
-        noise = multires_noise(noise, s.multires_noise_iterations, s.multires_noise_discount)
-    # input perturbation: the model sees extra noise that the target does not hold
-    input_noise = noise + s.ip_noise_gamma * torch.randn_like(latents) if s.ip_noise_gamma > 0 else None
-    x = arch.noisy_input_and_target(components, latents, noise, settings, input_noise)
+    if fixed is not None:
+        x = arch.noisy_input_and_target(components, latents, fixed[0], settings, level=fixed[1])
+    else:
+        noise = torch.randn_like(latents)
+        if s.noise_offset > 0:
+            noise = noise + s.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
+                                                         device=latents.device)
+        if s.multires_noise_iterations > 0:
+            noise = multires_noise(noise, s.multires_noise_iterations, s.multires_noise_discount)
+        # input perturbation: the model sees extra noise that the target does not hold
+        input_noise = noise + s.ip_noise_gamma * torch.randn_like(latents) if s.ip_noise_gamma > 0 else None
+        x = arch.noisy_input_and_target(components, latents, noise, settings, input_noise)
     with autocast():
         pred = arch.predict(components, x.noisy.to(weight_dtype), x.timesteps, cond, batch)
     huber_c = (huber_threshold(s.huber_schedule, s.huber_c, s.huber_scale, x.level, x.noise_to_signal)
@@ -269,7 +280,8 @@ class _Run:
             raise SettingsError("Cannot start:\n" + "\n".join("  " + p for p in problems))
         self.resolve_paths()
         # the logs read the events the caller gets (host values: no device read of their own)
-        run_log = RunLog(run_log_folder(self.output_dir, s.saving.output_name), s.saving.log_with, s.to_dict())
+        run_log = RunLog(lambda: run_log_folder(self.output_dir, self.output_stem or s.saving.output_name),
+                         s.saving.log_with, s.to_dict(), lambda message: self.log(message, level="warning"))
         self.scope.callback(run_log.close)
         caller = self.on_event
         self.on_event = lambda event: (run_log(event), caller is not None and caller(event))
@@ -283,6 +295,11 @@ class _Run:
         self.status("Reading the dataset")
         self.items = self.scan_images()
         ds_mod.assign_buckets(self.items, s.dataset)
+        self.items, self.val_items = ds_mod.split_validation(self.items, s.dataset.validation_split,
+                                                             s.dataset.validation_seed)
+        if self.val_items:
+            self.log(f"{len(self.val_items)} image(s) held out for the validation loss (not trained on)")
+        self.validation_history: list[tuple[int, float]] = []
         train_items = [i for i in self.items if not i.is_reg]
         self.log(f"{len(train_items)} images, {sum(i.repeats for i in train_items)} per epoch with repeats, "
                  f"{len({i.bucket for i in self.items})} bucket(s)")
@@ -405,6 +422,7 @@ class _Run:
             self.status(f"Caching latents {done}/{total}")
 
         ds_mod.fill_cache(self.latent_cache, self.items, s.dataset, s.schedule.train_batch_size, progress=progress)
+        self.latent_cache.fill(self.val_items, False, s.schedule.train_batch_size)  # measured unflipped
         self.sampler = ds_mod.BucketBatchSampler(self.items, s.schedule.train_batch_size, s.schedule.seed)
         self.data = ds_mod.TrainingDataset(self.items, s.dataset, self.latent_cache, s.schedule.seed)
         if s.dataset.cache_latents != "off" and not self.wants_previews():
@@ -434,7 +452,8 @@ class _Run:
                "quantized": self.plan.quantize_text_encoder, "dtype": str(self.plan.weight_dtype)}
         folder = self.dataset_root / ds_mod.CACHE_DIR_NAME if self.s.dataset.cache_latents == "disk" else None
         self.text_cache = TextCache("disk" if folder else "memory", folder, key, pin=self.device.type == "cuda")
-        captions = sorted({i.caption for i in self.items} | ({""} if self.s.dataset.uses("caption_dropout_rate") else set()))
+        captions = sorted({i.caption for i in self.items + self.val_items}
+                          | ({""} if self.s.dataset.uses("caption_dropout_rate") else set()))
         self.missing_captions = self.text_cache.load_existing(captions)
         if len(self.missing_captions) < len(captions):
             self.log(f"Text-encoder outputs of {len(captions) - len(self.missing_captions)} caption(s) read from the "
@@ -643,12 +662,17 @@ class _Run:
                     self.report(epoch, loss_sum, loss_count, t0, first_step)
                     loss_sum = torch.zeros((), device=self.device)
                     loss_count = 0
+                every = s.schedule.validate_every_n_steps
+                if self.val_items and (last or (every and self.global_step % every == 0)):
+                    self.validate(epoch)
                 if self.wants_previews() and self.global_step % s.sampling.sample_every_n_steps == 0:
                     self.preview()
                 if not last and s.saving.save_every_n_steps and self.global_step % s.saving.save_every_n_steps == 0:
                     self.save(final=False)
                 if last:
                     break
+            if self.val_items and not s.schedule.validate_every_n_steps and self.validated_at != self.global_step:
+                self.validate(epoch)
             epoch += 1
             if self.global_step < self.total_steps and s.saving.save_every_n_epochs \
                     and epoch % s.saving.save_every_n_epochs == 0:
@@ -690,6 +714,52 @@ class _Run:
              lr=float(self.lr_scheduler.get_last_lr()[0]), elapsed_s=elapsed,
              eta_s=(self.total_steps - self.global_step) / rate if rate > 0 else None, it_per_s=rate,
              vram_gb=mem.get("vram_gb"), ram_gb=mem.get("ram_gb"))
+
+    # -- validation loss -------------------------------------------------------------------------------
+    #: noise levels per held-out image, spread evenly over the trained range
+    VALIDATION_LEVELS = 4
+    validated_at = -1
+
+    def validate(self, epoch: int) -> None:
+        """The validation loss: every held-out image at fixed noise levels with fixed noise (drawn from
+        dataset.validation_seed on the CPU, never from the training's random streams), unflipped, its caption as
+        written, the adapters' dropout off; one device read for the whole measurement."""
+        s, c = self.s, self.components
+        lo, hi = timestep_range(s.schedule.min_timestep, s.schedule.max_timestep)
+        k = self.VALIDATION_LEVELS
+        levels = [lo + (hi - lo) * (j + 0.5) / k for j in range(k)]
+        use_cache = s.dataset.cache_latents != "off"
+        total = torch.zeros((), device=self.device)
+        c.denoiser.eval()
+        self.network.eval()
+        try:
+            with torch.no_grad():
+                for n, item in enumerate(self.val_items):
+                    if use_cache:
+                        latents = self.latent_cache.get(item, False)[None].to(self.device)
+                    else:
+                        pixels = ds_mod.load_image(item.path, item.bucket)[0][None]
+                        latents = self.arch.encode_latents(c, pixels.to(self.device)).float()
+                    _, _, top, left = ds_mod.crop_geometry(item.width, item.height, item.bucket)
+                    batch = {"captions": [item.caption], "original_sizes": [(item.height, item.width)],
+                             "crop_coords": [(top, left)], "target_sizes": [item.bucket[::-1]]}
+                    with self.accelerator.autocast():
+                        cond = self.batch_conditioning([item.caption])
+                    gen = torch.Generator().manual_seed(s.dataset.validation_seed * 100_003 + n)
+                    for level in levels:
+                        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+                        with self.setup.step_context():
+                            total += diffusion_loss(self.arch, c, latents, cond, batch, s, self.plan.weight_dtype,
+                                                    self.accelerator.autocast,
+                                                    fixed=(noise, torch.tensor([level], device=self.device)))
+        finally:
+            c.denoiser.train()
+            self.network.train()
+        loss = float(total.item()) / (len(self.val_items) * k)   # the one device read of the measurement
+        self.validated_at = self.global_step
+        self.validation_history.append((self.global_step, loss))
+        self.result.validation = list(self.validation_history)
+        emit(self.on_event, "validation", step=self.global_step, epoch=epoch + 1, loss=loss)
 
     # -- previews --------------------------------------------------------------------------------------
     def preview(self) -> None:
@@ -891,7 +961,8 @@ class _Run:
                 "global_step": self.global_step, "epoch": epoch, "batch_in_epoch": batch_index,
                 "output_stem": self.output_stem, "saved_adapters": self.saved_adapters,
                 "saved_states": [*self.saved_states, name],
-                "architecture": self.arch.id, "network": self.s.network.model_dump(mode="json")})
+                "architecture": self.arch.id, "network": self.s.network.model_dump(mode="json"),
+                "validation": self.validation_history})
             os.replace(tmp, final_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -929,6 +1000,11 @@ class _Run:
         self.saved_states = [n for n in info.get("saved_states", [state_dir.name])
                              if (self.output_dir / n).is_dir()]
         self.state_step = self.saved_step = self.global_step
+        # the validation curve so far, for the chart and the logs of this run
+        self.validation_history = [(int(st), float(v)) for st, v in info.get("validation", [])]
+        self.result.validation = list(self.validation_history)
+        for st, v in self.validation_history:
+            emit(self.on_event, "validation", step=st, loss=v, resumed=True)
         self.log(f"Resumed from {state_dir} at step {self.global_step}")
         return info["epoch"], info["batch_in_epoch"]
 

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 import core
 import core.trainer as trainer_mod
+from architectures.base import Noised
 from core.dataset import (BucketBatchSampler, DatasetError, ImageItem, TrainingDataset, assign_buckets,
                           reg_samples, scan_dataset)
 from core.settings import DatasetSettings
@@ -128,8 +129,8 @@ def test_diffusion_loss_multiplies_the_per_sample_loss_by_the_weights():
     target = torch.stack([torch.full((4, 2, 2), 1.0), torch.full((4, 2, 2), 2.0)])  # per-sample MSE 1 and 4
 
     class Arch:
-        def noisy_input_and_target(self, components, latents, noise, settings):
-            return latents, torch.zeros(2), target, 1.0
+        def noisy_input_and_target(self, components, latents, noise, settings, input_noise=None, level=None):
+            return Noised(latents, torch.zeros(2), target, torch.ones(2), torch.zeros(2), torch.zeros(2))
 
         def predict(self, components, noisy, timesteps, cond, batch):
             return torch.zeros_like(target)

@@ -97,7 +97,7 @@ def test_a_rerun_with_the_same_name_writes_only_fresh_names(tiny, tmp_path):
     after = snapshot(out)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing of the first run changed
     new = sorted(str(k) for k in set(after) - set(before))
-    assert new and all(n.startswith(("same-1", "samples/same-1-")) for n in new), new
+    assert new and all(n.startswith(("same-1", "samples/same-1-", "logs/same-1-")) for n in new), new
 
 
 def test_a_resumed_run_keeps_the_final_file_and_prunes_only_its_own_saves(tiny, tmp_path):
@@ -182,7 +182,8 @@ def test_disk_full_before_a_save_stops_with_the_numbers_and_keeps_the_last_state
     state = small_disk / "disk" / "disk-state-000002"
     assert str(state) in message
     names = sorted(p.name for p in (small_disk / "disk").iterdir())
-    assert names == ["disk-state-000002", "disk-step000002.safetensors"], names  # nothing partial left behind
+    # nothing partial left behind (logs/: the run's TensorBoard logs, dropped with a warning once the disk is full)
+    assert names == ["disk-state-000002", "disk-step000002.safetensors", "logs"], names
     # space freed: Resume goes on from the named state to the end
     filler[0].unlink()
     resumed, _ = disk_run(tiny, tmp_path, small_disk, saving__resume_from=str(state))
@@ -198,15 +199,15 @@ def test_disk_full_while_writing_removes_the_partial_state(tiny, tmp_path, small
     assert isinstance(result, core.SaveFailed), result
     assert "No space left on" in str(result) and "no resumable state was saved before" in str(result)
     names = sorted(p.name for p in (small_disk / "disk").iterdir())
-    assert names == ["disk-step000002.safetensors"], names  # the state's hidden folder is gone
+    assert names == ["disk-step000002.safetensors", "logs"], names  # the state's hidden folder is gone
 
 
 def test_a_read_only_output_folder_is_named(tiny, tmp_path, small_disk):
     def remount(e):
         if e["type"] == "saved" and e["kind"] == "state":
             subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    result, _ = disk_run(tiny, tmp_path, small_disk, on_event=remount)
-    assert isinstance(result, core.SaveFailed), result
+    result, events = disk_run(tiny, tmp_path, small_disk, on_event=remount)
+    assert isinstance(result, core.SaveFailed), result      # the logs, unwritable too, do not hide it
     assert f"{small_disk / 'disk'} is read-only while saving the adapter" in str(result)
     assert "make it writable and press Resume" in str(result)
 

@@ -46,6 +46,7 @@ class Snapshot:
     lr: float | None
     losses: list[tuple[int, float]]
     samples: list[tuple[str, str]]          # (image path, caption)
+    val_losses: list[tuple[int, float]]     # (step, validation loss)
     log: list[str]
     outputs: list[str]
     final: str | None
@@ -75,6 +76,7 @@ class RunState:
     elapsed_s: float | None = None
     lr: float | None = None
     losses: list = field(default_factory=list)
+    val_losses: list = field(default_factory=list)
     samples: list = field(default_factory=list)
     log: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES))
     outputs: list = field(default_factory=list)
@@ -108,7 +110,7 @@ class RunState:
             self.run_name, self.started_at = run_name, time.time()
             self.step = self.total_steps = self.epoch = self.total_epochs = 0
             self.it_per_s = self.eta_s = self.elapsed_s = self.lr = None
-            self.losses, self.samples, self.outputs = [], [], []
+            self.losses, self.val_losses, self.samples, self.outputs = [], [], [], []
             self.final = self.error = None
             self.vram_gb = self.peak_vram_gb = self.ram_gb = self.estimate_gb = None
             self.log.clear()
@@ -162,6 +164,9 @@ class RunState:
                 if self.vram_gb is not None:
                     self.peak_vram_gb = max(self.peak_vram_gb or 0.0, self.vram_gb)
                 self._bump("progress", "memory")
+            elif kind == "validation":
+                self.val_losses.append((int(event["step"]), float(event["loss"])))
+                self._bump("losses")
             elif kind == "sample":
                 step = event.get("step")
                 prompts = list(event.get("prompts") or [])
@@ -244,7 +249,8 @@ class RunState:
                 running=self.running, phase=self.phase, status=self.status, step=self.step,
                 total_steps=self.total_steps, epoch=self.epoch, total_epochs=self.total_epochs,
                 it_per_s=self.it_per_s, eta_s=self.eta_s, elapsed_s=self.elapsed_s, lr=self.lr,
-                losses=list(self.losses), samples=list(self.samples), log=list(self.log),
+                losses=list(self.losses), val_losses=list(self.val_losses), samples=list(self.samples),
+                log=list(self.log),
                 outputs=list(self.outputs), final=self.final, vram_gb=self.vram_gb,
                 peak_vram_gb=self.peak_vram_gb, ram_gb=self.ram_gb, error=self.error,
                 versions=dict(self.versions), estimate_gb=self.estimate_gb,
@@ -383,7 +389,8 @@ def outputs_text(s: Snapshot) -> str:
 
 
 def loss_frame(s: Snapshot):
-    """step/loss DataFrame for the chart: the reported loss and an exponential moving average.
+    """step/loss DataFrame for the chart: the reported loss, an exponential moving average and the validation
+    loss (when the run holds images out for it).
 
     None while there is no loss yet: Gradio's LinePlot draws no lines when a colour-split plot was first
     given an empty frame and data arrives later (its colour domain stays empty)."""
@@ -396,8 +403,9 @@ def loss_frame(s: Snapshot):
     for v in raw:
         avg = v if avg is None else 0.9 * avg + 0.1 * v
         ema.append(avg)
-    return pd.DataFrame({"step": steps + steps, "loss": raw + ema,
-                         "series": ["loss"] * len(raw) + ["smoothed"] * len(ema)})
+    val_steps = [st for st, _ in s.val_losses]
+    return pd.DataFrame({"step": steps + steps + val_steps, "loss": raw + ema + [v for _, v in s.val_losses],
+                         "series": ["loss"] * len(raw) + ["smoothed"] * len(ema) + ["validation"] * len(val_steps)})
 
 
 def samples_for_gallery(s: Snapshot) -> list[tuple[str, str]]:
