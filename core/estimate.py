@@ -590,7 +590,8 @@ def activation_profile(arch, resolution: int, batch_size: int, precision: str, n
 # the estimate
 # ---------------------------------------------------------------------------------------------------------
 #: optimizer state bytes per trainable fp32 parameter (and with 8-bit state)
-OPTIMIZER_STATE = {"AdamW": 8, "AdamW8bit": 2, "Lion": 4, "Adafactor": 0.5, "Prodigy": 16, "SGD": 4}
+OPTIMIZER_STATE = {"AdamW": 8, "AdamW8bit": 2, "PagedAdamW8bit": 2, "Lion": 4, "Lion8bit": 1, "PagedLion8bit": 1,
+                   "Adafactor": 0.5, "CAME": 4.5, "AdamWScheduleFree": 8, "Prodigy": 16, "DAdaptAdam": 12, "SGD": 4}
 OPTIMIZER_STATE_8BIT = {"AdamW": 2, "AdamW8bit": 2, "Lion": 1}
 
 

@@ -59,6 +59,8 @@ DIRECT = {
     "text_encoder_lr": "optimizer.text_encoder_lr", "max_grad_norm": "optimizer.max_grad_norm",
     "lr_warmup_steps": "optimizer.lr_warmup_steps", "lr_scheduler_num_cycles": "optimizer.lr_scheduler_num_cycles",
     "lr_scheduler_power": "optimizer.lr_scheduler_power",
+    "lr_scheduler_min_lr_ratio": "optimizer.lr_scheduler_min_lr_ratio", "lr_decay_steps": "optimizer.lr_decay_steps",
+    "lr_scheduler_timescale": "optimizer.lr_scheduler_timescale",
     "max_train_steps": "schedule.max_train_steps", "max_train_epochs": "schedule.max_train_epochs",
     "epoch": "schedule.max_train_epochs", "train_batch_size": "schedule.train_batch_size",
     "gradient_accumulation_steps": "schedule.gradient_accumulation_steps", "seed": "schedule.seed",

@@ -33,40 +33,113 @@ class Lion(Optimizer):
         return loss
 
 
+def _bitsandbytes(name: str, cuda: bool):
+    if not cuda:
+        raise ValueError(f"optimizer.optimizer_type: {name} needs an NVIDIA GPU (bitsandbytes); choose "
+                         f"{name.removeprefix('Paged').removesuffix('8bit')} on this machine")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ValueError(f"optimizer.optimizer_type: {name} needs the bitsandbytes package, which is "
+                         "not installed (run.py installs it on NVIDIA machines)") from None
+    return bnb.optim
+
+
 def build_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay: float,
-                    device: torch.device) -> Optimizer:
+                    device: torch.device, warmup_steps: int = 0, relative_step: bool = False) -> Optimizer:
+    """The optimizer sd-scripts names ``name``.  ``warmup_steps`` goes to the optimizers that schedule themselves
+    (AdamWScheduleFree); ``relative_step`` is Adafactor's own step size."""
     cuda = device.type == "cuda"
     if name == "AdamW":
         return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, fused=cuda or None)
-    if name in ("AdamW8bit", "Lion8bit"):  # Lion8bit: Lion with 8-bit state, chosen by the memory plan
-        if not cuda:
-            raise ValueError(f"optimizer.optimizer_type: {name} needs an NVIDIA GPU; choose {name[:-4]} on this "
-                             "machine")
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ValueError(f"optimizer.optimizer_type: {name} needs the bitsandbytes package, which is "
-                             "not installed (run.py installs it on NVIDIA machines)") from None
-        return getattr(bnb.optim, name)(param_groups, lr=lr, weight_decay=weight_decay)
+    # Lion8bit is also what the memory plan picks for Lion with 8-bit state
+    if name in ("AdamW8bit", "PagedAdamW8bit", "Lion8bit", "PagedLion8bit"):
+        return getattr(_bitsandbytes(name, cuda), name)(param_groups, lr=lr, weight_decay=weight_decay)
     if name == "Lion":
         return Lion(param_groups, lr=lr, weight_decay=weight_decay)
     if name == "Adafactor":
         from transformers.optimization import Adafactor
+        if relative_step:   # Adafactor's own step size: the learning rate is ignored
+            return Adafactor(param_groups, lr=None, weight_decay=weight_decay, scale_parameter=True,
+                             relative_step=True, warmup_init=True)
         # sd-scripts' usual arguments: a fixed learning rate from the scheduler, no relative step
         return Adafactor(param_groups, lr=lr, weight_decay=weight_decay, scale_parameter=False,
                          relative_step=False, warmup_init=False)
+    if name == "CAME":
+        from came_pytorch import CAME
+        return CAME(param_groups, lr=lr, weight_decay=weight_decay)
+    if name == "AdamWScheduleFree":
+        from schedulefree import AdamWScheduleFree
+        return AdamWScheduleFree(param_groups, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps)
     if name == "Prodigy":
         from prodigyopt import Prodigy
         return Prodigy(param_groups, lr=lr, weight_decay=weight_decay, decouple=True, use_bias_correction=True,
                        safeguard_warmup=True)
+    if name == "DAdaptAdam":
+        from dadaptation import DAdaptAdam
+        return DAdaptAdam(param_groups, lr=lr, weight_decay=weight_decay, decouple=True)
     if name == "SGD":
         return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay, momentum=0.9)
     raise ValueError(f"optimizer.optimizer_type: unknown optimizer {name!r}")
 
 
+def schedule_free(optimizer) -> Optimizer | None:
+    """The schedule-free optimizer inside ``optimizer`` (accelerate wraps it), or None: it has train/eval modes,
+    and its weights are the ones to save or sample only in eval mode."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if callable(getattr(inner, "eval", None)) and callable(getattr(inner, "train", None)) else None
+
+
+def rex_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """REX (Chen et al. 2021): a linear warmup, then (1 − z) / (1 − z/2) with z the share of the steps after it."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    z = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return (1 - z) / (1 - z / 2)
+
+
+def step_rules_problem(rules: str) -> str | None:
+    """What is wrong with diffusers' piecewise-constant ``step_rules`` ("1:1000,0.1:2000,0.01"), or None."""
+    parts = [p.strip() for p in str(rules).split(",")]
+    pairs = [p.split(":") for p in parts[:-1]]
+    example = "multiplier:until_step pairs, then a last multiplier alone, e.g. '1:1000,0.1:2000,0.01'"
+    if any(len(pair) != 2 for pair in pairs) or ":" in parts[-1]:
+        return f"{rules!r} is not {example}"
+    try:
+        steps = [int(step) for _, step in pairs]
+        multipliers = [float(m) for m, _ in pairs] + [float(parts[-1])]
+    except ValueError:
+        return f"{rules!r} is not {example}"
+    if steps != sorted(set(steps)):
+        return f"{rules!r}: the steps must increase"
+    if any(m < 0 for m in multipliers):
+        return f"{rules!r}: a multiplier is negative"
+    return None
+
+
 def build_scheduler(name: str, optimizer: Optimizer, warmup_steps: int, total_steps: int, num_cycles: int,
-                    power: float):
+                    power: float, min_lr_ratio: float = 0.0, decay_steps: int = 0, timescale: int = 0,
+                    step_rules: str = ""):
+    """The learning-rate scheduler sd-scripts names ``name`` (diffusers' and transformers' implementations; REX
+    here)."""
+    from torch.optim.lr_scheduler import LambdaLR
+    if name == "cosine_with_min_lr":
+        from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, total_steps,
+                                                           min_lr_rate=min_lr_ratio)
+    if name == "warmup_stable_decay":
+        from transformers.optimization import get_wsd_schedule
+        decay = decay_steps or max(1, total_steps // 10)
+        return get_wsd_schedule(optimizer, warmup_steps, min(decay, max(1, total_steps - warmup_steps)),
+                                num_training_steps=total_steps, min_lr_ratio=min_lr_ratio)
+    if name == "inverse_sqrt":
+        from transformers.optimization import get_inverse_sqrt_schedule
+        return get_inverse_sqrt_schedule(optimizer, warmup_steps, timescale=timescale or max(1, warmup_steps))
+    if name == "rex":
+        return LambdaLR(optimizer, lambda step: rex_factor(step, warmup_steps, total_steps))
     from diffusers.optimization import get_scheduler
+    if name == "piecewise_constant":
+        return get_scheduler(name, optimizer, step_rules=step_rules)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
                          num_cycles=num_cycles, power=power)
 

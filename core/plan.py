@@ -212,14 +212,15 @@ def make_plan(profile, settings, arch, config_dir=None) -> Plan:
     # -- explicit memory choices: followed, or refused when impossible ---------------------------------
     optimizer = settings.optimizer.optimizer_type
     full_ft = settings.network.algorithm == "full_finetune"
-    if optimizer == "AdamW8bit" and not cuda:
-        raise ValueError("optimizer.optimizer_type: AdamW8bit needs an NVIDIA GPU (bitsandbytes); this run is on "
-                         "the CPU. Choose AdamW.")
+    if optimizer.endswith("8bit") and not cuda:
+        plain = optimizer.removeprefix("Paged").removesuffix("8bit")
+        raise ValueError(f"optimizer.optimizer_type: {optimizer} needs an NVIDIA GPU (bitsandbytes); this run is on "
+                         f"the CPU. Choose {plain}.")
     if m.optimizer_8bit == "on":
         if not cuda:
             raise ValueError("memory.optimizer_8bit is 'on', but 8-bit optimizer state (bitsandbytes) needs an "
                              "NVIDIA GPU; this run is on the CPU. Set it to 'auto' or 'off'.")
-        if optimizer not in EIGHT_BIT_OPTIMIZERS + ("AdamW8bit",):
+        if optimizer not in EIGHT_BIT_OPTIMIZERS + ("AdamW8bit", "PagedAdamW8bit", "Lion8bit", "PagedLion8bit"):
             raise ValueError(f"memory.optimizer_8bit is 'on', but 8-bit state exists for AdamW and Lion only, not "
                              f"{optimizer}. Set it to 'auto' or 'off', or choose AdamW / Lion.")
     for name in ("quantize_base", "quantize_text_encoder"):

@@ -44,8 +44,12 @@ LossType = Literal["l2", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 HUBER_SCHEDULES: tuple[str, ...] = get_args(HuberSchedule)
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Adafactor", "Prodigy", "SGD")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+OptimizerType = Literal["AdamW", "AdamW8bit", "PagedAdamW8bit", "Lion", "Lion8bit", "PagedLion8bit", "Adafactor",
+                        "CAME", "AdamWScheduleFree", "Prodigy", "DAdaptAdam", "SGD"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerType)
+LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                      "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt", "rex", "piecewise_constant"]
+LR_SCHEDULERS: tuple[str, ...] = get_args(LrScheduler)
 
 
 def setting(default: Any, label: str, help: str = "", *, widget: str | None = None,
@@ -368,9 +372,11 @@ class NetworkSettings(Section):
 
 
 class OptimizerSettings(Section):
-    optimizer_type: Literal["AdamW", "AdamW8bit", "Lion", "Adafactor", "Prodigy", "SGD"] = setting(
-        "AdamW", "Optimizer", "AdamW8bit needs an NVIDIA GPU. Prodigy sets its own step size: use a "
-        "learning rate of 1.", choices=OPTIMIZERS)
+    optimizer_type: OptimizerType = setting(
+        "AdamW", "Optimizer", "The 8-bit ones (bitsandbytes; Paged: state in pageable memory) need an NVIDIA GPU. "
+        "Prodigy and DAdaptAdam set their own step size: use a learning rate of 1. AdamWScheduleFree needs no "
+        "scheduler (constant; it warms up by Warmup steps). CAME: Adafactor-like memory, Adam-like steps.",
+        choices=OPTIMIZERS)
     learning_rate: float = setting(1e-4, "Learning rate", ge=0.0, le=10.0)
     text_encoder_lr: float = setting(0.0, "Text encoder learning rate", "0 uses the learning rate above.",
                                      ge=0.0, le=10.0, show_if={"network.train_text_encoder": [True]})
@@ -381,13 +387,32 @@ class OptimizerSettings(Section):
                                         "fine-tuning. Needs gradient accumulation 1, no clipping (max gradient "
                                         "norm is ignored) and bf16 or fp32.",
                                         show_if={"optimizer.optimizer_type": ["Adafactor"]})
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                          "polynomial"] = setting("constant", "LR scheduler", choices=LR_SCHEDULERS)
+    adafactor_relative_step: bool = setting(False, "Adafactor relative step", "Adafactor chooses its own step "
+                                            "size (relative_step, scale_parameter and warmup_init on; the learning "
+                                            "rate is then ignored).", advanced=True,
+                                            show_if={"optimizer.optimizer_type": ["Adafactor"]})
+    lr_scheduler: LrScheduler = setting("constant", "LR scheduler", "rex: (1−z)/(1−z/2) of the steps' share z "
+                                        "after warmup. warmup_stable_decay: warmup, constant, then a cosine decay "
+                                        "over the last decay steps.", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = setting(0, "Warmup steps", ge=0, le=1_000_000)
     lr_scheduler_num_cycles: int = setting(1, "Restarts (cycles)", ge=1, le=1000,
                                            show_if={"optimizer.lr_scheduler": ["cosine_with_restarts"]})
     lr_scheduler_power: float = setting(1.0, "Polynomial power", ge=0.0, le=10.0,
                                         show_if={"optimizer.lr_scheduler": ["polynomial"]})
+    lr_scheduler_min_lr_ratio: float = setting(0.1, "Minimum learning rate (share)", "The learning rate decays "
+                                               "to this share of its value.", ge=0.0, le=1.0, step=0.01,
+                                               show_if={"optimizer.lr_scheduler": ["cosine_with_min_lr",
+                                                                                   "warmup_stable_decay"]})
+    lr_decay_steps: int = setting(0, "Decay steps", "warmup_stable_decay: the last steps, over which the learning "
+                                  "rate decays; 0 uses the last 10 %.", ge=0, le=10_000_000,
+                                  show_if={"optimizer.lr_scheduler": ["warmup_stable_decay"]})
+    lr_scheduler_timescale: int = setting(0, "Timescale", "inverse_sqrt: steps after which the learning rate is "
+                                          "divided by √(1 + step/timescale); 0 uses the warmup steps.", ge=0,
+                                          le=10_000_000, show_if={"optimizer.lr_scheduler": ["inverse_sqrt"]})
+    lr_scheduler_step_rules: str = setting("1:1000,0.1", "Step rules", "piecewise_constant: multipliers and the "
+                                           "step each holds until, then the last multiplier (diffusers' "
+                                           "step_rules: '1:1000,0.1:2000,0.01').",
+                                           show_if={"optimizer.lr_scheduler": ["piecewise_constant"]})
 
 
 class ScheduleSettings(Section):
@@ -690,6 +715,15 @@ def check_consistency(settings: Settings) -> list[str]:
     """Combinations that are each valid but cannot work together; returns messages (empty when fine)."""
     from core.prompts import prompt_problems
     problems = prompt_problems(settings.sampling.prompts)
+    o = settings.optimizer
+    if o.lr_scheduler == "piecewise_constant":
+        from core.optim import step_rules_problem
+        problem = step_rules_problem(o.lr_scheduler_step_rules)
+        if problem:
+            problems.append(f"optimizer.lr_scheduler_step_rules: {problem} (Optimizer → Step rules)")
+    if o.optimizer_type == "AdamWScheduleFree" and o.lr_scheduler != "constant":
+        problems.append(f"optimizer.optimizer_type AdamWScheduleFree schedules itself: set optimizer.lr_scheduler "
+                        f"to constant (not {o.lr_scheduler}); its warmup is Warmup steps (Optimizer tab)")
     sch = settings.schedule
     if sch.min_timestep >= sch.max_timestep:
         problems.append(f"schedule.min_timestep ({sch.min_timestep}) must be below schedule.max_timestep "

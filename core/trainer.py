@@ -28,7 +28,7 @@ from core.memory_setup import run_context, setup_denoiser, text_encoder_on_devic
 from core.loss import conditional_loss, huber_threshold, multires_noise, timestep_range
 from core.io import (NonFiniteError, atomic_save_image, atomic_save_safetensors, atomic_torch_save,
                      atomic_write_json, check_finite, unused_path, unused_stem)
-from core.optim import build_fused_backward_optimizer, build_optimizer, build_scheduler
+from core.optim import build_fused_backward_optimizer, build_optimizer, build_scheduler, schedule_free
 from core.plan import estimate_config_dir, make_plan
 from core.prompts import parse_prompts
 from core.run_log import RunLog, log_problems, run_log_folder
@@ -594,13 +594,21 @@ class _Run:
         make = build_fused_backward_optimizer if self.fused_backward else build_optimizer
         if self.setup.optimizer_type != s.optimizer.optimizer_type:
             self.log(f"Optimizer {self.setup.optimizer_type}: the plan keeps the optimizer state in 8 bits")
-        optimizer = make(self.setup.optimizer_type, params, s.optimizer.learning_rate, s.optimizer.weight_decay,
-                         self.device)
+        o = s.optimizer
+        relative_step = o.optimizer_type == "Adafactor" and o.adafactor_relative_step and not self.fused_backward
+        optimizer = make(self.setup.optimizer_type, params, o.learning_rate, o.weight_decay, self.device) \
+            if self.fused_backward else make(self.setup.optimizer_type, params, o.learning_rate, o.weight_decay,
+                                             self.device, warmup_steps=o.lr_warmup_steps, relative_step=relative_step)
         batches = len(self.sampler)
         self.total_steps, self.total_epochs = total_steps_and_epochs(s, batches)
-        lr_scheduler = build_scheduler(s.optimizer.lr_scheduler, optimizer, s.optimizer.lr_warmup_steps,
-                                       self.total_steps, s.optimizer.lr_scheduler_num_cycles,
-                                       s.optimizer.lr_scheduler_power)
+        if relative_step:  # Adafactor's own step sizes, reported as its learning rates
+            from transformers.optimization import AdafactorSchedule
+            lr_scheduler = AdafactorSchedule(optimizer)
+        else:
+            lr_scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, self.total_steps,
+                                           o.lr_scheduler_num_cycles, o.lr_scheduler_power,
+                                           o.lr_scheduler_min_lr_ratio, o.lr_decay_steps, o.lr_scheduler_timescale,
+                                           o.lr_scheduler_step_rules)
         self.optimizer, self.lr_scheduler = acc.prepare(optimizer, lr_scheduler)
 
         self.global_step, start_epoch, skip_batches = 0, 0, 0
@@ -627,6 +635,8 @@ class _Run:
         loss_count = 0
         t0 = time.time()
         epoch = start_epoch
+        if schedule_free(self.optimizer) is not None:
+            schedule_free(self.optimizer).train()   # its training mode (a state is saved in eval mode)
         while self.global_step < self.total_steps and epoch < self.total_epochs:
             self.sampler.set_epoch(epoch)
             for batch_index, indices in enumerate(self.sampler):
@@ -721,6 +731,10 @@ class _Run:
     validated_at = -1
 
     def validate(self, epoch: int) -> None:
+        with self.eval_weights():
+            self._validate(epoch)
+
+    def _validate(self, epoch: int) -> None:
         """The validation loss: every held-out image at fixed noise levels with fixed noise (drawn from
         dataset.validation_seed on the CPU, never from the training's random streams), unflipped, its caption as
         written, the adapters' dropout off; one device read for the whole measurement."""
@@ -763,6 +777,10 @@ class _Run:
 
     # -- previews --------------------------------------------------------------------------------------
     def preview(self) -> None:
+        with self.eval_weights():
+            self._preview()
+
+    def _preview(self) -> None:
         s, c = self.s, self.components
         prompts = self.prompts()
         self.check_finite()
@@ -814,7 +832,25 @@ class _Run:
                                 mixed_precision=self.plan.mixed_precision, resolution=(res, res),
                                 tensors_hash=tensors_hash) | reg_md | self.arch.adapter_metadata(self.s, suffix)
 
+    @contextlib.contextmanager
+    def eval_weights(self):
+        """A schedule-free optimizer's averaged weights in the model for a save, preview or validation, its
+        training weights back afterwards; nothing to do for other optimizers."""
+        sf = schedule_free(getattr(self, "optimizer", None))
+        if sf is None:
+            yield
+            return
+        sf.eval()
+        try:
+            yield
+        finally:
+            sf.train()
+
     def save(self, final: bool) -> Path:
+        with self.eval_weights():
+            return self._save(final)
+
+    def _save(self, final: bool) -> Path:
         """The adapter (or checkpoint) and, when asked, the resumable state.  Nothing is written once a loss,
         gradient norm or weight is not finite: the run stops (TrainingDiverged) and the earlier saves stay."""
         if not final and self.saved_step == self.global_step:

@@ -223,11 +223,14 @@ def test_an_sd_scripts_toml_with_a_two_subset_dataset_config(config, tmp_path):
 
 def test_an_unknown_optimizer_and_a_missing_lycoris_algo_are_reported(config, tmp_path):
     path = write(tmp_path / "presets" / "t.toml", 'network_module = "lycoris.kohya"\nnetwork_args = ["algo=dylora"]\n'
-                 'optimizer_type = "CAME"\nlr_scheduler = "adafactor"\nnetwork_dim = 8\n')
+                 'optimizer_type = "Adan"\nlr_scheduler = "adafactor"\nnetwork_dim = 8\n')
     settings, report = core.import_kohya(path, "sdxl", config=config)
     ignored = {key: (value, why) for key, value, why in report.ignored}
     assert ignored["network_args.algo"][0] == "dylora" and "adapter not available here" in ignored["network_args.algo"][1]
-    assert ignored["optimizer_type"][0] == "CAME" and "optimizer not available here" in ignored["optimizer_type"][1]
+    assert ignored["optimizer_type"][0] == "Adan" and "optimizer not available here" in ignored["optimizer_type"][1]
+    came, _ = core.import_kohya(write(tmp_path / "presets" / "c.toml", 'optimizer_type = "came_pytorch.CAME"\n'),
+                                "sdxl", config=config)
+    assert came.optimizer.optimizer_type == "CAME"
     assert ignored["lr_scheduler"][0] == "adafactor"
     assert (settings.network.algorithm, settings.optimizer.optimizer_type) == ("lora", "AdamW")   # unchanged
     assert ("network_dim", "network.rank", 8) in report.mapped
