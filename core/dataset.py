@@ -73,6 +73,7 @@ class ImageItem:
     is_reg: bool = False  # a DreamBooth regularization (class) image: see reg_samples / BucketBatchSampler
     augment: Augment | None = None
     resolution: int | None = None
+    mask: Path | None = None  # its loss mask file (masked loss with a mask folder); None: its alpha channel
 
 
 def item_augment(item: ImageItem, ds) -> Augment:
@@ -404,6 +405,78 @@ def load_image(path: Path, bucket: Bucket, flip: bool = False
     return tensor.contiguous(), (top, left), (h, w)
 
 
+# -- loss masks ------------------------------------------------------------------------------------------
+
+#: masks are kept at 1/8 of the bucket (the VAE's grid); the loss resamples them to the prediction's grid
+MASK_SCALE = 8
+
+
+def attach_masks(items: Sequence[ImageItem], image_root: Path, mask_root: Path) -> None:
+    """Gives every item under ``image_root`` its mask file: the same path under ``mask_root``, any image
+    extension.  One DatasetError lists every image without one."""
+    missing = []
+    for it in items:
+        try:
+            rel = it.path.relative_to(image_root)
+        except ValueError:
+            continue
+        found = [mask_root / rel.parent / (rel.stem + e) for e in IMAGE_EXTENSIONS
+                 if (mask_root / rel.parent / (rel.stem + e)).is_file()]
+        if found:
+            it.mask = found[0]
+        else:
+            missing.append(str(rel))
+    if missing:
+        raise DatasetError(f"{len(missing)} image(s) have no mask in the mask folder {mask_root} (dataset.mask_path; "
+                           "the same name with any image extension). Add them, or clear the mask folder to use the "
+                           "images' alpha channel:\n" + _name_list(missing))
+
+
+def load_mask(item: ImageItem, bucket: Bucket, flip: bool = False) -> torch.Tensor:
+    """The item's loss mask fitted to ``bucket`` exactly as its image is (EXIF rotation, cover, centre crop,
+    mirror), averaged down to the VAE's grid: (1, h/8, w/8) in [0, 1].  From its mask file, else its alpha
+    channel; all ones for an image without alpha."""
+    source = item.mask or item.path
+    try:
+        with Image.open(source) as src:
+            im = ImageOps.exif_transpose(src)
+            if item.mask is not None:
+                im = im.convert("L")
+            elif "A" in im.getbands() or im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA").getchannel("A")
+            else:
+                return torch.ones(1, bucket[1] // MASK_SCALE, bucket[0] // MASK_SCALE)
+    except Exception as exc:
+        raise DatasetError(f"{source}: cannot decode the mask ({exc.__class__.__name__}: {exc}); replace or "
+                           "remove it") from None
+    bw, bh = bucket
+    rw, rh, top, left = crop_geometry(item.width, item.height, bucket)
+    im = im.resize((rw, rh), Image.Resampling.BILINEAR).crop((left, top, left + bw, top + bh))
+    if flip:
+        im = ImageOps.mirror(im)
+    mask = torch.from_numpy(np.array(im, dtype=np.float32) / 255.0)[None, None]
+    return torch.nn.functional.avg_pool2d(mask, MASK_SCALE)[0]
+
+
+class MaskCache:
+    """Every item's mask for each flip it is trained with, computed once before training (small: 1/64 of the
+    image's pixels), so the loop never reads mask files."""
+
+    def __init__(self) -> None:
+        self._masks: dict[tuple[str, Bucket, bool], torch.Tensor] = {}
+
+    def fill(self, items: Sequence[ImageItem], ds) -> None:
+        for it in items:
+            for flip in (False, True) if item_augment(it, ds).flip_aug else (False,):
+                self._masks[(str(it.path), it.bucket, flip)] = load_mask(it, it.bucket, flip)
+
+    def get(self, item: ImageItem, flip: bool) -> torch.Tensor:
+        key = (str(item.path), item.bucket, flip)
+        if key not in self._masks:
+            self._masks[key] = load_mask(item, item.bucket, flip)
+        return self._masks[key]
+
+
 # -- captions --------------------------------------------------------------------------------------------
 
 def process_caption(caption: str, shuffle: bool, keep_tokens: int, dropout_rate: float,
@@ -701,16 +774,18 @@ class TrainingDataset:
     [-1, 1] when the cache mode is "off" (or no cache is given); ``captions`` (processed); ``original_sizes``
     [(h, w)]; ``crop_coords`` [(top, left)]; ``target_sizes`` [(h, w) of the bucket]; ``flips`` [bool];
     ``paths`` [Path]; ``loss_weights`` [float]: 1.0 for training images, ``ds.prior_loss_weight`` for
-    regularization images.  Flip and caption augmentation follow each item's own options (its subset's;
+    regularization images; ``masks`` (B, 1, h/8, w/8) with a :class:`MaskCache` (masked loss).  Flip and caption augmentation follow each item's own options (its subset's;
     :func:`item_augment`) and are drawn from an RNG seeded by (seed, epoch, batch_index), so a resumed run gets
     the same batches.
     """
 
-    def __init__(self, items: Sequence[ImageItem], ds, cache: LatentCache | None, seed: int):
+    def __init__(self, items: Sequence[ImageItem], ds, cache: LatentCache | None, seed: int,
+                 masks: MaskCache | None = None):
         self.items = list(items)
         self.ds = ds
         self.cache = cache
         self.seed = seed
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.items)
@@ -749,4 +824,6 @@ class TrainingDataset:
             out["paths"].append(it.path)
             out["loss_weights"].append(prior_weight if it.is_reg else 1.0)
         out["latents" if use_cache else "pixels"] = torch.stack(tensors)
+        if self.masks is not None:
+            out["masks"] = torch.stack([self.masks.get(it, f) for it, f in zip(items, out["flips"])])
         return out

@@ -117,7 +117,8 @@ NETWORK_ARGS = {"conv_dim": "network.conv_rank", "conv_alpha": "network.conv_alp
                 "factor": "network.lokr_factor", "decompose_both": "network.decompose_both",
                 "full_matrix": "network.full_matrix", "rescaled": "network.oft_rescale",
                 "loraplus_lr_ratio": "network.loraplus_lr_ratio", "train_blocks": "network.flux_blocks"}
-OPTIMIZER_ARGS = {"weight_decay": "optimizer.weight_decay"}
+OPTIMIZER_ARGS = {"weight_decay": "optimizer.weight_decay", "eps": "optimizer.eps", "d_coef": "optimizer.d_coef",
+                  "momentum": "optimizer.beta1"}
 # kohya keys of the launcher, logging, hub upload and GUI: they change nothing about what is trained
 LAUNCHER = re.compile(r"^(huggingface_|wandb_|log_|logging_|metadata_|num_cpu_threads|num_processes|num_machines|"
                       r"multi_gpu|gpu_ids|main_process_port|dynamo_|extra_accelerate|additional_parameters|"
@@ -356,6 +357,9 @@ def map_optimizer(data: dict, imp: _Import) -> set[str]:
     for arg, value in parse_args(data.get("optimizer_args")).items():
         if arg in OPTIMIZER_ARGS:
             imp.set(f"optimizer_args.{arg}", OPTIMIZER_ARGS[arg], value)
+        elif arg == "betas" and 2 <= len(betas := [b.strip() for b in str(value).strip("()[] ").split(",")]) <= 3:
+            imp.set("optimizer_args.betas[0]", "optimizer.beta1", betas[0])
+            imp.set("optimizer_args.betas[1]", "optimizer.beta2", betas[1])
         else:
             imp.ignore(f"optimizer_args.{arg}", value, "no equivalent setting")
     scheduler = data.get("lr_scheduler")

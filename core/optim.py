@@ -45,41 +45,71 @@ def _bitsandbytes(name: str, cuda: bool):
     return bnb.optim
 
 
+#: each optimizer's (beta1, beta2) defaults, for the settings' "0: the optimizer's default"
+_BETAS = {"AdamW": (0.9, 0.999), "AdamW8bit": (0.9, 0.999), "PagedAdamW8bit": (0.9, 0.999),
+          "AdamWScheduleFree": (0.9, 0.999), "Prodigy": (0.9, 0.999), "DAdaptAdam": (0.9, 0.999),
+          "Lion": (0.9, 0.99), "Lion8bit": (0.9, 0.99), "PagedLion8bit": (0.9, 0.99), "CAME": (0.9, 0.999)}
+_WITH_EPS = ("AdamW", "AdamW8bit", "PagedAdamW8bit", "AdamWScheduleFree", "Prodigy", "DAdaptAdam")
+
+
+def optimizer_kwargs(name: str, beta1: float = 0.0, beta2: float = 0.0, eps: float = 0.0,
+                     d_coef: float = 1.0) -> dict:
+    """The typed optimizer settings as ``name``'s constructor arguments; 0 keeps the optimizer's own default
+    (only what was set is passed).  SGD's momentum is beta1 (default 0.9); Adafactor takes beta1 alone; CAME's
+    third beta keeps its default."""
+    out: dict = {}
+    if name in _BETAS and (beta1 or beta2):
+        b1, b2 = beta1 or _BETAS[name][0], beta2 or _BETAS[name][1]
+        out["betas"] = (b1, b2, 0.9999) if name == "CAME" else (b1, b2)
+    if name in _WITH_EPS and eps:
+        out["eps"] = eps
+    if name == "Adafactor" and beta1:
+        out["beta1"] = beta1
+    if name == "SGD":
+        out["momentum"] = beta1 or 0.9
+    if name == "Prodigy" and d_coef != 1.0:
+        out["d_coef"] = d_coef
+    return out
+
+
 def build_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay: float,
-                    device: torch.device, warmup_steps: int = 0, relative_step: bool = False) -> Optimizer:
+                    device: torch.device, warmup_steps: int = 0, relative_step: bool = False,
+                    kwargs: dict | None = None) -> Optimizer:
     """The optimizer sd-scripts names ``name``.  ``warmup_steps`` goes to the optimizers that schedule themselves
-    (AdamWScheduleFree); ``relative_step`` is Adafactor's own step size."""
+    (AdamWScheduleFree); ``relative_step`` is Adafactor's own step size; ``kwargs`` (:func:`optimizer_kwargs`)
+    are the typed arguments the user set."""
     cuda = device.type == "cuda"
+    kw = dict(kwargs or {})
     if name == "AdamW":
-        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, fused=cuda or None)
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, fused=cuda or None, **kw)
     # Lion8bit is also what the memory plan picks for Lion with 8-bit state
     if name in ("AdamW8bit", "PagedAdamW8bit", "Lion8bit", "PagedLion8bit"):
-        return getattr(_bitsandbytes(name, cuda), name)(param_groups, lr=lr, weight_decay=weight_decay)
+        return getattr(_bitsandbytes(name, cuda), name)(param_groups, lr=lr, weight_decay=weight_decay, **kw)
     if name == "Lion":
-        return Lion(param_groups, lr=lr, weight_decay=weight_decay)
+        return Lion(param_groups, lr=lr, weight_decay=weight_decay, **kw)
     if name == "Adafactor":
         from transformers.optimization import Adafactor
         if relative_step:   # Adafactor's own step size: the learning rate is ignored
             return Adafactor(param_groups, lr=None, weight_decay=weight_decay, scale_parameter=True,
-                             relative_step=True, warmup_init=True)
+                             relative_step=True, warmup_init=True, **kw)
         # sd-scripts' usual arguments: a fixed learning rate from the scheduler, no relative step
         return Adafactor(param_groups, lr=lr, weight_decay=weight_decay, scale_parameter=False,
-                         relative_step=False, warmup_init=False)
+                         relative_step=False, warmup_init=False, **kw)
     if name == "CAME":
         from came_pytorch import CAME
-        return CAME(param_groups, lr=lr, weight_decay=weight_decay)
+        return CAME(param_groups, lr=lr, weight_decay=weight_decay, **kw)
     if name == "AdamWScheduleFree":
         from schedulefree import AdamWScheduleFree
-        return AdamWScheduleFree(param_groups, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps)
+        return AdamWScheduleFree(param_groups, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, **kw)
     if name == "Prodigy":
         from prodigyopt import Prodigy
         return Prodigy(param_groups, lr=lr, weight_decay=weight_decay, decouple=True, use_bias_correction=True,
-                       safeguard_warmup=True)
+                       safeguard_warmup=True, **kw)
     if name == "DAdaptAdam":
         from dadaptation import DAdaptAdam
-        return DAdaptAdam(param_groups, lr=lr, weight_decay=weight_decay, decouple=True)
+        return DAdaptAdam(param_groups, lr=lr, weight_decay=weight_decay, decouple=True, **kw)
     if name == "SGD":
-        return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay, momentum=0.9)
+        return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay, **{"momentum": 0.9, **kw})
     raise ValueError(f"optimizer.optimizer_type: unknown optimizer {name!r}")
 
 
@@ -197,8 +227,8 @@ class FusedBackwardOptimizer(Optimizer):
 
 
 def build_fused_backward_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay: float,
-                                   device: torch.device) -> Optimizer:
+                                   device: torch.device, kwargs: dict | None = None) -> Optimizer:
     if name != "Adafactor":
         raise ValueError(f"optimizer.fused_backward_pass works with Adafactor, not {name}")
     return FusedBackwardOptimizer(param_groups, lambda groups: build_optimizer(name, groups, lr, weight_decay,
-                                                                             device))
+                                                                             device, kwargs=kwargs))

@@ -145,6 +145,13 @@ class DatasetSettings(Section):
     caption_dropout_rate: float = setting(0.0, "Caption dropout", "Share of steps trained with an empty "
                                           "caption.", ge=0.0, le=1.0, step=0.01)
     flip_aug: bool = setting(False, "Random horizontal flip")
+    masked_loss: bool = setting(False, "Masked loss", "Train only where the mask is white (grey: partly): masks "
+                                "from the mask folder, else each image's alpha channel (an image without one trains "
+                                "everywhere). sd-scripts' masked_loss.", advanced=True)
+    mask_path: str = setting("", "Mask folder", "Grayscale masks named like the image folder's images (same "
+                             "subfolders, any image extension). Empty: the images' alpha channel. Relative paths "
+                             "are inside the datasets folder.", widget="path", advanced=True,
+                             show_if={"dataset.masked_loss": [True]})
     validation_split: float = setting(0.0, "Validation share", "Share of the training images held out to "
                                       "measure a validation loss (sd-scripts' validation_split); 0 disables. The "
                                       "held-out images are not trained on.", ge=0.0, le=0.5, step=0.01)
@@ -387,6 +394,19 @@ class OptimizerSettings(Section):
                                         "fine-tuning. Needs gradient accumulation 1, no clipping (max gradient "
                                         "norm is ignored) and bf16 or fp32.",
                                         show_if={"optimizer.optimizer_type": ["Adafactor"]})
+    beta1: float = setting(0.0, "Beta 1", "The first moment's decay (SGD: momentum). 0: the optimizer's default "
+                           "(0.9; Adafactor: none).", ge=0.0, le=0.9999, step=0.001, advanced=True)
+    beta2: float = setting(0.0, "Beta 2", "The second moment's decay (Lion: the momentum's). 0: the optimizer's "
+                           "default (0.999; Lion 0.99).", ge=0.0, le=0.99999, step=0.001, advanced=True,
+                           show_if={"optimizer.optimizer_type": [o for o in OPTIMIZERS
+                                                                 if o not in ("Adafactor", "SGD")]})
+    eps: float = setting(0.0, "Epsilon", "Added to the denominator. 0: the optimizer's default (1e-8).", ge=0.0,
+                         le=1.0, advanced=True,
+                         show_if={"optimizer.optimizer_type": ["AdamW", "AdamW8bit", "PagedAdamW8bit",
+                                                               "AdamWScheduleFree", "Prodigy", "DAdaptAdam"]})
+    d_coef: float = setting(1.0, "Prodigy d_coef", "Scales Prodigy's estimated step size (below 1: smaller "
+                            "steps).", ge=0.01, le=100.0, step=0.1, advanced=True,
+                            show_if={"optimizer.optimizer_type": ["Prodigy"]})
     adafactor_relative_step: bool = setting(False, "Adafactor relative step", "Adafactor chooses its own step "
                                             "size (relative_step, scale_parameter and warmup_init on; the learning "
                                             "rate is then ignored).", advanced=True,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import architectures
 from core import dataset as ds_mod
@@ -28,7 +29,8 @@ from core.memory_setup import run_context, setup_denoiser, text_encoder_on_devic
 from core.loss import conditional_loss, huber_threshold, multires_noise, timestep_range
 from core.io import (NonFiniteError, atomic_save_image, atomic_save_safetensors, atomic_torch_save,
                      atomic_write_json, check_finite, unused_path, unused_stem)
-from core.optim import build_fused_backward_optimizer, build_optimizer, build_scheduler, schedule_free
+from core.optim import (build_fused_backward_optimizer, build_optimizer, build_scheduler, optimizer_kwargs,
+                        schedule_free)
 from core.plan import estimate_config_dir, make_plan
 from core.prompts import parse_prompts
 from core.run_log import RunLog, log_problems, run_log_folder
@@ -207,8 +209,12 @@ def diffusion_loss(arch, components, latents: torch.Tensor, cond: dict, batch: d
         pred = arch.predict(components, x.noisy.to(weight_dtype), x.timesteps, cond, batch)
     huber_c = (huber_threshold(s.huber_schedule, s.huber_c, s.huber_scale, x.level, x.noise_to_signal)
                if s.loss_type != "l2" else None)
-    per_sample = conditional_loss(pred.float(), x.target.float(), s.loss_type, huber_c).mean(
-        dim=tuple(range(1, pred.ndim)))
+    elementwise = conditional_loss(pred.float(), x.target.float(), s.loss_type, huber_c)
+    masks = batch.get("masks") if isinstance(batch, dict) else None
+    if masks is not None:   # masked loss: what lies outside the mask does not count (sd-scripts' masked_loss)
+        grid = F.interpolate(masks.to(pred.device, non_blocking=True), size=pred.shape[-2:], mode="area")
+        elementwise = elementwise * grid
+    per_sample = elementwise.mean(dim=tuple(range(1, pred.ndim)))
     loss_weights = batch.get("loss_weights") if isinstance(batch, dict) else None
     if loss_weights is not None and any(w != 1.0 for w in loss_weights):
         lw = torch.tensor(loss_weights, dtype=torch.float32)
@@ -294,6 +300,9 @@ class _Run:
 
         self.status("Reading the dataset")
         self.items = self.scan_images()
+        if s.dataset.masked_loss and s.dataset.mask_path.strip():
+            ds_mod.attach_masks(self.items, self.dataset_root,
+                                self.config.resolve(s.dataset.mask_path, "datasets_dir", "dataset.mask_path"))
         ds_mod.assign_buckets(self.items, s.dataset)
         self.items, self.val_items = ds_mod.split_validation(self.items, s.dataset.validation_split,
                                                              s.dataset.validation_seed)
@@ -424,7 +433,11 @@ class _Run:
         ds_mod.fill_cache(self.latent_cache, self.items, s.dataset, s.schedule.train_batch_size, progress=progress)
         self.latent_cache.fill(self.val_items, False, s.schedule.train_batch_size)  # measured unflipped
         self.sampler = ds_mod.BucketBatchSampler(self.items, s.schedule.train_batch_size, s.schedule.seed)
-        self.data = ds_mod.TrainingDataset(self.items, s.dataset, self.latent_cache, s.schedule.seed)
+        masks = None
+        if s.dataset.masked_loss:
+            masks = ds_mod.MaskCache()
+            masks.fill(self.items, s.dataset)
+        self.data = ds_mod.TrainingDataset(self.items, s.dataset, self.latent_cache, s.schedule.seed, masks)
         if s.dataset.cache_latents != "off" and not self.wants_previews():
             c.vae.to("cpu")
 
@@ -596,9 +609,11 @@ class _Run:
             self.log(f"Optimizer {self.setup.optimizer_type}: the plan keeps the optimizer state in 8 bits")
         o = s.optimizer
         relative_step = o.optimizer_type == "Adafactor" and o.adafactor_relative_step and not self.fused_backward
-        optimizer = make(self.setup.optimizer_type, params, o.learning_rate, o.weight_decay, self.device) \
+        kwargs = optimizer_kwargs(self.setup.optimizer_type, o.beta1, o.beta2, o.eps, o.d_coef)
+        optimizer = make(self.setup.optimizer_type, params, o.learning_rate, o.weight_decay, self.device, kwargs) \
             if self.fused_backward else make(self.setup.optimizer_type, params, o.learning_rate, o.weight_decay,
-                                             self.device, warmup_steps=o.lr_warmup_steps, relative_step=relative_step)
+                                             self.device, warmup_steps=o.lr_warmup_steps, relative_step=relative_step,
+                                             kwargs=kwargs)
         batches = len(self.sampler)
         self.total_steps, self.total_epochs = total_steps_and_epochs(s, batches)
         if relative_step:  # Adafactor's own step sizes, reported as its learning rates

@@ -40,6 +40,7 @@ GUI_MAPPED = {
     "network_dropout": ("network.dropout", 0.1), "LoRA_type": ("network.algorithm", "lora"),
     "unet_lr": ("optimizer.learning_rate", 0.0002), "text_encoder_lr": ("optimizer.text_encoder_lr", 5e-05),
     "optimizer": ("optimizer.optimizer_type", "AdamW8bit"), "optimizer_args.weight_decay": ("optimizer.weight_decay", 0.05),
+    "optimizer_args.betas[0]": ("optimizer.beta1", 0.9), "optimizer_args.betas[1]": ("optimizer.beta2", 0.99),
     "lr_scheduler": ("optimizer.lr_scheduler", "cosine_with_restarts"),
     "lr_scheduler_num_cycles": ("optimizer.lr_scheduler_num_cycles", 3),
     "lr_warmup": ("optimizer.lr_warmup_steps", 200),                    # 10 % of 2000 steps
@@ -67,7 +68,7 @@ GUI_MAPPED = {
     "loss_type": ("schedule.loss_type", "huber"), "ip_noise_gamma": ("schedule.ip_noise_gamma", 0.1),
 }
 GUI_IGNORED = {"sd3_checkbox", "flux1_checkbox", "v2", "v_parameterization", "reg_data_dir", "output_dir", "max_train_epochs",
-               "LyCORIS_preset", "optimizer_args.betas", "learning_rate", "flux1_cache_text_encoder_outputs",
+               "LyCORIS_preset", "learning_rate", "flux1_cache_text_encoder_outputs",
                "sample_sampler", "wandb_api_key", "xformers", "color_aug", "dataset_config",
                "scale_weight_norms"}
 
@@ -187,6 +188,7 @@ def test_an_sd_scripts_toml_with_a_two_subset_dataset_config(config, tmp_path):
         "network_train_unet_only": ("network.train_text_encoder", False),
         "optimizer_type": ("optimizer.optimizer_type", "Prodigy"),
         "optimizer_args.weight_decay": ("optimizer.weight_decay", 0.01),
+        "optimizer_args.d_coef": ("optimizer.d_coef", 2.0),
         "learning_rate": ("optimizer.learning_rate", 1.0),
         "lr_scheduler": ("optimizer.lr_scheduler", "constant_with_warmup"),
         "lr_warmup_steps": ("optimizer.lr_warmup_steps", 100), "max_train_steps": ("schedule.max_train_steps", 3000),
@@ -216,7 +218,7 @@ def test_an_sd_scripts_toml_with_a_two_subset_dataset_config(config, tmp_path):
         if not dotted.startswith("dataset.subsets"):
             assert settings.get(dotted) == value, dotted
     ignored = {key: why for key, _, why in report.ignored}
-    assert set(ignored) == {"network_module", "network_args.bypass_mode", "optimizer_args.d_coef",
+    assert set(ignored) == {"network_module", "network_args.bypass_mode",
                             "model_prediction_type", "datasets[0].subsets[1].class_tokens"}
     assert ignored["datasets[0].subsets[1].class_tokens"] == "no equivalent subset option"
 

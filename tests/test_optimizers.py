@@ -136,3 +136,25 @@ def test_schedule_free_saves_and_samples_the_averaged_weights():
         assert not opt.param_groups[0]["train_mode"]
     assert opt.param_groups[0]["train_mode"] and torch.equal(w.detach(), training)
     assert not torch.equal(averaged, training)
+
+
+def test_typed_arguments_reach_each_optimizer_with_its_own_defaults():
+    from core.optim import optimizer_kwargs
+    assert optimizer_kwargs("AdamW") == {} and optimizer_kwargs("Lion") == {}
+    assert optimizer_kwargs("AdamW", beta2=0.99, eps=1e-6) == {"betas": (0.9, 0.99), "eps": 1e-6}
+    assert optimizer_kwargs("Lion", beta1=0.95) == {"betas": (0.95, 0.99)}            # Lion's beta2 default
+    assert optimizer_kwargs("CAME", beta1=0.8) == {"betas": (0.8, 0.999, 0.9999)}
+    assert optimizer_kwargs("Adafactor", beta1=0.9, beta2=0.5, eps=1e-3) == {"beta1": 0.9}
+    assert optimizer_kwargs("SGD") == {"momentum": 0.9} and optimizer_kwargs("SGD", beta1=0.5) == {"momentum": 0.5}
+    assert optimizer_kwargs("Prodigy", d_coef=0.5) == {"d_coef": 0.5}
+    w = torch.nn.Parameter(torch.zeros(2))
+    for name in ("AdamW", "Lion", "CAME", "AdamWScheduleFree", "Prodigy", "DAdaptAdam", "Adafactor", "SGD"):
+        kw = optimizer_kwargs(name, beta1=0.8, beta2=0.95, eps=1e-6, d_coef=0.5)
+        opt = build_optimizer(name, [{"params": [w], "lr": 1e-3}], 1e-3, 0.0, CPU, kwargs=kw)
+        group = opt.param_groups[0]
+        if "betas" in kw:
+            assert tuple(group["betas"])[:2] == (0.8, 0.95), name
+        if "eps" in kw:
+            assert group["eps"] == 1e-6, name
+    assert build_optimizer("SGD", [{"params": [w]}], 1e-3, 0.0, CPU, kwargs={"momentum": 0.5}).param_groups[0][
+        "momentum"] == 0.5
