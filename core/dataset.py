@@ -322,6 +322,12 @@ def choose_bucket(w: int, h: int, buckets: Sequence[Bucket], resolution: int, st
     return bw, bh
 
 
+def bucket_sides(ds, resolution: int) -> tuple[int, int]:
+    """(smallest, largest) bucket side for a resolution: the dataset's range, widened to reach the resolution
+    (training at 64 or 1536 px needs no edit of the bucket range)."""
+    return min(ds.min_bucket_reso, resolution), max(ds.max_bucket_reso, resolution)
+
+
 def assign_buckets(items: Sequence[ImageItem], ds) -> dict[Bucket, int]:
     """Sets ``item.bucket`` for every item from the dataset settings and the item's own resolution (a subset's;
     None: ``ds.resolution``); returns {bucket: image count}.  Without buckets every image is trained at
@@ -334,7 +340,7 @@ def assign_buckets(items: Sequence[ImageItem], ds) -> dict[Bucket, int]:
             it.bucket = (res, res)
             counts[it.bucket] += 1
         return dict(counts)
-    buckets = {res: make_buckets(res, ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps)
+    buckets = {res: make_buckets(res, *bucket_sides(ds, res), ds.bucket_reso_steps)
                for res in sorted({it.resolution or ds.resolution for it in items})}
     too_small = []
     for it in items:

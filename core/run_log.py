@@ -77,9 +77,15 @@ class RunLog:
         step = int(event["step"])
         scalars: dict[str, float] = {}
         if kind == "progress":
-            loss = float(event["loss"])
-            self.smoothed = loss if self.smoothed is None else SMOOTHING * self.smoothed + (1 - SMOOTHING) * loss
-            scalars = {"loss/current": loss, "loss/smoothed": self.smoothed}
+            # every step's loss (the report carries the interval's), the rest at the report's step
+            for st, loss in event.get("step_losses") or [(step, event["loss"])]:
+                loss = float(loss)
+                self.smoothed = loss if self.smoothed is None else SMOOTHING * self.smoothed + (1 - SMOOTHING) * loss
+                for name, value in (("loss/current", loss), ("loss/smoothed", self.smoothed)):
+                    if self.tb is not None:
+                        self.tb.add_scalar(name, value, int(st))
+                    if self.wandb_run is not None:
+                        self.wandb_run.log({name: value}, step=int(st))
             for i, lr in enumerate(event.get("lrs") or [event["lr"]]):
                 scalars[f"lr/group{i}"] = float(lr)
             for key, name in (("it_per_s", "speed/it_per_s"), ("vram_gb", "memory/vram_gb"),

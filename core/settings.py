@@ -130,9 +130,11 @@ class DatasetSettings(Section):
                               ge=64, le=4096, step=64)
     enable_buckets: bool = setting(True, "Aspect-ratio buckets",
                                    "Group images by aspect ratio instead of centre-cropping them to a square.")
-    min_bucket_reso: int = setting(256, "Smallest bucket side", ge=32, le=4096, step=64,
+    min_bucket_reso: int = setting(256, "Smallest bucket side", "Lowered to the resolution when that is smaller.",
+                                   ge=32, le=4096, step=64,
                                    show_if={"dataset.enable_buckets": [True]}, advanced=True)
-    max_bucket_reso: int = setting(1024, "Largest bucket side", ge=64, le=8192, step=64,
+    max_bucket_reso: int = setting(1024, "Largest bucket side", "Raised to the resolution when that is larger.",
+                                   ge=64, le=8192, step=64,
                                    show_if={"dataset.enable_buckets": [True]}, advanced=True)
     bucket_reso_steps: int = setting(64, "Bucket step", "Bucket sides are multiples of this.", ge=8, le=512,
                                      step=8, show_if={"dataset.enable_buckets": [True]}, advanced=True)
@@ -199,11 +201,6 @@ class DatasetSettings(Section):
         if all(folder.is_reg for folder in self.folders()):
             out.append("dataset.path: choose the folder with your training images (or add a subset that is not "
                        "is_reg)")
-        for i, sub in enumerate(self.subsets):
-            res = sub.resolution
-            if res is not None and self.enable_buckets and not (self.min_bucket_reso <= res <= self.max_bucket_reso):
-                out.append(f"dataset.subsets[{i}].resolution ({res}) must lie between the smallest and largest "
-                           f"bucket side ({self.min_bucket_reso} … {self.max_bucket_reso})")
         return out
 
 
@@ -751,10 +748,7 @@ def check_consistency(settings: Settings) -> list[str]:
     d = settings.dataset
     if d.enable_buckets and d.min_bucket_reso > d.max_bucket_reso:
         problems.append(f"dataset.min_bucket_reso ({d.min_bucket_reso}) is larger than dataset.max_bucket_reso "
-                        f"({d.max_bucket_reso})")
-    if d.enable_buckets and not (d.min_bucket_reso <= d.resolution <= d.max_bucket_reso):
-        problems.append(f"dataset.resolution ({d.resolution}) must lie between the smallest and largest bucket "
-                        f"side ({d.min_bucket_reso} … {d.max_bucket_reso})")
+                        f"({d.max_bucket_reso}) (Dataset → Advanced)")
     if d.resolution % 8:
         problems.append(f"dataset.resolution ({d.resolution}) must be a multiple of 8")
     if d.enable_buckets and d.bucket_reso_steps % 8:

@@ -56,6 +56,42 @@ class TrainingStopped(Exception):
     """Stop was pressed before the first training step of this run: there is nothing new to save."""
 
 
+class StepLosses:
+    """The loss of every optimizer step of a report interval, kept on the device: ``add`` (each batch) and ``step``
+    (each optimizer step) only queue device work; ``read`` copies the interval to the host once, at the report,
+    so the chart gets every step's loss without a device read per step."""
+
+    def __init__(self, device: torch.device, capacity: int):
+        self.device = device
+        self.values = torch.zeros(max(1, capacity), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = torch.zeros((), device=self.device)      # every batch of the interval (the divergence guard)
+        self.current = torch.zeros((), device=self.device)    # the batches of the step being accumulated
+        self.batches = self.total_batches = self.n = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.current = self.current + loss.detach()
+        self.total = self.total + loss.detach()
+        self.batches += 1
+        self.total_batches += 1
+
+    def step(self) -> None:
+        if self.n == self.values.numel():
+            self.values = torch.cat([self.values, torch.zeros_like(self.values)])
+        self.values[self.n] = self.current / max(1, self.batches)
+        self.n += 1
+        self.current = torch.zeros((), device=self.device)
+        self.batches = 0
+
+    def read(self) -> tuple[float, list[float]]:
+        """(the interval's mean batch loss, each step's loss), then a new interval."""
+        host = torch.cat([(self.total / max(1, self.total_batches)).reshape(1), self.values[:self.n]]).tolist()
+        self.reset()
+        return host[0], host[1:]
+
+
 class DivergenceGuard:
     """The first optimizer step whose loss (or gradient norm) was not finite, recorded on the device.
 
@@ -646,8 +682,7 @@ class _Run:
         guard_grad_norm = clipping and self.plan.mixed_precision != "fp16"
         self.guard = DivergenceGuard(self.device, self.global_step)
         first_step = self.global_step
-        loss_sum = torch.zeros((), device=self.device)
-        loss_count = 0
+        losses = StepLosses(self.device, s.schedule.log_every_n_steps)
         t0 = time.time()
         epoch = start_epoch
         if schedule_free(self.optimizer) is not None:
@@ -668,8 +703,7 @@ class _Run:
                 with contextlib.nullcontext() if steps_now else acc.no_sync(self.network):
                     loss = self.training_step(batch)
                     acc.backward(loss / group_size)
-                loss_sum += loss.detach()
-                loss_count += 1
+                losses.add(loss)
                 if not steps_now:
                     continue
                 grad_norm = acc.clip_grad_norm_(self.network.parameters(), s.optimizer.max_grad_norm) \
@@ -677,16 +711,15 @@ class _Run:
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                self.guard.update(loss_sum, grad_norm if guard_grad_norm else None)
+                losses.step()
+                self.guard.update(losses.total, grad_norm if guard_grad_norm else None)
                 self.global_step += 1
                 if self.ema is not None:
                     self.ema.update()
                 self.position = (epoch, batch_index + 1) if batch_index + 1 < batches else (epoch + 1, 0)
                 last = self.global_step >= self.total_steps
                 if self.global_step % s.schedule.log_every_n_steps == 0 or last:
-                    self.report(epoch, loss_sum, loss_count, t0, first_step)
-                    loss_sum = torch.zeros((), device=self.device)
-                    loss_count = 0
+                    self.report(epoch, losses, t0, first_step)
                 every = s.schedule.validate_every_n_steps
                 if self.val_items and (last or (every and self.global_step % every == 0)):
                     self.validate(epoch)
@@ -726,16 +759,18 @@ class _Run:
         raise TrainingDiverged(f"{what} near step {step} (learning rate {o.learning_rate:g}, gradient clipping "
                                f"{clipping}). {last}")
 
-    def report(self, epoch: int, loss_sum: torch.Tensor, loss_count: int, t0: float, step0: int) -> None:
+    def report(self, epoch: int, losses: StepLosses, t0: float, step0: int) -> None:
         from core.hardware import current_memory_use
-        loss = float(loss_sum.item()) / max(1, loss_count)  # the one read of the device per report
+        loss, per_step = losses.read()  # the one read of the device per report
         self.check_finite()
         elapsed = time.time() - t0
         done = self.global_step - step0
         rate = done / elapsed if elapsed > 0 else 0.0
         mem = current_memory_use()
         emit(self.on_event, "progress", step=self.global_step, total_steps=self.total_steps, epoch=epoch + 1,
-             total_epochs=self.total_epochs, loss=loss, lrs=[float(x) for x in self.lr_scheduler.get_last_lr()],
+             total_epochs=self.total_epochs, loss=loss,
+             step_losses=[(self.global_step - len(per_step) + i + 1, v) for i, v in enumerate(per_step)],
+             lrs=[float(x) for x in self.lr_scheduler.get_last_lr()],
              lr=float(self.lr_scheduler.get_last_lr()[0]), elapsed_s=elapsed,
              eta_s=(self.total_steps - self.global_step) / rate if rate > 0 else None, it_per_s=rate,
              vram_gb=mem.get("vram_gb"), ram_gb=mem.get("ram_gb"))
@@ -977,10 +1012,17 @@ class _Run:
     def delete_adapter(self, name: str) -> None:
         """An intermediate save: its main file and the family's extra files (``<stem>.<suffix>.safetensors``)."""
         main = self.output_dir / name
-        for p in [main, *self.output_dir.glob(f"{main.stem}.*.safetensors")]:
+        removed = [main, *self.output_dir.glob(f"{main.stem}.*.safetensors")]
+        for p in removed:
             p.unlink(missing_ok=True)
         if self.full_ft:
-            shutil.rmtree(main.with_name(main.stem + "_diffusers"), ignore_errors=True)
+            removed.append(main.with_name(main.stem + "_diffusers"))
+            shutil.rmtree(removed[-1], ignore_errors=True)
+        # what lists the run's files (the result, the Run tab) no longer names them
+        gone = {str(p) for p in removed}
+        self.result.outputs = [p for p in self.result.outputs if str(p) not in gone]
+        emit(self.on_event, "deleted", paths=sorted(gone),
+             reason=f"keeping the last {self.s.saving.save_last_n} intermediate saves")
 
     def prune(self, names: list[str], delete) -> None:
         keep = self.s.saving.save_last_n

@@ -469,3 +469,17 @@ def test_training_dataset_batches(small_dataset):
         first_of.setdefault(it.bucket, j)
     with pytest.raises(ValueError, match="one bucket"):
         data.get_batch(list(first_of.values())[:2], 0, 0)
+
+
+def test_the_bucket_range_follows_the_resolution():
+    """Training at 64 or 1536 px needs no edit of the bucket range (256 … 1024 by default): it widens to reach."""
+    from core.dataset import assign_buckets, bucket_sides
+    from core.settings import Settings, check_consistency
+    s = Settings()
+    for res, want in ((64, (64, 1024)), (512, (256, 1024)), (1536, (256, 1536))):
+        s.dataset.resolution = res
+        assert bucket_sides(s.dataset, res) == want
+        assert not [p for p in check_consistency(s) if "bucket" in p]
+        items = [ImageItem(path=Path(f"/x/{res}.png"), caption="c", repeats=1, width=2000, height=2000)]
+        assign_buckets(items, s.dataset)
+        assert items[0].bucket == (res, res)

@@ -59,3 +59,28 @@ def test_wandb_without_its_package_is_refused_before_anything_loads(tiny, tmp_pa
         core.train(s, on_event=events.append, config=config)
     assert not any(e["type"] == "status" for e in events)   # refused before reading the dataset
     assert not (tmp_path / "outputs").exists()
+
+
+def test_every_step_is_plotted_from_the_first_with_one_report_per_interval(tiny, tmp_path):
+    """Report every 3 steps (one device read each): the chart and the logs still get the loss of each step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ui.run_state import RunState, loss_frame, progress_html
+    s, config = _settings(tiny, tmp_path, schedule__log_every_n_steps=3, schedule__max_train_steps=4)
+    events = []
+    result = core.train(s, on_event=events.append, config=config)
+    progress = [e for e in events if e["type"] == "progress"]
+    assert [e["step"] for e in progress] == [3, 4]                      # the last step reports too
+    assert [st for st, _ in progress[0]["step_losses"]] == [1, 2, 3] and [st for st, _ in progress[1]["step_losses"]] == [4]
+    assert progress[0]["loss"] == pytest.approx(sum(v for _, v in progress[0]["step_losses"]) / 3)
+    state = RunState()
+    state.reset("Starting")
+    for e in events:
+        state.handle(e)
+    snap = state.snapshot()
+    assert [st for st, _ in snap.losses] == [1, 2, 3, 4]
+    assert list(loss_frame(snap)["step"])[:4] == [1, 2, 3, 4]
+    assert f"loss {snap.losses[-1][1]:.4g}" in progress_html(snap)
+    acc = EventAccumulator(str(next((result.final.parent / "logs").iterdir())), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [x.step for x in acc.Scalars("loss/current")] == [1, 2, 3, 4]

@@ -2,6 +2,8 @@
 memory options, a single-file checkpoint, and the messages bad input gets."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -121,6 +123,16 @@ def test_epochs_intermediate_saves_and_keep_last(tiny, tmp_path):
     remaining = sorted(p.name for p in out.glob("*-step*.safetensors"))
     assert len(saved) == 4 and len(remaining) == 2  # three epoch saves, two kept, plus the final
     assert len(list(out.glob("*-state-*"))) == 2
+    # the result and the Run tab list only the files that still exist
+    assert all(p.exists() for p in result.outputs) and len(result.outputs) == 3
+    from ui.run_state import RunState
+    state = RunState()
+    state.reset("Starting")
+    for e in events:
+        state.handle(e)
+    listed = state.snapshot().outputs
+    assert sorted(Path(p).name for p in listed) == sorted([*remaining, result.final.name])
+    assert sum(e["type"] == "deleted" for e in events) == 1
 
 
 def test_existing_output_is_never_overwritten(tiny, tmp_path):

@@ -154,9 +154,11 @@ class RunState:
                 for name in ("it_per_s", "eta_s", "elapsed_s", "lr"):
                     if event.get(name) is not None:
                         setattr(self, name, float(event[name]))
-                loss = event.get("loss")
-                if loss is not None:
-                    self.losses.append((self.step, float(loss)))
+                # every step's loss of the report interval (one point per step from the first), else the mean
+                points = event.get("step_losses") or ([(self.step, event["loss"])] if event.get("loss") is not None
+                                                      else [])
+                if points:
+                    self.losses.extend((int(st), float(v)) for st, v in points)
                     self._bump("losses")
                 for name in ("vram_gb", "ram_gb"):
                     if event.get(name) is not None:
@@ -179,6 +181,11 @@ class RunState:
                 if event.get("kind", "adapter") in ("adapter", "checkpoint") and path not in self.outputs:
                     self.outputs.append(path)
                 self._log(f"Saved {event.get('kind', 'adapter')} at step {event.get('step')}: {path}")
+                self._bump("outputs")
+            elif kind == "deleted":
+                gone = {str(p) for p in event.get("paths") or []}
+                self.outputs = [p for p in self.outputs if p not in gone]
+                self._log(f"Removed {', '.join(sorted(Path(p).name for p in gone))} ({event.get('reason', '')})")
                 self._bump("outputs")
             elif kind == "done":
                 for p in event.get("outputs") or []:
@@ -339,6 +346,8 @@ def progress_html(s: Snapshot) -> str:
         parts.append(f"ETA {_fmt_duration(s.eta_s)}")
     if s.elapsed_s is not None:
         parts.append(f"elapsed {_fmt_duration(s.elapsed_s)}")
+    if s.losses:
+        parts.append(f"loss {s.losses[-1][1]:.4g}")
     if s.lr is not None:
         parts.append(f"lr {s.lr:.3g}")
     cls = {"failed": "failed", "stopped": "stopped", "finished": "finished"}.get(s.phase, "active")
