@@ -310,13 +310,28 @@ def test_presets_save_and_load_through_the_app(app):
     names = _ordered_inputs(save)[1:]
     status, dropdown = save.fn("portrait v1", *[values[n] for n in names])
     assert "Saved" in status and dropdown["value"] == "portrait v1"
-    assert "portrait v1" in dropdown["choices"]
+    assert ("portrait v1", "portrait v1") in dropdown["choices"]
     assert (config.path("presets_dir") / "portrait v1.json").is_file()
 
     out = load.fn("portrait v1")
     loaded = dict(zip([dotted_from_elem_id(c.elem_id) for c in load.outputs[1:]], out[1:]))
     assert "Loaded" in out[0]
     assert loaded["network.rank"] == 32 and loaded["dataset.path"] == "my_images"
+
+
+def test_the_preset_list_holds_the_examples_and_is_read_again_on_every_page_load(app):
+    from ui.presets import EXAMPLES
+    demo, config = app
+    refresh = [f for f in demo.fns.values() if any(t[1] == "load" for t in f.targets)
+               and [getattr(o, "elem_id", None) for o in f.outputs] == ["preset-name"]]
+    assert len(refresh) == 1
+    (config.path("presets_dir") / "made elsewhere.json").write_text(json.dumps(Settings().to_dict()))
+    choices = refresh[0].fn()["choices"]
+    shipped = sorted(p.stem for p in EXAMPLES.glob("*.json"))
+    assert choices[0] == ("made elsewhere", "made elsewhere")       # saved in another tab: listed on reload
+    assert [c for c in choices if c[0].endswith(" (example)")] == [(f"{n} (example)", n) for n in shipped]
+    out = handler(demo, "preset-load", "click").fn("sd15_lora")       # a shipped example loads by its name
+    assert out[0] == "✓ Loaded preset **sd15_lora**"
 
 
 def test_loading_an_invalid_preset_names_the_fields(app):

@@ -154,7 +154,7 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
             with gr.Column(scale=4, min_width=420):
                 with gr.Row(elem_id="preset-bar", equal_height=True):
                     preset_name = gr.Dropdown(
-                        choices=preset_store.list_presets(presets_dir), value=None, allow_custom_value=True,
+                        choices=preset_store.preset_choices(presets_dir), value=None, allow_custom_value=True,
                         label="Preset: pick one, or type a new name", elem_id="preset-name",
                         scale=4, min_width=200)
                     preset_load = gr.Button("Load", elem_id="preset-load", scale=1, min_width=70, size="md")
@@ -217,7 +217,7 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
             except OSError as exc:
                 return f"✗ Could not save the preset: {exc}", gr.skip()
             return (f"✓ Saved preset **{path.stem}** ({path})",
-                    gr.update(choices=preset_store.list_presets(presets_dir), value=path.stem))
+                    gr.update(choices=preset_store.preset_choices(presets_dir), value=path.stem))
 
         def apply(settings: Settings, message: str):
             values = settings_to_values(settings)
@@ -273,6 +273,9 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
             for event in events:
                 event(show_plan, inputs=plan_components, outputs=w["plan"], queue=False, show_progress="hidden")
         demo.load(show_plan, inputs=plan_components, outputs=w["plan"], queue=False)
+        # presets saved since the page was built (another tab, before a restart) are listed on every load
+        demo.load(lambda: gr.update(choices=preset_store.preset_choices(presets_dir)), outputs=preset_name,
+                  queue=False)
 
         def start(*vals):
             if controller.running:

@@ -11,11 +11,22 @@ from core.settings import Settings, SettingsError, load_settings, save_settings
 _NAME = re.compile(r"^[\w][\w .+()-]{0,99}$")
 
 
+#: the ready presets shipped with the project (read-only: saving always writes the user's presets folder)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "presets"
+
+
 def list_presets(folder: Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
     return sorted((p.stem for p in folder.glob("*.json") if not p.name.startswith(".")), key=str.lower)
+
+
+def preset_choices(folder: Path, examples: Path = EXAMPLES) -> list[tuple[str, str]]:
+    """(label, name) for the dropdown: the user's presets, then the shipped examples they do not shadow (read from
+    disk each time, so a preset saved in another tab or before a restart is listed)."""
+    own = list_presets(folder)
+    return [(n, n) for n in own] + [(f"{n} (example)", n) for n in list_presets(examples) if n not in own]
 
 
 def preset_path(folder: Path, name: str) -> Path:
@@ -33,11 +44,14 @@ def save_preset(folder: Path, name: str, settings: Settings) -> Path:
     return path
 
 
-def load_preset(folder: Path, name: str) -> Settings:
-    """Raises SettingsError naming each invalid field (or a missing/unreadable file)."""
+def load_preset(folder: Path, name: str, examples: Path = EXAMPLES) -> Settings:
+    """The user's preset of that name, else the shipped example.  Raises SettingsError naming each invalid field
+    (or a missing/unreadable file)."""
     path = preset_path(folder, name)
+    if not path.is_file() and preset_path(examples, name).is_file():
+        path = preset_path(examples, name)
     if not path.is_file():
-        raise SettingsError(f"No preset named {name!r} in {Path(folder)}")
+        raise SettingsError(f"No preset named {name!r} in {Path(folder)} or among the examples")
     try:
         return load_settings(path)
     except SettingsError as exc:
