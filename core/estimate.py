@@ -643,9 +643,13 @@ class Estimate:
     def summary(self) -> str:
         def fmt(parts):
             return " · ".join(f"{k} {v:.2f}" for k, v in parts.items() if v >= 0.005)
-        line = f"≈ {self.total_gb:.1f} GB (training {self.training_gb:.1f}: {fmt(self.parts)})"
-        if self.caching_parts:
-            line += f"; caption encoding {self.caching_gb:.1f} GB ({fmt(self.caching_parts)})"
+        def detail(parts):
+            text = fmt(parts)
+            return f" ({text})" if text else ""
+        training = fmt(self.parts)
+        line = f"≈ {self.total_gb:.1f} GB (training {self.training_gb:.1f}" + (f": {training})" if training else ")")
+        if self.caching_parts and self.caching_gb >= 0.05:   # a few MB of tiny encoders are not worth a clause
+            line += f"; caption encoding {self.caching_gb:.1f} GB{detail(self.caching_parts)}"
         if self.ram_gb >= 0.05:
             line += f"; CPU RAM for offloaded parts {self.ram_gb:.1f} GB"
         return line

@@ -217,3 +217,14 @@ def test_estimate_parts_and_cache():
     math = estimate(arch, EstimateInputs(resolution=1024, batch_size=1, attention="math"))
     flash = estimate(arch, EstimateInputs(resolution=1024, batch_size=1))
     assert math.parts["activations"] > flash.parts["activations"] + 10  # N² probabilities: tens of GB
+
+
+def test_the_summary_leaves_out_empty_clauses():
+    from core.estimate import Estimate
+    tiny = Estimate(parts={"weights": 0.001}, caching_parts={"text encoders": 0.001, "VAE": 0.0005},
+                    training_gb=0.001, caching_gb=0.0015, total_gb=0.002, ram_gb=0.0, swappable_blocks=0)
+    assert tiny.summary() == "≈ 0.0 GB (training 0.0)"
+    real = Estimate(parts={"weights": 3.2, "activations": 1.5}, caching_parts={"text encoders": 1.6},
+                    training_gb=4.7, caching_gb=1.6, total_gb=5.4, ram_gb=0.0, swappable_blocks=0)
+    assert real.summary() == ("≈ 5.4 GB (training 4.7: weights 3.20 · activations 1.50); caption encoding 1.6 GB "
+                              "(text encoders 1.60)")

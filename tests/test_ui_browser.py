@@ -97,7 +97,18 @@ def open_tab(page, label: str) -> None:
     page.wait_for_timeout(300)
 
 
+def open_run_choices(page) -> None:
+    """The Run tab keeps its settings folded under Start, status and the plan."""
+    from ui.app import RUN_CHOICES
+    acc = page.locator("#run-choices")
+    if not acc.locator(sid_any_inside()).first.is_visible():
+        acc.get_by_text(RUN_CHOICES, exact=True).first.click()
+        page.wait_for_timeout(300)
+
+
 def open_advanced(page, tab_id: str) -> None:
+    if tab_id == "run":
+        open_run_choices(page)
     acc = page.locator(f"#advanced-{tab_id}")
     if not acc.locator(sid_any_inside()).first.is_visible():
         acc.get_by_text("Advanced", exact=True).first.click()
@@ -218,6 +229,11 @@ def test_train_a_tiny_lora_in_the_browser(studio, page):
     plan = page.locator("#run-plan")
     expect_text(plan, "RAM estimate ≈")
     expect_text(plan, "gradient checkpointing off")
+    # Start, the status and the plan are at the top of the tab, the memory choices folded below them
+    start_box = page.locator("#run-start").bounding_box()
+    assert start_box["y"] + start_box["height"] < 800, start_box          # visible without scrolling at 1280×800
+    assert not page.locator(sid("memory.gradient_checkpointing")).is_visible()
+    open_run_choices(page)
     choose(page, "memory.gradient_checkpointing", "on")
     expect_text(plan, "gradient checkpointing on")
     choose(page, "memory.gradient_checkpointing", "auto")

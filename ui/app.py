@@ -5,6 +5,7 @@ Holds no training logic: Start turns the control values into the typed ``Setting
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import socket
@@ -27,7 +28,7 @@ APP_TITLE = "Adapter Training Studio"
 CSS = """
 #app-header { align-items: end; }
 #app-title h1 { margin: 0; font-size: 1.6rem; }
-#app-hardware, #app-hardware *, #run-hardware, #run-hardware * { color: var(--body-text-color-subdued); font-size: 0.85rem; }
+#app-hardware, #app-hardware * { color: var(--body-text-color-subdued); font-size: 0.85rem; }
 #preset-bar { align-items: end; }
 #preset-bar button { align-self: end; }
 .refresh-btn { align-self: end; margin-bottom: 8px; }
@@ -176,15 +177,21 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
         with gr.Tabs(elem_id="tabs"):
             for tab_id, tab_label, sections in TABS:
                 with gr.Tab(tab_label, id=tab_id, elem_id=f"tab-{tab_id}"):
-                    advanced: list = []
-                    for section, heading in sections:
-                        if heading and len(sections) > 1:
-                            gr.Markdown(f"### {heading}", elem_classes=["section-heading"])
-                        render_section(section, start_values, generated, models_fn=models_fn,
-                                       advanced_box=advanced)
-                    render_advanced(advanced, start_values, generated, tab_id=tab_id, models_fn=models_fn)
+                    # the Run tab: Start, status and the plan first; its settings (memory and speed, all 'auto'
+                    # by default) folded away below them
                     if tab_id == "run":
-                        run_widgets = _run_panel(hardware)
+                        run_widgets = _run_controls()
+                    with gr.Accordion(RUN_CHOICES, open=False, elem_id="run-choices") if tab_id == "run" \
+                            else contextlib.nullcontext():
+                        advanced: list = []
+                        for section, heading in sections:
+                            if heading and len(sections) > 1:
+                                gr.Markdown(f"### {heading}", elem_classes=["section-heading"])
+                            render_section(section, start_values, generated, models_fn=models_fn,
+                                           advanced_box=advanced)
+                        render_advanced(advanced, start_values, generated, tab_id=tab_id, models_fn=models_fn)
+                    if tab_id == "run":
+                        _run_results(run_widgets)
             with gr.Tab("Tools", id="tools", elem_id="tab-tools"):
                 from ui.tools_tab import build_tools_tab
                 build_tools_tab(config)
@@ -390,30 +397,42 @@ def plan_markdown(settings: Settings, config: AppConfig | None = None) -> str:
         verdict = ("✓ fits" if plan.fits else "✗ **does not fit**: lower the resolution or batch size, or let "
                    "the memory choices below be 'auto'")
         head += f"**{where} estimate ≈ {plan.estimate.total_gb:.1f} GB of {plan.budget_gb:.1f} GB** {verdict}  \n"
-    return ("**Plan** (every 'auto' below can be overridden above)  \n" + head + lines[0] +
+    return (f"**Plan** (every 'auto' can be overridden under *{RUN_CHOICES}*)  \n" + head + lines[0] +
             "".join(f"  \n{r.strip()}" for r in lines[1:]))
 
 
-def _run_panel(hardware: str) -> dict[str, Any]:
+#: the Run tab's folded settings (the plan text points there)
+RUN_CHOICES = "Memory and speed choices (each 'auto' follows the plan)"
+
+
+def _run_controls() -> dict[str, Any]:
+    """The top of the Run tab: Start / Stop, this tab's notices, status and progress, the plan beside them."""
     w: dict[str, Any] = {}
-    gr.Markdown("**Hardware**  \n" + "  \n".join(hardware.splitlines()), elem_id="run-hardware")
-    w["plan"] = gr.Markdown("", elem_id="run-plan")
-    with gr.Row(equal_height=True):
-        w["start"] = gr.Button("▶  Start training", variant="primary", elem_id="run-start", scale=2)
-        w["stop"] = gr.Button("■  Stop", variant="stop", elem_id="run-stop", interactive=False, scale=1)
-    # this tab's own answers (a refused Start, Stop requested): the shared status below never overwrites them
-    w["notice"] = gr.Markdown("", elem_id="run-notice")
-    with gr.Row(visible=False, elem_id="run-stop-confirm-row") as w["confirm_row"]:
-        w["confirm_text"] = gr.Markdown("", elem_id="run-stop-confirm-text")
-        w["confirm"] = gr.Button("Yes, stop it", variant="stop", elem_id="run-stop-confirm", scale=0)
-        w["cancel"] = gr.Button("Keep training", elem_id="run-stop-cancel", scale=0)
-    w["status"] = gr.Markdown("○ Ready.", elem_id="run-status")
-    w["progress"] = gr.HTML(progress_html(_idle_snapshot()), elem_id="run-progress", js_on_load=None)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            with gr.Row(equal_height=True):
+                w["start"] = gr.Button("▶  Start training", variant="primary", elem_id="run-start", scale=2)
+                w["stop"] = gr.Button("■  Stop", variant="stop", elem_id="run-stop", interactive=False, scale=1)
+            # this tab's own answers (a refused Start, Stop requested): the shared status never overwrites them
+            w["notice"] = gr.Markdown("", elem_id="run-notice")
+            with gr.Row(visible=False, elem_id="run-stop-confirm-row") as w["confirm_row"]:
+                w["confirm_text"] = gr.Markdown("", elem_id="run-stop-confirm-text")
+                w["confirm"] = gr.Button("Yes, stop it", variant="stop", elem_id="run-stop-confirm", scale=0)
+                w["cancel"] = gr.Button("Keep training", elem_id="run-stop-cancel", scale=0)
+            w["status"] = gr.Markdown("○ Ready.", elem_id="run-status")
+            w["progress"] = gr.HTML(progress_html(_idle_snapshot()), elem_id="run-progress", js_on_load=None)
+        with gr.Column(scale=2):
+            w["plan"] = gr.Markdown("", elem_id="run-plan")
+    return w
+
+
+def _run_results(w: dict[str, Any]) -> None:
+    """The rest of the Run tab: loss chart, previews, log, memory in use, saved files."""
     with gr.Row():
         w["loss"] = gr.LinePlot(None, x="step", y="loss", color="series",
                                 title="Loss", x_title="step", y_title="loss", height=300,
                                 elem_id="run-loss", scale=3,
-                                color_map={"loss": "#94a3b8", "smoothed": "#4f46e5"})
+                                color_map={"loss": "#94a3b8", "smoothed": "#4f46e5", "validation": "#f59e0b"})
         w["gallery"] = gr.Gallery(label="Previews (newest first)", columns=3, height=300,
                                   elem_id="run-gallery", scale=2, interactive=False, object_fit="contain")
     with gr.Row():
@@ -426,7 +445,6 @@ def _run_panel(hardware: str) -> dict[str, Any]:
                                     elem_id="run-download")
     w["timer"] = gr.Timer(1.0)
     w["seen"] = gr.State({})
-    return w
 
 
 def _idle_snapshot() -> Snapshot:

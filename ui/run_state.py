@@ -18,6 +18,16 @@ from typing import Any, Callable
 from core.events import RunFailed
 from core.settings import Settings, SettingsError
 
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether the error's message already says what is wrong and what to change (bad settings, dataset or model
+    file, a refused plan, a failed save): shown as it is, with no traceback.  Anything else is a bug: its type
+    is shown and its traceback goes to the log.  (Imported here, not at start-up: they pull in torch.)"""
+    from architectures.base import ModelLoadError
+    from core.dataset import DatasetError
+    from core.plan import PlanRefusal
+    return isinstance(exc, (SettingsError, RunFailed, DatasetError, ModelLoadError, PlanRefusal))
+
 LOG_LINES = 500
 
 
@@ -211,8 +221,7 @@ class RunState:
         with self.lock:
             self.running = False
             if error is not None:
-                msg = str(error) if isinstance(error, (SettingsError, RunFailed)) \
-                    else f"{type(error).__name__}: {error}"
+                msg = str(error) if is_user_error(error) else f"{type(error).__name__}: {error}"
                 already_reported = self.phase == "failed" and self.error is not None and self.error in msg
                 if not already_reported:
                     self.error = msg
@@ -312,7 +321,7 @@ class RunController:
         try:
             result = train(settings, on_event=self.state.handle, stop_event=stop_event, config=self.config)
         except BaseException as exc:  # shown in the page; the traceback goes to the log only
-            detail = "" if isinstance(exc, (SettingsError, RunFailed)) else traceback.format_exc()
+            detail = "" if is_user_error(exc) else traceback.format_exc()
             self.state.finish(error=exc, detail=detail)
         else:
             self.state.finish(result=result)
@@ -367,7 +376,11 @@ def status_text(s: Snapshot) -> str:
     icon = {"idle": "○", "starting": "…", "running": "▶", "stopping": "■", "finished": "✓",
             "stopped": "■", "failed": "✗"}.get(s.phase, "")
     label = run_label(s)
-    return f"{icon} {label + ': ' if label else ''}{s.status}".strip()
+    first, *rest = (s.status or "").splitlines() or [""]
+    text = f"{icon} {label + ': ' if label else ''}{first}".strip()
+    # a message of several lines (each problem on its own) stays one line each, not one run-on paragraph
+    items = [line.strip() for line in rest if line.strip()]
+    return text + ("\n\n" + "\n".join(f"- {line}" for line in items) if items else "")
 
 
 def memory_text(s: Snapshot) -> str:
