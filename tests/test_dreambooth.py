@@ -125,23 +125,30 @@ def test_get_batch_loss_weights_are_the_prior_loss_weight_for_reg(tiny, tmp_path
     assert seen == {True: 4, False: 4}
 
 
+class ZeroPredictor:
+    """A family stand-in that predicts zeros toward a fixed target, so that only diffusion_loss's own weighting
+    (per-sample weights, masks) decides the loss."""
+
+    def __init__(self, target: torch.Tensor):
+        self.target = target
+
+    def noisy_input_and_target(self, components, latents, noise, settings, input_noise=None, level=None):
+        b = latents.shape[0]
+        return Noised(latents, torch.zeros(b), self.target, torch.ones(b), torch.zeros(b), torch.zeros(b))
+
+    def predict(self, components, noisy, timesteps, cond, batch):
+        return torch.zeros_like(self.target)
+
+    def loss(self, batch: dict) -> float:
+        latents = torch.zeros_like(self.target)
+        return trainer_mod.diffusion_loss(self, None, latents, {}, batch, core.load_settings(), torch.float32,
+                                          contextlib.nullcontext).item()
+
+
 def test_diffusion_loss_multiplies_the_per_sample_loss_by_the_weights():
-    target = torch.stack([torch.full((4, 2, 2), 1.0), torch.full((4, 2, 2), 2.0)])  # per-sample MSE 1 and 4
-
-    class Arch:
-        def noisy_input_and_target(self, components, latents, noise, settings, input_noise=None, level=None):
-            return Noised(latents, torch.zeros(2), target, torch.ones(2), torch.zeros(2), torch.zeros(2))
-
-        def predict(self, components, noisy, timesteps, cond, batch):
-            return torch.zeros_like(target)
-
-    s = core.load_settings()
-    args = (Arch(), None, torch.zeros(2, 4, 2, 2), {})
-    plain = trainer_mod.diffusion_loss(*args, {"captions": ["a", "b"]}, s, torch.float32, contextlib.nullcontext)
-    weighted = trainer_mod.diffusion_loss(*args, {"loss_weights": [1.0, 0.5]}, s, torch.float32,
-                                          contextlib.nullcontext)
-    assert plain.item() == pytest.approx((1 + 4) / 2)
-    assert weighted.item() == pytest.approx((1 + 0.5 * 4) / 2)
+    arch = ZeroPredictor(torch.stack([torch.full((4, 2, 2), 1.0), torch.full((4, 2, 2), 2.0)]))  # MSE 1 and 4
+    assert arch.loss({"captions": ["a", "b"]}) == pytest.approx((1 + 4) / 2)
+    assert arch.loss({"loss_weights": [1.0, 0.5]}) == pytest.approx((1 + 0.5 * 4) / 2)
 
 
 # -- real tiny runs --------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ the bucket as the image is, applied to the loss; a missing mask is named before 
 are black everywhere has nothing to learn (tiny SD1.5)."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import core
-import core.trainer as trainer_mod
-from architectures.base import Noised
 from core.dataset import DatasetError, ImageItem, attach_masks, load_mask
+from tests.test_dreambooth import ZeroPredictor
 from tests.tiny_models import build_tiny_dataset, build_tiny_sd15, tiny_train_settings
 
 
@@ -59,21 +57,9 @@ def test_mask_folder_files_and_missing_ones(tmp_path):
 
 
 def test_the_loss_counts_only_inside_the_mask():
-    target = torch.ones(2, 4, 8, 8)
-
-    class Arch:
-        def noisy_input_and_target(self, components, latents, noise, settings, input_noise=None, level=None):
-            return Noised(latents, torch.zeros(2), target, torch.ones(2), torch.zeros(2), torch.zeros(2))
-
-        def predict(self, components, noisy, timesteps, cond, batch):
-            return torch.zeros_like(target)
-
-    s = core.load_settings()
     masks = torch.zeros(2, 1, 8, 8)
     masks[0, :, :, :4] = 1                        # first sample: left half; second: nothing
-    args = (Arch(), None, torch.zeros(2, 4, 8, 8), {})
-    loss = trainer_mod.diffusion_loss(*args, {"masks": masks}, s, torch.float32, contextlib.nullcontext)
-    assert loss.item() == pytest.approx((0.5 + 0.0) / 2)
+    assert ZeroPredictor(torch.ones(2, 4, 8, 8)).loss({"masks": masks}) == pytest.approx((0.5 + 0.0) / 2)
 
 
 @pytest.fixture(scope="module")
