@@ -300,6 +300,8 @@ class NetworkSettings(Section):
         "blocks (adaLN modulation too); 'full' does not apply. FLUX.2: its blocks have no modulation of "
         "their own (three shared layers, which diffusers' loader drops), so 'full-lin' equals attention + MLPs; "
         "add them with the patterns below if wanted.", choices=ADAPTER_TARGETS,
+        choice_labels={"attn": "attention", "attn_mlp": "attention + MLP", "full": "full (convolutions too)",
+                       "full-lin": "every linear layer"},
         show_if={"network.algorithm": _ADAPTERS})
     train_text_encoder: bool = setting(False, "Train text encoder(s)")
     ema: bool = setting(False, "EMA weights", "Keep an exponential moving average of the trained weights and "
