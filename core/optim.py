@@ -227,8 +227,9 @@ class FusedBackwardOptimizer(Optimizer):
 
 
 def build_fused_backward_optimizer(name: str, param_groups: list[dict], lr: float, weight_decay: float,
-                                   device: torch.device, kwargs: dict | None = None) -> Optimizer:
+                                   device: torch.device, **options) -> Optimizer:
+    """:func:`build_optimizer` per parameter (``options`` as there), stepped inside the backward pass."""
     if name != "Adafactor":
         raise ValueError(f"optimizer.fused_backward_pass works with Adafactor, not {name}")
     return FusedBackwardOptimizer(param_groups, lambda groups: build_optimizer(name, groups, lr, weight_decay,
-                                                                             device, kwargs=kwargs))
+                                                                             device, **options))

@@ -645,11 +645,9 @@ class _Run:
             self.log(f"Optimizer {self.setup.optimizer_type}: the plan keeps the optimizer state in 8 bits")
         o = s.optimizer
         relative_step = o.optimizer_type == "Adafactor" and o.adafactor_relative_step and not self.fused_backward
-        kwargs = optimizer_kwargs(self.setup.optimizer_type, o.beta1, o.beta2, o.eps, o.d_coef)
-        optimizer = make(self.setup.optimizer_type, params, o.learning_rate, o.weight_decay, self.device, kwargs) \
-            if self.fused_backward else make(self.setup.optimizer_type, params, o.learning_rate, o.weight_decay,
-                                             self.device, warmup_steps=o.lr_warmup_steps, relative_step=relative_step,
-                                             kwargs=kwargs)
+        optimizer = make(self.setup.optimizer_type, params, o.learning_rate, o.weight_decay, self.device,
+                         warmup_steps=o.lr_warmup_steps, relative_step=relative_step,
+                         kwargs=optimizer_kwargs(self.setup.optimizer_type, o.beta1, o.beta2, o.eps, o.d_coef))
         batches = len(self.sampler)
         self.total_steps, self.total_epochs = total_steps_and_epochs(s, batches)
         if relative_step:  # Adafactor's own step sizes, reported as its learning rates
@@ -685,8 +683,9 @@ class _Run:
         losses = StepLosses(self.device, s.schedule.log_every_n_steps)
         t0 = time.time()
         epoch = start_epoch
-        if schedule_free(self.optimizer) is not None:
-            schedule_free(self.optimizer).train()   # its training mode (a state is saved in eval mode)
+        sf = schedule_free(self.optimizer)
+        if sf is not None:
+            sf.train()   # its training mode (a state is saved in eval mode)
         while self.global_step < self.total_steps and epoch < self.total_epochs:
             self.sampler.set_epoch(epoch)
             for batch_index, indices in enumerate(self.sampler):

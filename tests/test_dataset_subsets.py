@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 import core
-import core.trainer as trainer_mod
 from core.config import AppConfig, PathNotAllowed
 from core.dataset import (Augment, BucketBatchSampler, DatasetError, LatentCache, TrainingDataset, assign_buckets,
                           fill_cache, scan_dataset, scan_folders)
 from core.plan import text_cache_blockers
 from core.settings import DatasetSettings, Settings, SubsetSettings, check_consistency
 from tests.test_dataset import CountingEncoder, make_image
+from tests.test_dreambooth import record_batches
 from tests.test_train_e2e import make_settings
 from tests.tiny_models import build_tiny_dataset, build_tiny_sd15
 
@@ -241,14 +241,7 @@ def tiny(tmp_path_factory):
 
 def test_a_run_trains_every_subset_with_its_repeats_and_weights(tiny, tmp_path, monkeypatch):
     build_tiny_dataset(tmp_path / "people", n=2)
-    seen: list[tuple[list, list]] = []
-    real_loss = trainer_mod.diffusion_loss
-
-    def spy(arch, components, latents, cond, batch, *rest):
-        seen.append((list(batch["paths"]), list(batch["loss_weights"])))
-        return real_loss(arch, components, latents, cond, batch, *rest)
-
-    monkeypatch.setattr(trainer_mod, "diffusion_loss", spy)
+    seen = record_batches(monkeypatch)
     events = []
     s, config = make_settings(tiny, "sd15", tmp_path, dataset__path="", dataset__prior_loss_weight=0.5,
                               dataset__subsets=[SubsetSettings(image_dir=str(tiny["data"]), num_repeats=2,

@@ -153,16 +153,22 @@ def test_diffusion_loss_multiplies_the_per_sample_loss_by_the_weights():
 
 # -- real tiny runs --------------------------------------------------------------------------------------
 
-def test_tiny_run_with_reg_images_trains_weights_and_saves(tiny, tmp_path, monkeypatch):
-    make_reg_folder(tmp_path / "reg")  # relative reg_path: inside the datasets folder (tmp_path here)
+def record_batches(monkeypatch) -> list[tuple[list, list]]:
+    """(paths, loss weights) of every batch the trainer computes a loss for (the real loss still runs)."""
     seen: list[tuple[list, list]] = []
     real_loss = trainer_mod.diffusion_loss
 
-    def spy(arch, components, latents, cond, batch, *rest):
+    def spy(arch, components, latents, cond, batch, *rest, **kw):
         seen.append((list(batch["paths"]), list(batch["loss_weights"])))
-        return real_loss(arch, components, latents, cond, batch, *rest)
+        return real_loss(arch, components, latents, cond, batch, *rest, **kw)
 
     monkeypatch.setattr(trainer_mod, "diffusion_loss", spy)
+    return seen
+
+
+def test_tiny_run_with_reg_images_trains_weights_and_saves(tiny, tmp_path, monkeypatch):
+    make_reg_folder(tmp_path / "reg")  # relative reg_path: inside the datasets folder (tmp_path here)
+    seen = record_batches(monkeypatch)
     events = []
     s, config = make_settings(tiny, "sd15", tmp_path, dataset__reg_path="reg", dataset__prior_loss_weight=0.5,
                               dataset__cache_latents="disk", schedule__max_train_epochs=1,
