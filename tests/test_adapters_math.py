@@ -89,3 +89,41 @@ def test_total_steps_from_epochs_or_steps():
     assert total_steps_and_epochs(s, batches_per_epoch=7) == (10, math.ceil(10 / 4))
     s.schedule.max_train_epochs = 3
     assert total_steps_and_epochs(s, batches_per_epoch=7) == (12, 3)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"factor": 4}, {"decompose_both": True, "rank": 2}, {"full_matrix": True}, {"use_scalar": True},
+    {"rank_dropout": 0.3, "dropout": 0.2}, {"factor": 16}])
+def test_lokr_bypass_equals_the_rebuilt_weight(options):
+    """LoKr's bypass (w1 · X · w2ᵀ on the input's feature grid) gives the same output and gradients as
+    multiplying by the rebuilt kron(w1, w2): in training mode with the same dropout draws, for every shape
+    choice (which side goes first depends on the factorisation)."""
+    from core.adapters.lokr import LoKrModule
+    options = dict(options)
+    rank = options.pop("rank", 4)
+    torch.manual_seed(0)
+    base = nn.Linear(48, 96)
+    lokr = LoKrModule("lokr_test", base, rank=rank, alpha=2, **options)
+    with torch.no_grad():
+        for p in lokr.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    lokr.multiplier = 0.7
+    lokr.train()
+    x = torch.randn(2, 5, 48)
+    results = []
+    for use_bypass in (True, False):
+        lokr.zero_grad()
+        torch.manual_seed(1)
+        if use_bypass:
+            out = lokr.bypass_delta(x)
+        else:  # AdapterModule.delta's rebuild path, in its order of draws
+            dw = lokr.effective_delta()
+            out = nn.functional.linear(nn.functional.dropout(x, lokr.dropout_p) if lokr.dropout_p else x, dw)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in lokr.parameters()]))
+    (bypass, bypass_grads), (rebuilt, rebuilt_grads) = results
+    assert bypass.abs().max() > 0
+    torch.testing.assert_close(bypass, rebuilt, rtol=1e-5, atol=1e-6)
+    for got, want in zip(bypass_grads, rebuilt_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert lokr.bypass_delta(torch.randn(3, 48)).shape == (3, 96)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.adapters.base import AdapterModule, factorization, rank_scale
@@ -79,6 +80,28 @@ class LoKrModule(AdapterModule):
         if self.tucker:
             return torch.einsum("i j ..., j r, i p -> p r ...", self.lokr_t2, self.lokr_w2_b, self.lokr_w2_a)
         return self.lokr_w2_a @ self.lokr_w2_b
+
+    def bypass_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """kron(w1, w2) applied to ``x`` without building it: with x's features as a (c, d) grid,
+        kron(w1, w2) x = w1 · X · w2ᵀ.  Two small matmuls instead of a ΔW as large as the layer (built, kept for
+        backward and multiplied by every token); the side with the smaller intermediate goes first."""
+        if self.is_conv:
+            return None
+        w1, w2 = self.w1(), self.w2()
+        (a, c), (b, d) = w1.shape, w2.shape
+        # the same draws in the same order as the rebuild path (row dropout, then input dropout)
+        keep = None
+        if self.training and self.rank_dropout:
+            keep = (torch.rand(self.out_dim, device=w2.device) > self.rank_dropout).to(w2.dtype)
+        x = x.to(w2.dtype)
+        if self.dropout_p and self.training:
+            x = F.dropout(x, self.dropout_p)
+        grid = x.reshape(*x.shape[:-1], c, d)
+        y = w1 @ (grid @ w2.T) if c * b <= a * d else (w1 @ grid) @ w2.T
+        y = y.reshape(*x.shape[:-1], a * b) * (self.scale * self.multiplier)
+        if keep is not None:
+            y = y * (keep / (1.0 - self.rank_dropout))
+        return y * self.scalar if self.has_scalar else y
 
     def weight_delta(self) -> torch.Tensor:
         w1, w2 = self.w1(), self.w2()
