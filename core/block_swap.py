@@ -59,6 +59,16 @@ Integration (trainer order)
    ("reduce-overhead", "max-autotune"): the weights' addresses change from step to step.
 6. Train as usual: no per-step calls.  ``swapper.detach()`` when done (everything back on the device).
 
+Trained weights (full fine-tuning)
+----------------------------------
+With ``trainable=True`` the swapped blocks' trainable parameters move too (sd-scripts trains FLUX.1 full
+fine-tunes in 24 GB this way).  Their gradients must be used while the block is on the device, so the optimizer
+steps inside the backward pass (``FusedBackwardOptimizer``) and tells the swapper after each step
+(:meth:`BlockSwapper.param_updated`); the block's slot is then copied back into its host master before the slot
+is reused, and at the end of the backward pass for the blocks still resident (a device-to-host copy on the copy
+stream, ordered before the next transfer into that slot).  Anything that reads the weights on the host (saving,
+EMA, a training state) goes through :meth:`BlockSwapper.live`, which waits for those copies.
+
 Do not call ``.to()`` on the model, or read its ``state_dict()``, while attached: offloaded weights are
 placeholders (:meth:`BlockSwapper.host_state_dict` gives the real values).  Keep the frozen weights in the
 compute dtype (the trainer does): an autocast cast of a weight is a new tensor that autograd saves on the
@@ -134,6 +144,7 @@ class _Leaf:
     dtype: torch.dtype
     shape: torch.Size
     host: torch.Tensor | None = None  # view into the block's host buffer (the master copy)
+    trained: bool = False  # a trainable parameter (``trainable=True``): the slot's values go back to the host
 
 
 @dataclass
@@ -154,6 +165,7 @@ class _Entry:
     host: torch.Tensor | None = None  # flat uint8 master copy of all leaves, slot layout (pinned on CUDA)
     slot: int | None = None
     last_use: int = 0
+    dirty: bool = False  # the optimizer changed its weights in the slot since they were last written back
 
 
 @dataclass
@@ -181,7 +193,8 @@ class BlockSwapper:
     ``simulate`` (default: the device is the CPU): no CUDA stream, events or pinning - copies are synchronous -
     but the same hooks, ordering, slots, placeholders and prefetch run, so CPU tests exercise the real path.
     ``keep_last_resident``: in a forward with grad enabled, leave the last swapped block in its slot (backward
-    needs it first).
+    needs it first).  ``trainable``: swap the blocks' trainable parameters too (full fine-tuning with an
+    optimizer that steps in the backward pass; see the module docstring).
 
     ``attach()`` offloads and installs the hooks; ``detach(to=None)`` puts every weight back on ``device`` (or on
     ``to``, e.g. "cpu") and removes the hooks.  ``bytes_swapped``: bytes of frozen weights kept in host memory;
@@ -191,8 +204,10 @@ class BlockSwapper:
 
     def __init__(self, blocks: Iterable[nn.Module], blocks_to_swap: int, device: torch.device | str, *,
                  prefetch: int = 1, simulate: bool | None = None, pin_memory: bool = True,
-                 keep_last_resident: bool = True, prefetch_trigger: nn.Module | None = "auto"):
+                 keep_last_resident: bool = True, prefetch_trigger: nn.Module | None = "auto",
+                 trainable: bool = False):
         self.blocks = list(blocks)
+        self.trainable = bool(trainable)
         n = int(blocks_to_swap)
         if n < 0 or n > len(self.blocks):
             raise ValueError(f"blocks_to_swap must be between 0 and {len(self.blocks)} (the model's blocks), "
@@ -229,6 +244,8 @@ class BlockSwapper:
         self._stream = None
         self._ready: list[Any] = []
         self._freed: list[Any] = []
+        self._trained: dict[int, tuple[_Entry, _Leaf]] = {}  # id(parameter) → its block and leaf
+        self._end_of_backward_queued = False
 
     # -- sizes -----------------------------------------------------------------------------------------
     @property
@@ -240,14 +257,15 @@ class BlockSwapper:
         return sum(s.nbytes for s in self._slots)
 
     @staticmethod
-    def estimate(blocks: Iterable[nn.Module], blocks_to_swap: int, prefetch: int = 1) -> dict[str, int]:
+    def estimate(blocks: Iterable[nn.Module], blocks_to_swap: int, prefetch: int = 1,
+                 trainable: bool = False) -> dict[str, int]:
         """Bytes moved off the device and bytes the slot pool takes, before attaching (for a plan)."""
         blocks = list(blocks)
         swapped = blocks[len(blocks) - blocks_to_swap:] if blocks_to_swap else []
         sizes = []
         for b in swapped:
             size = 0
-            for t in itertools.chain((p for p in b.parameters() if not p.requires_grad), b.buffers()):
+            for t in itertools.chain((p for p in b.parameters() if trainable or not p.requires_grad), b.buffers()):
                 for part in _plain_parts(t):
                     size += -(-part.numel() * part.element_size() // _ALIGN) * _ALIGN
             sizes.append(size)
@@ -306,10 +324,18 @@ class BlockSwapper:
                     if p is None or id(p) in seen:
                         continue
                     seen.add(id(p))
-                    if p.requires_grad:  # trainable: lives on the device, never swapped
+                    if p.requires_grad and not self.trainable:  # an adapter's: lives on the device, never swapped
                         if p.device != self.device:
                             p.data = p.data.to(self.device)
                         self._trainable.append(p)
+                        continue
+                    if p.requires_grad:
+                        if _is_subclass(p):
+                            raise TypeError("a trained parameter cannot be a quantized tensor")
+                        leaf = self._add_leaf(e, p, p)
+                        if leaf is not None:
+                            leaf.trained = True
+                            self._trained[id(p)] = (e, leaf)
                         continue
                     if _is_subclass(p):
                         if p.device != self.device:
@@ -380,6 +406,7 @@ class BlockSwapper:
         if not self.attached:
             return
         target = self.device if to is None else torch.device(to)
+        self._sync_host()   # trained weights changed in their slots go back first
         self._drop_pushed()
         for h in self._handles:
             h.remove()
@@ -419,9 +446,12 @@ class BlockSwapper:
         _ACTIVE.discard(self)
 
     def host_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """``model.state_dict()`` with the offloaded weights' host copies in place of their placeholders."""
+        """``model.state_dict()`` with the swapped weights' values in place of their placeholders (copies: the
+        host masters are views of one buffer per block, which a safetensors file may not hold)."""
+        self._sync_host()
         real = {id(leaf.tensor): leaf.host for e in self._entries for leaf in e.leaves}
-        return {k: real.get(id(v), v) for k, v in model.state_dict(keep_vars=True).items()}
+        return {k: real[id(v)].clone() if id(v) in real else v.detach()
+                for k, v in model.state_dict(keep_vars=True).items()}
 
     # -- moving blocks ---------------------------------------------------------------------------------
     def _take_slot(self, e: _Entry, protect: tuple[_Entry, ...]) -> int | None:
@@ -469,6 +499,7 @@ class BlockSwapper:
     def _release(self, e: _Entry) -> None:
         if e.slot is None:
             return
+        self._write_back(e)
         for leaf in e.leaves:
             leaf.tensor.data = self._placeholder(leaf.dtype)
         if self._stream is not None:
@@ -478,6 +509,72 @@ class BlockSwapper:
         e.slot = None
         if self._current is e:
             self._current = None
+
+    # -- trained weights -------------------------------------------------------------------------------
+    def param_updated(self, p: torch.Tensor) -> None:
+        """The optimizer has just changed ``p`` (called inside the backward pass, after its step): if ``p`` lives
+        in a swapped block, that block's slot now holds the newest values and must go back to the host."""
+        found = self._trained.get(id(p))
+        if found is None:
+            return
+        entry, _ = found
+        if entry.slot is None:
+            raise RuntimeError(f"block {entry.index} was sent back before its weights were updated")
+        entry.dirty = True
+        if not self._end_of_backward_queued and _in_backward():
+            self._end_of_backward_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        self._end_of_backward_queued = False
+        for e in self._entries:
+            self._write_back(e)
+
+    def _write_back(self, e: _Entry) -> None:
+        """Copy a changed block's trained weights from its slot into the host master copy (the frozen ones never
+        change).  On CUDA the copy runs on the copy stream after everything queued so far on the compute stream,
+        and before any later transfer into the slot (same stream)."""
+        if not e.dirty or e.slot is None:
+            return
+        e.dirty = False
+        views = self._views[(e.slot, e.index)]
+        pairs = [(leaf.host, v) for leaf, v in zip(e.leaves, views) if leaf.trained]
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                for host, v in pairs:
+                    host.copy_(v, non_blocking=True)
+        else:
+            for host, v in pairs:
+                host.copy_(v)
+
+    def _sync_host(self) -> None:
+        """The host master copies up to date: changed blocks written back and the copies finished."""
+        for e in self._entries:
+            self._write_back(e)
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    def live(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor's current values: the host master copy (a view: do not modify) for a swapped weight, the
+        tensor itself otherwise."""
+        self._sync_host()
+        real = {id(leaf.tensor): leaf.host for e in self._entries for leaf in e.leaves}
+        return [real.get(id(t), t) for t in tensors]
+
+    def trained_parameters(self) -> list[torch.Tensor]:
+        """The trainable parameters this swapper moves (``trainable=True``)."""
+        return [leaf.tensor for _, leaf in self._trained.values()]
+
+    @torch.no_grad()
+    def load_value(self, p: torch.Tensor, value: torch.Tensor) -> None:
+        """Set a swapped trainable parameter (a resumed state): its host master and, if resident, its slot."""
+        entry, leaf = self._trained[id(p)]
+        self._sync_host()
+        leaf.host.copy_(value)
+        entry.dirty = False
+        if entry.slot is not None:
+            p.data.copy_(value)
 
     def _prefetch(self, e: _Entry, direction: int) -> None:
         protect: tuple[_Entry, ...] = (e,)

@@ -612,6 +612,7 @@ class EstimateInputs:
     optimizer_8bit: bool = False
     cache_text_encoder_outputs: bool = True
     train_text_encoder: bool = False
+    fused_backward: bool = False              # each weight stepped in backward: no full set of gradients
     network_json: str = ""                    # settings.network as JSON ("" → defaults)
     config_dir: str = ""                      # "" → the shipped full-size config
 
@@ -691,7 +692,9 @@ def _estimate(arch_id: str, x: EstimateInputs) -> Estimate:
         "swap buffers": buffers / GIB,
         "text encoders": 0.0 if x.cache_text_encoder_outputs else sum(g.nbytes(elem) for g in te) / GIB,
         "trainable parameters": 0.0 if full else trainable * 4 / GIB,
-        "gradients": trainable * 4 / GIB,
+        # stepping in backward holds the gradients of about one block at a time
+        "gradients": (max((b.nbytes(4) for b in stats.blocks), default=0) if full and x.fused_backward
+                      else trainable * 4) / GIB,
         "optimizer state": trainable * per_state / GIB,
         "activations": (activations + 2 * act.output) / GIB,
     }

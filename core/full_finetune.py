@@ -23,6 +23,8 @@ class FullFineTune:
                 self.parts[f"te{i}"] = te
         for module in self.parts.values():
             module.requires_grad_(True)
+        #: the denoiser's BlockSwapper when blocks are swapped: their weights live in its host copies
+        self.swapper = None
 
     # -- what the optimizer and the loop need ----------------------------------------------------------
     def named_parameters(self):
@@ -52,9 +54,16 @@ class FullFineTune:
     def restore(self) -> None:
         """Nothing is patched into the model (the adapter networks' ``restore`` undoes their hooks)."""
 
+    def live(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The parameters' current values (a swapped block's are in host memory)."""
+        return self.swapper.live(params) if self.swapper is not None else params
+
     # -- resume state ----------------------------------------------------------------------------------
     def training_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().contiguous() for name, p in self.named_parameters()}
+        names, params = zip(*self.named_parameters())
+        # a swapped weight's host copy is a view of its block's buffer: a file needs its own tensor
+        return {name: t.detach().clone() if t is not p else t.detach().contiguous()
+                for name, p, t in zip(names, params, self.live(list(params)))}
 
     @torch.no_grad()
     def load_training_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
@@ -63,8 +72,12 @@ class FullFineTune:
         if missing or unexpected:
             raise ValueError(f"saved model weights do not fit this model: {len(missing)} missing, "
                              f"{len(unexpected)} unexpected (e.g. {sorted(missing | unexpected)[:3]})")
+        swapped = set(map(id, self.swapper.trained_parameters())) if self.swapper is not None else set()
         for name, p in params.items():
-            p.copy_(sd[name])
+            if id(p) in swapped:
+                self.swapper.load_value(p, sd[name])
+            else:
+                p.copy_(sd[name])
 
     # -- saving ----------------------------------------------------------------------------------------
     def module_state_dicts(self, ema: "EMA | None" = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -73,7 +86,8 @@ class FullFineTune:
         out = {}
         averaged = ema.named_tensors() if ema is not None else {}
         for part, module in self.parts.items():
-            sd = dict(module.state_dict())
+            swapped = self.swapper is not None and part == "denoiser"
+            sd = self.swapper.host_state_dict(module) if swapped else dict(module.state_dict())
             for name in list(sd):
                 key = f"{part}.{name}"
                 if key in averaged:
@@ -88,30 +102,32 @@ class EMA:
     On the device the update is one ``_foreach_lerp_`` (no host synchronisation).  On the CPU the
     parameters are first copied into pinned buffers; the CPU then has to wait for those copies."""
 
-    def __init__(self, named_params, decay: float, on_cpu: bool):
+    def __init__(self, named_params, decay: float, on_cpu: bool, live=None):
         self.decay = decay
         items = list(named_params)
         self.names = [n for n, _ in items]
         self.params = [p for _, p in items]
         self.on_cpu = on_cpu and self.params[0].device.type != "cpu"
+        #: the parameters → their current values (a swapped block's live in host memory)
+        self.live = live or (lambda params: params)
         with torch.no_grad():
             if self.on_cpu:
                 pin = self.params[0].device.type == "cuda"
                 self.shadow = [torch.empty(p.shape, dtype=torch.float32, pin_memory=pin) for p in self.params]
-                for s, p in zip(self.shadow, self.params):
+                for s, p in zip(self.shadow, self.live(self.params)):
                     s.copy_(p.detach())
                 self.staging = [torch.empty_like(s, pin_memory=pin) for s in self.shadow]
             else:
-                self.shadow = [p.detach().float().clone() for p in self.params]
+                self.shadow = [p.detach().float().clone() for p in self.live(self.params)]
                 self.staging = None
 
     @torch.no_grad()
     def update(self) -> None:
-        params = [p.detach() for p in self.params]
+        params = [p.detach() for p in self.live(self.params)]
         if self.staging is not None:
             torch._foreach_copy_(self.staging, params, non_blocking=True)
-            if params[0].device.type == "cuda":
-                torch.cuda.current_stream(params[0].device).synchronize()
+            if self.params[0].device.type == "cuda":
+                torch.cuda.current_stream(self.params[0].device).synchronize()
             params = self.staging
         elif params[0].dtype != torch.float32:
             params = [p.float() for p in params]

@@ -94,16 +94,19 @@ def quantize_base(denoiser: nn.Module, plan, device: torch.device, log: Callable
     return report
 
 
-def place_denoiser(arch, denoiser: nn.Module, plan, device: torch.device, log: Callable[[str], None]):
-    """Move the denoiser to the device, keeping the last ``plan.blocks_to_swap`` blocks' frozen weights in host
-    memory.  Returns the swapper (None without swapping)."""
+def place_denoiser(arch, denoiser: nn.Module, plan, device: torch.device, log: Callable[[str], None],
+                   trained: bool = False):
+    """Move the denoiser to the device, keeping the last ``plan.blocks_to_swap`` blocks' frozen weights (and,
+    when the denoiser itself is ``trained``, its trained weights) in host memory.  Returns the swapper (None
+    without swapping)."""
     if plan.blocks_to_swap <= 0:
         denoiser.to(device)
         return None
     from core.block_swap import swap_blocks_of
-    swapper = swap_blocks_of(denoiser, arch.block_lists, plan.blocks_to_swap, device)
+    swapper = swap_blocks_of(denoiser, arch.block_lists, plan.blocks_to_swap, device, trainable=trained)
     log(f"Block swapping: {plan.blocks_to_swap} blocks ({swapper.bytes_swapped / 2**30:.2f} GB) stay in CPU "
-        f"memory and stream in as they run ({swapper.resident_bytes / 2**30:.2f} GB of GPU buffers)")
+        f"memory and stream in as they run ({swapper.resident_bytes / 2**30:.2f} GB of GPU buffers)"
+        + ("; each block's weights are updated while it is on the device and copied back" if trained else ""))
     return swapper
 
 
@@ -129,7 +132,7 @@ def setup_denoiser(arch, components, settings, plan, device: torch.device, log: 
         c.denoiser.enable_gradient_checkpointing()
     if plan.channels_last:
         c.denoiser.to(memory_format=torch.channels_last)
-    setup.swapper = place_denoiser(arch, c.denoiser, plan, device, log)
+    setup.swapper = place_denoiser(arch, c.denoiser, plan, device, log, trained=network is not None)
     c.denoiser.train()
     if plan.compile != "off":
         from core.speed import compile_model

@@ -181,9 +181,11 @@ class FusedBackwardOptimizer(Optimizer):
     One inner optimizer per parameter; ``param_groups`` is always their current groups (loading a state
     replaces an optimizer's group dicts), so a learning-rate scheduler on this object drives them all.  ``step``/``zero_grad`` are no-ops: the hooks did the work.
     Needs optimizers without cross-parameter state (Adafactor), no gradient accumulation, no global clipping.
+    ``after_step(param)``, when set, is called after each parameter's step (block swapping writes the block back).
     """
 
     def __init__(self, param_groups: list[dict], make_optimizer):
+        self.after_step = None
         self.inner: list[Optimizer] = []
         for group in param_groups:
             options = {k: v for k, v in group.items() if k != "params"}
@@ -205,11 +207,12 @@ class FusedBackwardOptimizer(Optimizer):
     def param_groups(self) -> list[dict]:
         return [group for opt in self.inner for group in opt.param_groups]
 
-    @staticmethod
-    def _hook(opt: Optimizer):
+    def _hook(self, opt: Optimizer):
         def step_now(param: torch.Tensor) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if self.after_step is not None:
+                self.after_step(param)
         return step_now
 
     def step(self, closure=None):

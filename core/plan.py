@@ -249,9 +249,11 @@ def make_plan(profile, settings, arch, config_dir=None) -> Plan:
         if not swappable:
             raise ValueError(f"memory.blocks_to_swap is {m.blocks_to_swap}, but {arch.label} has no swappable "
                              f"blocks here. Set it to -1 (auto) or 0.")
-        if full_ft:
-            raise ValueError(f"memory.blocks_to_swap is {m.blocks_to_swap}, but block swapping moves frozen weights "
-                             f"only and full fine-tuning trains all of them. Set it to -1 (auto) or 0.")
+        if full_ft and not steps_in_backward(settings):
+            raise ValueError(f"memory.blocks_to_swap is {m.blocks_to_swap} in a full fine-tune: a swapped block's "
+                             f"weights must be updated while it is on the GPU, which needs Adafactor with "
+                             f"optimizer.fused_backward_pass on. Turn that on, or set blocks_to_swap to -1 (auto) "
+                             f"or 0.")
         if m.blocks_to_swap > swappable:
             raise ValueError(f"memory.blocks_to_swap is {m.blocks_to_swap}, but {arch.label} has only {swappable} "
                              f"blocks that can be swapped. Set at most {swappable}, or -1 (auto).")
@@ -284,6 +286,11 @@ def make_plan(profile, settings, arch, config_dir=None) -> Plan:
     return plan
 
 
+def steps_in_backward(settings) -> bool:
+    """Whether the optimizer steps each weight inside the backward pass (no full set of gradients is held)."""
+    return settings.optimizer.optimizer_type == "Adafactor" and settings.optimizer.fused_backward_pass
+
+
 def _swappable(arch, config_dir) -> int:
     from core.estimate import denoiser_stats
     try:
@@ -306,7 +313,7 @@ def _fit_memory(plan: Plan, profile, settings, arch, config_dir, budget, budget_
         resolution=settings.dataset.largest_resolution(), batch_size=int(settings.schedule.train_batch_size),
         precision=plan.mixed_precision, device=plan.device, attention=plan.attention, optimizer=optimizer,
         cache_text_encoder_outputs=plan.cache_text_encoder_outputs,
-        train_text_encoder=bool(settings.network.train_text_encoder),
+        train_text_encoder=bool(settings.network.train_text_encoder), fused_backward=steps_in_backward(settings),
         network_json=settings.network.model_dump_json(), config_dir=str(config_dir or ""))
     ram_free = max(profile.ram_available_gb - RAM_RESERVE_GB, 0.0)
     limit = budget - margin
@@ -319,7 +326,8 @@ def _fit_memory(plan: Plan, profile, settings, arch, config_dir, budget, budget_
     q8 = "qfloat8" if cuda and gpu.compute_capability >= (8, 9) else "qint8"
     can_opt8 = cuda and optimizer in EIGHT_BIT_OPTIMIZERS
     can_quant = cuda and not full_ft
-    swappable = plan.swappable_blocks if cuda and not full_ft else 0  # the swapper moves frozen weights only
+    # a full fine-tune's blocks can be swapped only when each weight is updated while its block is on the GPU
+    swappable = plan.swappable_blocks if cuda and (not full_ft or steps_in_backward(settings)) else 0
     # the 4-bit rung swaps blocks too where the family can: bitsandbytes' 4-bit weights are quantized on their
     # way to the GPU and cannot be streamed, so swapping families take quanto's qint4
     q4 = "nf4" if cuda and bitsandbytes_available() and not swappable else "qint4"
@@ -461,7 +469,10 @@ def _fit_memory(plan: Plan, profile, settings, arch, config_dir, budget, budget_
         where = "VRAM" if cuda else "RAM"
         r.insert(0, f"DOES NOT FIT: the run needs ≈ {final.total_gb:.1f} GB, the {where} budget is {budget:.1f} GB "
                     f"({budget_text}, {margin:.2f} GB kept free) even with every saving applied. Lower the "
-                    f"resolution or the batch size, train fewer layers, or use a larger GPU.")
+                    f"resolution or the batch size, train fewer layers, or use a larger GPU."
+                    + (" A full fine-tune can also swap blocks to CPU memory with Adafactor and "
+                       "optimizer.fused_backward_pass on." if cuda and full_ft and plan.swappable_blocks
+                       and not steps_in_backward(settings) else ""))
 
 
 def loading_ram_gb(e, settings, arch, plan) -> float:

@@ -390,8 +390,9 @@ class OptimizerSettings(Section):
     max_grad_norm: float = setting(1.0, "Max gradient norm", "0 disables clipping.", ge=0.0, le=1000.0)
     fused_backward_pass: bool = setting(False, "Fused backward pass", "Update each weight as soon as its "
                                         "gradient is ready and free the gradient: much less memory for full "
-                                        "fine-tuning. Needs gradient accumulation 1, no clipping (max gradient "
-                                        "norm is ignored) and bf16 or fp32.",
+                                        "fine-tuning, whose blocks can then also be swapped to CPU memory. Needs "
+                                        "gradient accumulation 1, no clipping (max gradient norm is ignored) and "
+                                        "bf16 or fp32.",
                                         show_if={"optimizer.optimizer_type": ["Adafactor"]})
     beta1: float = setting(0.0, "Beta 1", "The first moment's decay (SGD: momentum). 0: the optimizer's default "
                            "(0.9; Adafactor: none).", ge=0.0, le=0.9999, step=0.001, advanced=True)
@@ -578,7 +579,8 @@ class MemorySettings(Section):
         advanced=True)
     blocks_to_swap: int = setting(-1, "Blocks swapped to CPU", "Keep this many transformer/UNet blocks in CPU "
                                   "memory and stream each to the GPU just before it runs (overlapped with compute). "
-                                  "-1: as many as the plan needs to fit, 0: none.", ge=-1, le=200)
+                                  "-1: as many as the plan needs to fit, 0: none. A full fine-tune swaps blocks "
+                                  "only with Adafactor's fused backward pass.", ge=-1, le=200)
     quantize_base: Literal["auto", "none", "qfloat8", "qint8", "qint4", "nf4"] = setting(
         "auto", "Quantize the frozen model", "Store the frozen base weights in 8 or 4 bits (optimum-quanto "
         "qfloat8/qint8/qint4, bitsandbytes nf4); the adapter still trains in full precision on top. "

@@ -31,7 +31,7 @@ from core.io import (NonFiniteError, atomic_save_image, atomic_save_safetensors,
                      atomic_write_json, check_finite, unused_path, unused_stem)
 from core.optim import (build_fused_backward_optimizer, build_optimizer, build_scheduler, optimizer_kwargs,
                         schedule_free)
-from core.plan import estimate_config_dir, make_plan
+from core.plan import estimate_config_dir, make_plan, steps_in_backward
 from core.prompts import parse_prompts
 from core.run_log import RunLog, log_problems, run_log_folder
 from core.text_cache import TextCache
@@ -598,8 +598,11 @@ class _Run:
         self.setup = setup_denoiser(self.arch, c, s, self.plan, self.device, self.log, network=full)
         self.network = self.setup.network
         if self.full_ft:
+            full.swapper = self.setup.swapper
             if s.network.ema:
-                self.ema = EMA(self.network.named_parameters(), s.network.ema_decay, s.network.ema_on_cpu)
+                # swapped blocks' weights are in CPU memory: so is their average
+                on_cpu = s.network.ema_on_cpu or self.setup.swapper is not None
+                self.ema = EMA(self.network.named_parameters(), s.network.ema_decay, on_cpu, live=full.live)
                 self.log(f"EMA of the weights (decay {s.network.ema_decay}) in "
                          f"{'CPU memory' if self.ema.on_cpu or self.device.type == 'cpu' else 'VRAM'}")
         else:
@@ -639,7 +642,7 @@ class _Run:
         s = self.s
         acc = self.accelerator
         params = self.network.param_groups(s.optimizer.learning_rate, s.optimizer.text_encoder_lr)
-        self.fused_backward = s.optimizer.optimizer_type == "Adafactor" and s.optimizer.fused_backward_pass
+        self.fused_backward = steps_in_backward(s)
         make = build_fused_backward_optimizer if self.fused_backward else build_optimizer
         if self.setup.optimizer_type != s.optimizer.optimizer_type:
             self.log(f"Optimizer {self.setup.optimizer_type}: the plan keeps the optimizer state in 8 bits")
@@ -658,6 +661,8 @@ class _Run:
                                            o.lr_scheduler_num_cycles, o.lr_scheduler_power,
                                            o.lr_scheduler_min_lr_ratio, o.lr_decay_steps, o.lr_scheduler_timescale,
                                            o.lr_scheduler_step_rules)
+        if self.fused_backward and self.setup.swapper is not None:
+            optimizer.after_step = self.setup.swapper.param_updated  # a swapped block's update goes back to RAM
         self.optimizer, self.lr_scheduler = acc.prepare(optimizer, lr_scheduler)
 
         self.global_step, start_epoch, skip_batches = 0, 0, 0

@@ -25,3 +25,4 @@ def test_block_swap_bench_runs_its_check_on_the_cpu():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("max |out diff| 0, max rel grad diff 0;") == 2, proc.stdout
+    assert "full fine-tune: max rel weight diff 0 after 3 steps" in proc.stdout, proc.stdout

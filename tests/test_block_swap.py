@@ -238,6 +238,56 @@ def test_trainable_block_parameters_stay():
     swapper.detach()
 
 
+def _full_finetune_steps(n_swap: int, gc: bool, steps: int = 3, prefetch: int = 1):
+    """Full fine-tuning of the stack with Adafactor stepping inside backward (as the trainer's fused backward
+    pass), the last ``n_swap`` blocks' trained weights streamed through the swapper."""
+    from core.optim import build_fused_backward_optimizer
+    model, _ = make_stack(lora=False)
+    model.requires_grad_(True)
+    model.gradient_checkpointing = gc
+    swapper = BlockSwapper(model.blocks, n_swap, CPU, trainable=True, prefetch=prefetch).attach() if n_swap else None
+    opt = build_fused_backward_optimizer("Adafactor", [{"params": list(model.parameters()), "lr": 1e-2}], 1e-2,
+                                         0.0, CPU, warmup_steps=0, relative_step=False, kwargs={})
+    if swapper is not None:
+        opt.after_step = swapper.param_updated
+    torch.manual_seed(1)
+    xs = [torch.randn(2, 6, 8) for _ in range(steps)]
+    outs = []
+    for x in xs:
+        out = model(x)
+        (out.square().mean() + out.sum() * 0.01).backward()
+        outs.append(out.detach().clone())
+    names = [n for n, _ in model.named_parameters()]
+    values = swapper.live(model.parameters()) if swapper is not None else list(model.parameters())
+    weights = {n: v.detach().clone() for n, v in zip(names, values)}
+    host = swapper.host_state_dict(model) if swapper is not None else None
+    loads = swapper.loads if swapper is not None else 0
+    if swapper is not None:
+        swapper.detach()
+        assert all(torch.equal(p.detach(), weights[n]) for n, p in model.named_parameters())
+    return outs, weights, host, loads
+
+
+@pytest.mark.parametrize("gc", [False, True])
+@pytest.mark.parametrize("n,prefetch", [(2, 1), (5, 1), (3, 2)])
+def test_full_finetune_of_swapped_blocks(gc, n, prefetch):
+    """Trained weights in swapped blocks (``trainable=True``): the optimizer steps each weight inside backward
+    while its block is in a slot, the slot goes back to the host master before reuse, and the next step reads
+    the updated weights.  Outputs of every step and the final weights equal training without swapping; the
+    host copies are the trained values (a missing write-back leaves them at their start values)."""
+    plain_outs, plain, _, _ = _full_finetune_steps(0, gc)
+    outs, swapped, host, loads = _full_finetune_steps(n, gc, prefetch=prefetch)
+    assert loads > n
+    for a, b in zip(plain_outs, outs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    start, _ = make_stack(lora=False)
+    start = dict(start.named_parameters())
+    for name, value in plain.items():
+        torch.testing.assert_close(swapped[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(host[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.equal(value, start[name].detach()), f"{name} did not train"
+
+
 def test_estimate_matches():
     model, _ = make_stack()
     est = BlockSwapper.estimate(model.blocks, 3)

@@ -253,3 +253,27 @@ def test_four_bit_base_with_swapping_is_quanto(monkeypatch):
     assert sdxl.quantize_base == "nf4" and sdxl.blocks_to_swap == 0
     with pytest.raises(ValueError, match="cannot be streamed"):
         plan_for("flux1_dev", 1024, 8, AMPERE, quantize_base="nf4", blocks_to_swap=10)
+
+
+def test_full_finetune_swaps_blocks_only_when_the_optimizer_steps_in_backward():
+    """FLUX.1 dev full fine-tune at 1024 px on a 24 GB GPU: with Adafactor stepping inside backward the plan
+    swaps blocks (trained fp32 weights in CPU memory, gradients of about one block) and fits; with AdamW it
+    cannot swap, does not fit and says what would; an explicit swap count without the fused pass is refused."""
+    needs("flux1_dev")
+
+    def full(fused, optimizer="Adafactor", **memory):
+        s = settings("flux1_dev", 1024, **memory)
+        s.network.algorithm = "full_finetune"
+        s.optimizer.optimizer_type, s.optimizer.fused_backward_pass = optimizer, fused
+        return make_plan(machine(24, ADA, ram_gb=128), s, architectures.get("flux1_dev"))
+
+    swapped = full(True)
+    print(row(swapped))
+    assert swapped.fits and 0 < swapped.blocks_to_swap < swapped.swappable_blocks
+    assert swapped.estimate.total_gb <= 24 and swapped.estimate.ram_gb > 30   # fp32 weights of ~50 blocks
+    assert swapped.estimate.parts["gradients"] < 2                           # one block's, not 44 GB
+    stuck = full(False, "AdamW")
+    assert not stuck.fits and stuck.blocks_to_swap == 0
+    assert "fused_backward_pass" in stuck.reasons[0]
+    with pytest.raises(ValueError, match="fused_backward_pass on"):
+        full(False, blocks_to_swap=10)
