@@ -101,6 +101,11 @@ class FlowMatchingFamily(Architecture):
         if n.algorithm == "full_finetune" and n.train_text_encoder and self.supports_full_checkpoint:
             problems.append(f"network.train_text_encoder: a {self.label} full fine-tune saves the transformer alone "
                             "(its original single file); the text encoders are not trained with it. Turn it off.")
+        conv_only = [f"network.{name}" for name in ("use_tucker", "conv_rank", "conv_alpha") if getattr(n, name)]
+        if n.algorithm != "full_finetune" and conv_only and not n.include.strip():
+            problems.append(f"{', '.join(conv_only)}: shape 3×3 convolutions only, and every layer the "
+                            f"{self.label} target '{n.target}' adapts is linear (q, k, v fused into one, as the "
+                            "original checkpoint holds them). Turn them off (Network → Advanced).")
         return problems
 
     def configure_objective(self, components: Components, settings) -> None:

@@ -351,6 +351,21 @@ def test_a_target_the_family_lacks_is_refused_before_training(tiny, tmp_path):
         core.train(s, config=config)
 
 
+@pytest.mark.parametrize("option", [{"network__use_tucker": True}, {"network__conv_rank": 8, "network__conv_alpha": 4}])
+def test_a_convolution_option_on_linear_layers_is_refused_before_loading(tiny, tmp_path, option):
+    """Tucker / conv rank shape 3×3 convolutions; a DiT target has none (its fused qkv is linear), so the
+    option would be silently ignored: it is refused, naming the option and where to turn it off, before the
+    model path is even read."""
+    s, config = make_settings(tiny, "flux1_dev", "diffusers", tmp_path, network__algorithm="lokr", **option)
+    s.model.model_path = str(tmp_path / "not-there")
+    with pytest.raises(ValueError, match=r"network\.(use_tucker|conv_rank, network\.conv_alpha): shape 3×3 "
+                                         r"convolutions only.*Network → Advanced"):
+        core.train(s, config=config)
+    s.network.include = "x_embedder"   # a pattern may add other layers: then it is the user's call
+    from core.settings import check_consistency
+    assert not [p for p in check_consistency(s) if "3×3" in p]
+
+
 def test_t5_in_fp16_keeps_its_output_projections_in_fp32(tiny):
     """fp16 plans (GPUs without bf16) cast the text encoders to fp16; T5 overflows there unless its ``wo``
     projections stay fp32, as transformers keeps them when it loads T5 in fp16."""
