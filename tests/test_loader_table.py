@@ -12,6 +12,14 @@ training writes).  Then:
   where the family writes one; FLUX.3 LoKr through the transformer's ``load_lora_adapter``, the only loader that
   takes it in diffusers 0.42.1) gives the trained model's output.
 
+* **Forge†** is not run here (it needs its own CUDA install and launcher).  Its loader, read at
+  lllyasviel/stable-diffusion-webui-forge dfdcbab6, takes ComfyUI's keys and formulas: backend/patcher/lora.py maps
+  ``lora_unet_<key>`` onto every weight of its models, which keep the original layouts (backend/nn/unet.py,
+  mmditx.py, flux.py), and packages_3rdparty/comfyui_lora_collection/lora.py with ``merge_lora_to_weight`` applies
+  LoRA/LoCon, LoHa, LoKr, GLoRA and full diffs (DoRA included) as ComfyUI does; it has no OFT/BOFT ("TODO: OFT") or
+  (IA)³, and its engines are SD 1.5/2, SDXL, SD3.5, FLUX.1 and Chroma.  So a cell says Forge† where the ComfyUI
+  measurement passed, the family has a Forge engine and every tensor is one Forge reads.
+
 ``python -m tests.test_loader_table`` rewrites the README section from a fresh measurement.
 """
 from __future__ import annotations
@@ -30,7 +38,7 @@ import architectures
 import core
 from core.adapters import AdapterOptions, build_network
 from core.adapters.fused import FusedLinear
-from tests.test_adapters_algorithms import COMFY_READS, comfy_key_names, comfy_merged_weight
+from tests.test_adapters_algorithms import COMFY_READS, SUFFIXES, comfy_key_names, comfy_merged_weight
 from tests.test_fresh_process import _diffusers_pipeline, _model_inputs
 from tests.tiny_models import build_tiny_sd15, build_tiny_sdxl
 from tests.tiny_models_dit import build_tiny_dit
@@ -56,6 +64,8 @@ ALGORITHMS = {  # column label → (network.algorithm, rank, adapter options)
     "BOFT": ("boft", 32, {}), "GLoRA": ("glora", 4, {}), "full diff": ("full", 4, {}),
 }
 SETTING = {"factor": "lokr_factor"}
+FORGE_FAMILIES = {"SD 1.5", "SDXL", "SD3 / SD3.5", "FLUX.1"}
+FORGE_READS = set().union(*(SUFFIXES[a] for a in ("lora", "locon", "loha", "lokr", "glora", "full")))
 
 
 def _comfy_names(arch, comps) -> set[str]:
@@ -170,6 +180,8 @@ def measure(root: Path) -> dict[str, dict[str, str]]:
                                                                                 if f"{n}.diff_b" in sd}), *inputs)
                 if torch.allclose(comfy, ours, atol=1e-4, rtol=1e-3):
                     loaders.append("ComfyUI")
+                    if row in FORGE_FAMILIES and {k.split(".", 1)[1] for k in sd} <= FORGE_READS:
+                        loaders.append("Forge†")
             if _diffusers_loads(arch_id, folder, files, paths, comps, inputs, ours):
                 loaders.append("diffusers" + (" (`.diffusers` file)" if ".diffusers" in files else ""))
             table[row][col] = ", ".join(loaders) or "neither"
