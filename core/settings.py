@@ -40,6 +40,8 @@ TIMESTEP_SAMPLING: tuple[str, ...] = get_args(TimestepSampling)
 LOSS_WEIGHTING: tuple[str, ...] = get_args(LossWeighting)
 LogWith = Literal["none", "tensorboard", "wandb", "all"]
 LOG_WITH: tuple[str, ...] = get_args(LogWith)
+QUANTIZE_LABELS = {"qfloat8": "fp8 (quanto qfloat8)", "qint8": "int8 (quanto qint8)", "qint4": "int4 (quanto qint4)",
+                   "nf4": "NF4 (bitsandbytes)"}
 LossType = Literal["l2", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
@@ -162,7 +164,8 @@ class DatasetSettings(Section):
     cache_latents: Literal["memory", "disk", "off"] = setting(
         "memory", "Cache latents", "Encode every image once. 'disk' keeps the cache next to the images and "
         "reuses it while the image file is unchanged; the text-encoder outputs are then kept there too, so a "
-        "rerun with the same model does not run the text encoders again.", choices=("memory", "disk", "off"))
+        "rerun with the same model does not run the text encoders again.", choices=("memory", "disk", "off"),
+        choice_labels={"memory": "in memory", "disk": "on disk (kept for reruns)", "off": "off (encode every step)"})
     subsets: list[SubsetSettings] = setting(
         list, "Subsets", "More image folders, each with its own options, as in sd-scripts' dataset config "
         "([[datasets.subsets]]): one row per folder. An empty cell takes the value set above. is_reg marks "
@@ -249,7 +252,9 @@ class ModelSettings(Section):
                               ge=0.0, le=20.0, step=0.1, show_if={"model.architecture": FamilyTrait("guidance_input")})
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = setting(
         "auto", "Prediction type", "'auto' uses what the model's scheduler config says (epsilon for "
-        "single files).", choices=("auto", "epsilon", "v_prediction"), show_if={"model.architecture": FamilyTrait("ddpm")})
+        "single files).", choices=("auto", "epsilon", "v_prediction"),
+        choice_labels={"auto": "auto (the model's config)", "epsilon": "ε (noise)", "v_prediction": "v-prediction"},
+        show_if={"model.architecture": FamilyTrait("ddpm")})
     zero_terminal_snr: bool = setting(False, "Zero terminal SNR", "Rescale the noise schedule so the last "
                                       "step is pure noise (use with v-prediction).", advanced=True,
                                       show_if={"model.architecture": FamilyTrait("ddpm")})
@@ -315,6 +320,7 @@ class NetworkSettings(Section):
     flux_blocks: Literal["all", "double", "single"] = setting(
         "all", "FLUX blocks", "Which FLUX transformer blocks get adapters: all, only the double-stream "
         "(or per-mode) blocks, or only the single-stream blocks.", choices=("all", "double", "single"),
+        choice_labels={"all": "all blocks", "double": "double-stream blocks", "single": "single-stream blocks"},
         show_if={"model.architecture": FamilyTrait("double_single_blocks")})
     train_t5: bool = setting(False, "Train T5 too", "Also train the T5-XXL text encoder (lora_te3_ keys; large "
                              "and slow; diffusers does not load T5 adapters).",
@@ -460,7 +466,8 @@ class ScheduleSettings(Section):
     huber_schedule: HuberSchedule = setting(
         "snr", "Huber schedule", "The Huber threshold per noise level: constant (huber_c); exponential (1 on "
         "clean inputs down to huber_c on pure noise); snr (follows the signal-to-noise ratio; sd-scripts' "
-        "default).", choices=HUBER_SCHEDULES, advanced=True, show_if={"schedule.loss_type": ["huber", "smooth_l1"]})
+        "default).", choices=HUBER_SCHEDULES, advanced=True,
+        choice_labels={"constant": "constant", "exponential": "exponential in the timestep", "snr": "by SNR"}, show_if={"schedule.loss_type": ["huber", "smooth_l1"]})
     huber_c: float = setting(0.1, "Huber c", "The Huber threshold (or its value on pure noise for the "
                              "exponential and snr schedules).", ge=0.0001, le=10.0, step=0.01, advanced=True,
                              show_if={"schedule.loss_type": ["huber", "smooth_l1"]})
@@ -484,7 +491,9 @@ class ScheduleSettings(Section):
         "sigmoid", "Timestep sampling", "How noise levels σ are drawn for flow-matching models: uniform; "
         "sigmoid(scale·N(0,1)); logit-normal(mean, std) (SD3 paper); mode (heavy tails); shift: sigmoid, then "
         "σ' = sσ/(1+(s−1)σ); flux_shift: sigmoid, then the shift FLUX.1 uses for the image size.",
-        choices=TIMESTEP_SAMPLING, show_if={"model.architecture": FamilyTrait("flow_matching")})
+        choices=TIMESTEP_SAMPLING, show_if={"model.architecture": FamilyTrait("flow_matching")},
+        choice_labels={"uniform": "uniform", "sigmoid": "sigmoid", "logit_normal": "logit-normal",
+                       "mode": "mode (SD3 paper)", "shift": "shifted sigmoid", "flux_shift": "FLUX shift (by resolution)"})
     sigmoid_scale: float = setting(1.0, "Sigmoid scale", "Spread of sigmoid sampling (larger: more samples near "
                                    "pure image and pure noise).", ge=0.01, le=10.0, step=0.1,
                                    show_if={"model.architecture": FamilyTrait("flow_matching"),
@@ -504,7 +513,8 @@ class ScheduleSettings(Section):
                                                   "schedule.timestep_sampling": ["shift"]})
     loss_weighting: LossWeighting = setting(
         "none", "Loss weighting", "Per-sample weight of flow-matching losses: none; σ⁻² (sigma_sqrt); cosmap.",
-        choices=LOSS_WEIGHTING, show_if={"model.architecture": FamilyTrait("flow_matching")})
+        choices=LOSS_WEIGHTING, show_if={"model.architecture": FamilyTrait("flow_matching")},
+        choice_labels={"none": "none", "sigma_sqrt": "σ⁻² (sigma_sqrt)", "cosmap": "cosmap"})
     validate_every_n_steps: int = setting(0, "Validate every N steps", "With a validation share: measure the "
                                           "validation loss every N steps; 0 measures it at the end of each epoch.",
                                           ge=0, le=10_000_000)
@@ -521,7 +531,8 @@ class SavingSettings(Section):
     save_every_n_epochs: int = setting(1, "Save every N epochs", "0 disables.", ge=0, le=100_000)
     save_last_n: int = setting(3, "Keep last K intermediate saves", "0 keeps all.", ge=0, le=10000)
     save_precision: Literal["fp16", "bf16", "float"] = setting("fp16", "Save precision",
-                                                               choices=("fp16", "bf16", "float"))
+                                                               choices=("fp16", "bf16", "float"),
+                                                               choice_labels={"float": "fp32 (float)"})
     save_diffusers_folder: bool = setting(False, "Also save a diffusers folder", "Full fine-tune: write the "
                                           "model as a diffusers folder beside the single-file checkpoint.",
                                           show_if={"network.algorithm": ["full_finetune"]})
@@ -555,7 +566,7 @@ class SamplingSettings(Section):
 class MemorySettings(Section):
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = setting(
         "auto", "Precision", "'auto': bf16 where the GPU supports it, fp16 with loss scaling on older GPUs, "
-        "fp32 on the CPU.", choices=("auto", "bf16", "fp16", "no"))
+        "fp32 on the CPU.", choices=("auto", "bf16", "fp16", "no"), choice_labels={"no": "no (fp32)"})
     gradient_checkpointing: Literal["auto", "on", "off"] = setting(
         "auto", "Gradient checkpointing", "Recompute activations in the backward pass: much less memory, "
         "about 30% slower. 'auto' turns it on when the plan needs the memory.", choices=("auto", "on", "off"))
@@ -567,7 +578,8 @@ class MemorySettings(Section):
         choices=("auto", "on", "off"))
     compile: Literal["auto", "off", "regional"] = setting(
         "auto", "Compile (torch.compile)", "Compile the model's repeated blocks: ≈1.5× faster steps on NVIDIA GPUs "
-        "after about a minute of compiling. 'auto': on with CUDA and Triton.", choices=("auto", "off", "regional"))
+        "after about a minute of compiling. 'auto': on with CUDA and Triton.", choices=("auto", "off", "regional"),
+        choice_labels={"regional": "regional (each repeated block)"})
     vram_budget_gb: float = setting(0.0, "VRAM to plan for (GB)", "0: the GPU's total memory. Set less to leave "
                                     "room for other programs on the same GPU; the plan then fits the run into it.",
                                     ge=0.0, le=1024.0, step=0.5)
@@ -576,6 +588,8 @@ class MemorySettings(Section):
         "(with the memory-efficient kernel as fallback for masks; PyTorch's own first choice, cuDNN attention, has "
         "crashed in FLUX backward passes), the memory-efficient kernel in fp32, PyTorch's default on the CPU; "
         "'default' lets PyTorch choose.", choices=("auto", "flash", "efficient", "cudnn", "math", "default"),
+        choice_labels={"flash": "flash", "efficient": "memory-efficient", "cudnn": "cuDNN", "math": "math (reference)",
+                       "default": "PyTorch's choice"},
         advanced=True)
     blocks_to_swap: int = setting(-1, "Blocks swapped to CPU", "Keep this many transformer/UNet blocks in CPU "
                                   "memory and stream each to the GPU just before it runs (overlapped with compute). "
@@ -585,11 +599,12 @@ class MemorySettings(Section):
         "auto", "Quantize the frozen model", "Store the frozen base weights in 8 or 4 bits (optimum-quanto "
         "qfloat8/qint8/qint4, bitsandbytes nf4); the adapter still trains in full precision on top. "
         "'auto': only when the model does not fit otherwise.", choices=("auto", "none", "qfloat8", "qint8", "qint4",
-                                                                          "nf4"))
+                                                                          "nf4"), choice_labels=QUANTIZE_LABELS)
     quantize_text_encoder: Literal["auto", "none", "qfloat8", "qint8", "qint4", "nf4"] = setting(
         "auto", "Quantize text encoders for caching", "Load the text encoders in 8 or 4 bits while captions are "
         "encoded ('auto': when they do not fit in VRAM in bf16). Large encoders that still do not fit are "
-        "streamed layer by layer.", choices=("auto", "none", "qfloat8", "qint8", "qint4", "nf4"))
+        "streamed layer by layer.", choices=("auto", "none", "qfloat8", "qint8", "qint4", "nf4"),
+        choice_labels=QUANTIZE_LABELS)
     activation_offload: Literal["auto", "on", "off"] = setting(
         "auto", "Offload activations to CPU", "Keep the activations saved for the backward pass in CPU memory "
         "(with gradient checkpointing: the block inputs). Saves about 1 GB on large models at ≈15% speed. "
