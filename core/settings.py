@@ -110,7 +110,7 @@ class DatasetSettings(Section):
     path: str = setting("", "Image folder",
                         "Folder of images with same-name caption files. Subfolders named like '10_dog' repeat "
                         "their images 10 times per epoch. Relative paths are inside the datasets folder.",
-                        widget="path")
+                        widget="dataset")
     caption_extension: str = setting(".txt", "Caption file extension", advanced=True)
     default_caption: str = setting("", "Caption for images without one",
                                    "Used when an image has no caption file. Left empty, a missing caption "
@@ -121,7 +121,7 @@ class DatasetSettings(Section):
                             "Optional folder of class images with captions (laid out like the image folder, "
                             "'N_name' subfolders included) for prior preservation. Each epoch they are cycled "
                             "to as many samples as the training images give. Empty: off. Relative paths are "
-                            "inside the datasets folder.", widget="path")
+                            "inside the datasets folder.", widget="dataset")
     reg_num_repeats: int = setting(1, "Regularization repeats", "Repeats of each regularization image before "
                                    "cycling (folders named 'N_name' set their own). Only used with a "
                                    "regularization folder.", ge=1, le=10000, advanced=True)
@@ -154,7 +154,7 @@ class DatasetSettings(Section):
                                 "everywhere). sd-scripts' masked_loss.", advanced=True)
     mask_path: str = setting("", "Mask folder", "Grayscale masks named like the image folder's images (same "
                              "subfolders, any image extension). Empty: the images' alpha channel. Relative paths "
-                             "are inside the datasets folder.", widget="path", advanced=True,
+                             "are inside the datasets folder.", widget="dataset", advanced=True,
                              show_if={"dataset.masked_loss": [True]})
     validation_split: float = setting(0.0, "Validation share", "Share of the training images held out to "
                                       "measure a validation loss (sd-scripts' validation_split); 0 disables. The "
@@ -539,7 +539,7 @@ class SavingSettings(Section):
     save_state: bool = setting(True, "Save resumable state", "Keep optimizer and scheduler state with each "
                                "save so the run can be resumed.")
     resume_from: str = setting("", "Resume from state", "A state folder written by an earlier run "
-                               "(…/<output name>-state-000100).", widget="path")
+                               "(…/<output name>-state-000100).", widget="state")
     trigger_phrase: str = setting("", "Trigger phrase", "Written into the file's metadata.", advanced=True)
     log_with: LogWith = setting(
         "tensorboard", "Logs", "Loss, learning rates, speed, memory and previews, written in the output folder's "

@@ -172,10 +172,18 @@ def shoot(page, tab_id: str) -> Path:
 # -- the test -------------------------------------------------------------------------------------------
 
 def test_train_a_tiny_lora_in_the_browser(studio, page):
-    # Dataset
+    # Dataset: picked from the datasets folder, and checked before Start
     open_tab(page, "Dataset")
-    fill(page, "dataset.path", studio["dataset"])
+    choose_dropdown(page, "dataset.path", studio["dataset"].name)
     fill(page, "dataset.resolution", 64)
+    expect_text(page.locator("#dataset-summary"), "4 images, 4 with a caption file")
+    expect_text(page.locator("#dataset-summary"), "64×64")
+    page.wait_for_function("document.querySelectorAll('#dataset-gallery img').length >= 2", timeout=20_000)
+    # long help: its first sentence, the rest behind "more"
+    path_help = page.locator(sid("dataset.path"))
+    assert "Subfolders named like" not in path_help.inner_text()
+    path_help.locator("a.help-more").click()
+    expect_text(path_help, "Subfolders named like '10_dog' repeat their images")
     assert is_shown(page, "dataset.bucket_no_upscale")
     check(page, "dataset.enable_buckets", False)
     page.wait_for_timeout(500)
@@ -218,7 +226,7 @@ def test_train_a_tiny_lora_in_the_browser(studio, page):
     while not preset.exists() and time.time() < deadline:
         time.sleep(0.2)
     saved = json.loads(preset.read_text())
-    assert saved["dataset"]["path"] == str(studio["dataset"])
+    assert saved["dataset"]["path"] == studio["dataset"].name
     assert saved["dataset"]["resolution"] == 64 and saved["dataset"]["enable_buckets"] is False
     assert saved["model"]["model_path"] == "tiny-sd15" and saved["network"]["rank"] == 4
     assert saved["schedule"]["max_train_steps"] == 4 and saved["schedule"]["log_every_n_steps"] == 1
@@ -261,6 +269,15 @@ def test_train_a_tiny_lora_in_the_browser(studio, page):
     for shot in shots:
         assert shot.stat().st_size > 10_000
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the run's state is offered for resuming (newest first), by step and date
+    open_tab(page, "Saving & previews")
+    page.locator("#refresh-saving-resume_from").click()
+    page.wait_for_timeout(500)
+    page.locator(f"{sid('saving.resume_from')} input").first.click()
+    option = page.get_by_role("option", name=re.compile(r"^step 4 · \d{4}-\d\d-\d\d \d\d:\d\d · browser_lora"))
+    option.first.click()
+    page.keyboard.press("Escape")
 
 
 def _check_live_visibility(page, governing: str) -> None:

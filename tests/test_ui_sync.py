@@ -23,8 +23,8 @@ from core.settings import (Settings, SettingsError, SubsetSettings, default_trai
                            iter_fields, save_settings)
 from ui.app import build_app
 from ui.run_state import RunController, RunState
-from ui.schema_ui import (SettingsTable, dotted_from_elem_id, elem_id, field_visible, governing_fields,
-                          settings_to_values, values_to_settings, visible_fields)
+from ui.schema_ui import (PICKERS, SettingsTable, dotted_from_elem_id, elem_id, field_visible, governing_fields,
+                          help_more, settings_to_values, split_help, values_to_settings, visible_fields)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = dict(iter_fields())
@@ -58,8 +58,9 @@ def handler(demo: gr.Blocks, elem: str, event: str):
     """The BlockFunction triggered by ``event`` on the component with elem_id ``elem``."""
     ids = {b._id for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem}
     fns = [f for f in demo.fns.values() if any(t[0] in ids and t[1] == event for t in f.targets)
-           # the Run tab's plan preview listens to many settings; it is tested on its own
-           and not all(getattr(o, "elem_id", None) == "run-plan" for o in f.outputs)]
+           # the Run tab's plan and the Dataset tab's preview listen to many settings; each is tested on its own
+           and not all(getattr(o, "elem_id", None) in ("run-plan", "dataset-summary", "dataset-gallery")
+                       for o in f.outputs)]
     assert len(fns) == 1, f"expected one {event} handler on #{elem}, found {len(fns)}"
     return fns[0]
 
@@ -132,10 +133,12 @@ def test_control_kind_follows_the_declaration(app):
             help_md = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == f"help-{section}-{name}"]
             assert len(help_md) == 1 and help_md[0].value == ui["help"], dotted
             continue
-        if ui["help"]:
-            assert ui["help"] in (comp.info or ""), dotted
+        if ui["help"]:   # the first sentence on the control, the rest behind "more" (help_more_js)
+            short, rest = split_help(ui["help"])
+            assert short in (comp.info or "") and help_more().get(comp.elem_id, "") == rest, dotted
+            assert (short + " " + rest).strip() == ui["help"].strip(), dotted
         lo, hi = field_range(info)
-        if ui["widget"] == "model":
+        if ui["widget"] in PICKERS:
             assert isinstance(comp, gr.Dropdown) and comp.allow_custom_value, dotted
         elif ui["widget"] == "textarea":
             assert isinstance(comp, gr.Textbox) and comp.lines > 1, dotted
@@ -496,3 +499,18 @@ def test_a_kohya_config_is_imported_into_the_current_settings(app):
         out = importer.fn(None, typed, *[values[n] for n in names])
         assert expected in out[0] and "Traceback" not in out[0], typed
         assert all(o == gr.skip() for o in out[1:]), "a failed import leaves the controls unchanged"
+
+
+@pytest.mark.parametrize("text,short,rest", [
+    ("One sentence only.", "One sentence only.", ""),
+    ("Keep e.g. this part together. And the rest of a long help text that goes on for a while.",
+     "Keep e.g. this part together.", "And the rest of a long help text that goes on for a while."),
+    ("Short. Tail that is long enough to be hidden behind the more link.", "Short. Tail that is long enough to be "
+     "hidden behind the more link.", ""),   # a first sentence too short to stand alone
+    ("A first sentence of some length. Tiny tail.", "A first sentence of some length. Tiny tail.", ""),
+    ("Scale 0.5 means half the size. Then a remainder of at least forty characters.",
+     "Scale 0.5 means half the size.",
+     "Then a remainder of at least forty characters."),
+])
+def test_split_help(text, short, rest):
+    assert split_help(text) == (short, rest)

@@ -18,10 +18,13 @@ from core.config import AppConfig
 from core.settings import Settings, SettingsError, check_consistency, field_ui, iter_fields
 from ui import presets as preset_store
 from ui import warmup
+from ui.job_queue import JobQueue, QueueRunner
+from ui.queue_panel import build_queue_panel, wire_queue_panel
 from ui.run_state import (RunController, Snapshot, loss_frame, memory_text, outputs_text, progress_html,
                           run_label, samples_for_gallery, status_text)
-from ui.schema_ui import (TABS, GeneratedControls, describe_error, list_models, render_advanced,
-                          render_section, settings_to_values, values_to_settings, wire_visibility)
+from ui.pickers import build_dataset_preview, picker_sources, wire_dataset_preview, wire_pickers
+from ui.schema_ui import (TABS, GeneratedControls, describe_error, help_more_js, render_advanced, render_section,
+                          settings_to_values, values_to_settings, wire_visibility)
 
 APP_TITLE = "Adapter Training Studio"
 
@@ -137,15 +140,14 @@ def _free_port(host: str) -> int:
 
 def build_app(config: AppConfig, *, controller: RunController | None = None) -> gr.Blocks:
     controller = controller or RunController(config)
-    models_dir = config.path("models_dir")
+    # started by launch(): an app built only to be inspected (tests, scripts) runs no queued job
+    queue_runner = QueueRunner(JobQueue.for_config(config), controller)
     presets_dir = config.path("presets_dir")
     defaults, defaults_problem = preset_store.load_defaults(config.path("training_defaults"))
     start_values = settings_to_values(defaults)
     hardware = hardware_summary()
     generated = GeneratedControls()
-
-    def models_fn() -> list[str]:
-        return list_models(models_dir)
+    pickers = picker_sources(config, defaults)
 
     with gr.Blocks(title=APP_TITLE, analytics_enabled=False) as demo:
         with gr.Row(elem_id="app-header", equal_height=True):
@@ -174,6 +176,7 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
                     kohya_report = gr.Markdown("", elem_id="kohya-report")
 
         run_widgets: dict[str, Any] = {}
+        queue_widgets: dict[str, Any] = {}
         with gr.Tabs(elem_id="tabs"):
             for tab_id, tab_label, sections in TABS:
                 with gr.Tab(tab_label, id=tab_id, elem_id=f"tab-{tab_id}"):
@@ -181,15 +184,18 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
                     # by default) folded away below them
                     if tab_id == "run":
                         run_widgets = _run_controls()
+                        queue_widgets = build_queue_panel(presets_dir)
                     with gr.Accordion(RUN_CHOICES, open=False, elem_id="run-choices") if tab_id == "run" \
                             else contextlib.nullcontext():
                         advanced: list = []
                         for section, heading in sections:
                             if heading and len(sections) > 1:
                                 gr.Markdown(f"### {heading}", elem_classes=["section-heading"])
-                            render_section(section, start_values, generated, models_fn=models_fn,
+                            render_section(section, start_values, generated, pickers=pickers,
                                            advanced_box=advanced)
-                        render_advanced(advanced, start_values, generated, tab_id=tab_id, models_fn=models_fn)
+                        render_advanced(advanced, start_values, generated, tab_id=tab_id, pickers=pickers)
+                    if tab_id == "dataset":
+                        dataset_preview = build_dataset_preview()
                     if tab_id == "run":
                         _run_results(run_widgets)
             with gr.Tab("Tools", id="tools", elem_id="tab-tools"):
@@ -206,11 +212,10 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
         inputs = [c for _, c in ordered]
         wire_visibility(controls, generated.groups)
 
-        # model list refresh
-        for key, button in generated.extras.items():
-            if key.startswith("refresh:"):
-                target = controls[key.split(":", 1)[1]]
-                button.click(lambda: gr.update(choices=models_fn()), outputs=target, queue=False)
+        # the model, dataset and state lists; the dataset as the run will see it
+        wire_pickers(demo, controls, generated.extras, config, values_to_settings_lenient)
+        wire_dataset_preview(demo, dataset_preview, controls, config, values_to_settings_lenient,
+                             lambda path: _allow(demo, path))
 
         # -- presets ------------------------------------------------------------------------------------
         def save_preset(name, *vals):
@@ -304,7 +309,8 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
             label = run_label(controller.state.snapshot())
             if not controller.running:
                 return gr.update(visible=False), "", "Nothing is running."
-            return (gr.update(visible=True), f"Stop the run {label}? It saves what was trained so far.", "")
+            queued = " The queue pauses after it (Run queue goes on)." if queue_runner.current else ""
+            return (gr.update(visible=True), f"Stop the run {label}? It saves what was trained so far.{queued}", "")
 
         def stop():
             label = run_label(controller.state.snapshot())
@@ -328,12 +334,17 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
 
         w["timer"].tick(poll, inputs=[w["seen"]], outputs=poll_outputs, show_progress="hidden",
                         concurrency_limit=None)
+        queue_handlers = wire_queue_panel(demo, queue_widgets, w["timer"], queue_runner, names, inputs,
+                                          presets_dir)
 
         demo.load(None, js=FOLLOW_LOG_JS)
+        demo.load(None, js=help_more_js())
 
     demo.studio_controls = controls          # dotted name → component (used by tests and scripts)
     demo.studio_run_widgets = w              # the Run tab's widgets by name
     demo.studio_controller = controller
+    demo.studio_queue = queue_runner         # the job queue and its runner (started by launch)
+    demo.studio_queue_handlers = queue_handlers
     demo.studio_groups = generated.groups    # (layout piece, fields): shown while any of its fields is
     return demo
 
@@ -501,6 +512,7 @@ def _poll_updates(demo: gr.Blocks, s: Snapshot, seen: dict) -> list:
 def launch(config: AppConfig, *, prevent_thread_lock: bool = False, quiet: bool = False) -> gr.Blocks:
     """Build and serve the app as config.json says (port 0: any free port). Returns the running Blocks."""
     demo = build_app(config)
+    demo.studio_queue.start()
     # the first plan imports diffusers and traces the model on the meta device (seconds): do it before the
     # first page asks for it
     warmup.run_in_background(lambda: _warm_plan(config))

@@ -6,8 +6,8 @@ added to the schema gets a control automatically; ``tests/test_ui_sync.py`` fail
 
 Conventions:
 - every control has ``elem_id = "setting-<section>-<name>"`` (see :func:`elem_id`);
-- ``widget``: "textarea" → multi-line Textbox, "path" → Textbox, "model" → Dropdown of the models folder
-  (custom values allowed), "table" → a :class:`SettingsTable` for a list of objects (one row each, its help
+- ``widget``: "textarea" → multi-line Textbox, "path" → Textbox, a picker ("model", "dataset", "state") →
+  Dropdown of what the app's folders hold, with a refresh button (custom values allowed), "table" → a :class:`SettingsTable` for a list of objects (one row each, its help
   in a Markdown above), otherwise the type decides: Literal choices → Radio (≤ 3 short choices) or
   Dropdown, bool → Checkbox, float in 0…1 → Slider, int/float → Number with the field's range;
 - ``advanced`` fields go into a closed "Advanced" accordion of their tab;
@@ -38,7 +38,9 @@ TABS: list[tuple[str, str, list[tuple[str, str | None]]]] = [
     ("run", "Run", [("memory", "Memory & speed")]),
 ]
 
-WIDE_WIDGETS = {"textarea", "path", "model", "table"}
+#: widgets that pick from what the app's folders hold: the models, the datasets, a run's resumable states
+PICKERS = ("model", "dataset", "state")
+WIDE_WIDGETS = {"textarea", "path", "table", *PICKERS}
 CONTROLS_PER_ROW = 3
 
 
@@ -218,21 +220,86 @@ def _range_text(lo, hi, kind: str) -> str:
     return f"{fmt(lo)} … {fmt(hi)}"
 
 
+_ABBREVIATIONS = ("e.g", "i.e", "etc", "vs", "approx")
+
+
+def split_help(text: str, min_short: int = 25, min_rest: int = 40) -> tuple[str, str]:
+    """(first sentence, the rest) of a help text: the control shows the first sentence, the rest is behind
+    "more".  Short help (or a short remainder) stays whole."""
+    text = (text or "").strip()
+    start = 0
+    while True:
+        i = text.find(". ", start)
+        if i < 0:
+            return text, ""
+        word = text[:i].rsplit(" ", 1)[-1].lower()
+        if i + 1 >= min_short and word not in _ABBREVIATIONS and not word[-1:].isdigit():
+            rest = text[i + 2:].strip()
+            return (text[:i + 1], rest) if len(rest) >= min_rest else (text, "")
+        start = i + 2
+
+
+def help_more() -> dict[str, str]:
+    """elem_id → the help that is behind "more" for every setting whose help is longer than a sentence."""
+    out = {}
+    for dotted, _ in iter_fields():
+        _, rest = split_help(field_ui(dotted)["help"])
+        if rest:
+            out[elem_id(dotted)] = rest
+    return out
+
+
+# Adds a "more" link after the first sentence of each long help text; it shows the rest in place.  Controls
+# appear in the page when first shown (a tab, a setting that applies): a MutationObserver catches those.
+HELP_MORE_JS = """
+() => {
+  const more = %s;
+  const apply = () => {
+    for (const [id, rest] of Object.entries(more)) {
+      const box = document.getElementById(id);
+      if (!box || box.__helpMore) continue;
+      const info = [...box.querySelectorAll('span, div, p')].find(
+        e => e.children.length === 0 && e.textContent.trim().length > 0 && e.textContent.trim().endsWith('…'));
+      if (!info) continue;
+      box.__helpMore = true;
+      const base = info.textContent;
+      const a = document.createElement('a');
+      a.textContent = ' more';
+      a.href = '#';
+      a.className = 'help-more';
+      a.addEventListener('click', ev => {
+        ev.preventDefault(); ev.stopPropagation();
+        info.textContent = base.replace(/ …$/, ' ' + rest);
+      }, {once: true});
+      info.appendChild(a);
+    }
+  };
+  apply();
+  new MutationObserver(apply).observe(document.body, {childList: true, subtree: true});
+}
+"""
+
+
+def help_more_js() -> str:
+    import json
+    return HELP_MORE_JS % json.dumps(help_more(), ensure_ascii=False)
+
+
 def make_control(dotted: str, info, value: Any, *, visible: bool = True,
-                 models: Iterable[str] = ()) -> gr.components.Component:
+                 options: Iterable = ()) -> gr.components.Component:
     """One control for one schema field (not yet wired to anything)."""
     ui = field_ui(dotted)
     kind = _annotation_kind(info)
     lo, hi = field_range(info)
     label = ui["label"]
-    help_text = ui["help"] or None
+    short, rest = split_help(ui["help"])
+    help_text = (short + (" …" if rest else "")) or None
     common = dict(label=label, elem_id=elem_id(dotted), visible=visible, elem_classes=["setting"])
     widget = ui["widget"]
     choices = ui["choices"]
 
-    if widget == "model":
-        models = list(models)
-        return gr.Dropdown(choices=models, value=value, allow_custom_value=True, filterable=True,
+    if widget in PICKERS:  # ``options``: names, or (label, value) pairs
+        return gr.Dropdown(choices=list(options), value=value, allow_custom_value=True, filterable=True,
                            info=help_text, scale=8, **common)
     if widget == "table":
         item_fields = get_args(info.annotation)[0].model_fields
@@ -258,7 +325,7 @@ def make_control(dotted: str, info, value: Any, *, visible: bool = True,
         return gr.Slider(minimum=0.0, maximum=1.0, step=ui["step"] or 0.01, value=value, info=help_text,
                          **common)
     rng = _range_text(lo, hi, kind)
-    info_text = " ".join(t for t in (help_text, f"({rng})" if rng else "") if t) or None
+    info_text = " ".join(t for t in (short, f"({rng})" if rng else "", "…" if rest else "") if t) or None
     if kind == "int":
         return FieldNumber(value=value, precision=0, minimum=lo, maximum=hi, step=ui["step"] or 1,
                            info=info_text, **common)
@@ -289,7 +356,7 @@ class GeneratedControls:
 
 
 def _layout(fields: list[tuple[str, Any]], values: Mapping[str, Any], visible: Mapping[str, bool],
-            out: GeneratedControls, models_fn: Callable[[], list[str]]) -> None:
+            out: GeneratedControls, pickers: Mapping[str, Callable[[], list]]) -> None:
     """Lay fields out: wide widgets on their own row, the rest packed a few per row."""
     row: list[tuple[str, Any]] = []
 
@@ -315,9 +382,10 @@ def _layout(fields: list[tuple[str, Any]], values: Mapping[str, Any], visible: M
                                         elem_id=f"help-{section}-{name}")
                 out.groups.append((help_text, [dotted]))
             with gr.Row(equal_height=False, visible=visible[dotted]) as r:
+                options = pickers[widget]() if widget in pickers else ()
                 out.controls[dotted] = make_control(dotted, info, values[dotted], visible=visible[dotted],
-                                                    models=models_fn() if widget == "model" else ())
-                if widget == "model":
+                                                    options=options)
+                if widget in PICKERS:
                     button = gr.Button("↻ Refresh", size="md", scale=0, min_width=110, visible=visible[dotted],
                                        elem_id=f"refresh-{section}-{name}", elem_classes=["refresh-btn"])
                     out.extras[f"refresh:{dotted}"] = button
@@ -331,26 +399,27 @@ def _layout(fields: list[tuple[str, Any]], values: Mapping[str, Any], visible: M
 
 
 def render_section(section: str, values: Mapping[str, Any], out: GeneratedControls, *,
-                   models_fn: Callable[[], list[str]] = lambda: [], advanced_box: list | None = None) -> None:
+                   pickers: Mapping[str, Callable[[], list]] | None = None, advanced_box: list | None = None
+                   ) -> None:
     """Render the basic fields of a section here; its advanced fields are collected into ``advanced_box``
     (rendered later, in the tab's Advanced accordion) or rendered here when no box is given."""
     fields = [(d, inf) for d, inf in iter_fields() if d.split(".")[0] == section]
     visible = visible_fields(values)
     basic = [(d, inf) for d, inf in fields if not field_ui(d)["advanced"]]
     advanced = [(d, inf) for d, inf in fields if field_ui(d)["advanced"]]
-    _layout(basic, values, visible, out, models_fn)
+    _layout(basic, values, visible, out, pickers or {})
     if advanced_box is None:
-        _layout(advanced, values, visible, out, models_fn)
+        _layout(advanced, values, visible, out, pickers or {})
     else:
         advanced_box.extend(advanced)
 
 
 def render_advanced(fields: list[tuple[str, Any]], values: Mapping[str, Any], out: GeneratedControls, *,
-                    tab_id: str, models_fn: Callable[[], list[str]] = lambda: []) -> None:
+                    tab_id: str, pickers: Mapping[str, Callable[[], list]] | None = None) -> None:
     if not fields:
         return
     with gr.Accordion("Advanced", open=False, elem_id=f"advanced-{tab_id}"):
-        _layout(fields, values, visible_fields(values), out, models_fn)
+        _layout(fields, values, visible_fields(values), out, pickers or {})
 
 
 def wire_visibility(controls: Mapping[str, gr.components.Component],
