@@ -182,6 +182,14 @@ class Architecture:
         naming the setting and what to choose.  The trainer refuses to start on any (``check_consistency``),
         and the Run tab's plan lists them."""
         n = settings.network
+        if n.algorithm == "textual_inversion":
+            if not self.embedding_keys:
+                from architectures import registry
+                able = ", ".join(c.short_label or c.label for c in registry().values() if c.embedding_keys)
+                return [f"network.algorithm: textual inversion is not available for {self.label} (this trainer "
+                        f"writes embeddings of {able}); choose an adapter algorithm such as LoRA"]
+            from core.embeddings import known_token_problems
+            return known_token_problems(n, self.token_known)
         if n.algorithm == "full_finetune":
             if not self.supports_full_checkpoint:
                 from architectures import registry
@@ -265,6 +273,17 @@ class Architecture:
         """Write the whole model as a diffusers folder (same ``state_dicts`` meaning as above)."""
         raise NotImplementedError(f"{self.label}: saving a diffusers folder is not supported")
 
+    # -- textual inversion -------------------------------------------------------------------------------
+    #: the embedding file's key for each text encoder's vectors, in the order of ``Components.text_encoders``
+    #: (empty: the family trains no textual inversion)
+    embedding_keys: tuple[str, ...] = ()
+    #: ``modelspec.architecture`` of an embedding file
+    modelspec_embedding_architecture: str = ""
+
+    def token_known(self, text: str) -> bool:
+        """Whether the family's tokenizers already have ``text`` as a token (checked before anything loads)."""
+        raise NotImplementedError
+
     # -- data ------------------------------------------------------------------------------------------
     def tokenize(self, components: Components, captions: list[str]) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -276,6 +295,20 @@ class Architecture:
         raise NotImplementedError
 
     # -- training objective ----------------------------------------------------------------------------
+    def on_device(self, name: str, shape: tuple, device, dtype: torch.dtype | None, build) -> torch.Tensor:
+        """``build()``'s tensor, made on ``device``, once per (name, shape, device, dtype) and then reused: inputs
+        that depend on a batch's shape only (position ids …) cost the step neither a rebuild nor a copy from the
+        host.  One entry per bucket shape; the cache lives as long as this plug-in object (one run)."""
+        cache = self.__dict__.setdefault("_on_device", {})
+        key = (name, tuple(shape), torch.device(device), dtype)
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+
+    #: keys of the text conditioning that stay in host memory, also when cached: values the step reads on the
+    #: host (FLUX.3's caption windows), which on the device would cost a synchronisation every step
+    host_conditioning: tuple[str, ...] = ()
+
     def noisy_input_and_target(self, components: Components, latents: torch.Tensor, noise: torch.Tensor,
                                settings, input_noise: torch.Tensor | None = None,
                                level: torch.Tensor | None = None) -> Noised:
@@ -287,6 +320,13 @@ class Architecture:
     def predict(self, components: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict,
                 batch: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    def conditioning_rows(self, components: Components, cond: dict, start: int, stop: int) -> dict:
+        """The conditioning of rows [start, stop) of a batch (one worker's share of a several-process run), such
+        that :meth:`predict` gives those rows what it gives them within the whole batch.  Every entry of
+        :meth:`encode_text`'s dict holds one row per sample (the text cache stores them row by row), so every
+        entry is cut; a family whose model reads something across the whole batch overrides this."""
+        return {k: v[start:stop] for k, v in cond.items()}
 
     # -- previews --------------------------------------------------------------------------------------
     @staticmethod

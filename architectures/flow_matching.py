@@ -115,12 +115,13 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def image_position_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(H/2·W/2, 3) position ids of packed latents: (0, row, column) — diffusers ``_prepare_latent_image_ids``."""
+    """(H/2·W/2, 3) position ids of packed latents: (0, row, column) — diffusers ``_prepare_latent_image_ids``.
+    Built on ``device`` (in fp32, then cast): no copy from the host."""
     h, w = height // 2, width // 2
-    ids = torch.zeros(h, w, 3)
-    ids[..., 1] = torch.arange(h)[:, None]
-    ids[..., 2] = torch.arange(w)[None, :]
-    return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = torch.arange(w, device=device)[None, :]
+    return ids.reshape(h * w, 3).to(dtype)
 
 
 def text_position_ids(seq_len: int, device=None, dtype=torch.float32) -> torch.Tensor:

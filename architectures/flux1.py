@@ -102,10 +102,12 @@ class FluxFamily(DoubleSingleStreamBlocks, FlowMatchingFamily):
         b, _, h, w = noisy.shape
         text = cond["prompt_embeds"]
         guidance = self.guidance_input(components, b, noisy.device)
+        dev, dt = noisy.device, noisy.dtype
+        img_ids = self.on_device("img_ids", (h, w), dev, dt, lambda: fm.image_position_ids(h, w, dev, dt))
+        txt_ids = self.on_device("txt_ids", (text.shape[1],), dev, dt,
+                                 lambda: fm.text_position_ids(text.shape[1], dev, dt))
         out = tr(hidden_states=fm.pack_latents(noisy), encoder_hidden_states=text, pooled_projections=cond["pooled"],
-                 timestep=timesteps, img_ids=fm.image_position_ids(h, w, noisy.device, noisy.dtype),
-                 txt_ids=fm.text_position_ids(text.shape[1], noisy.device, noisy.dtype), guidance=guidance,
-                 return_dict=False)[0]
+                 timestep=timesteps, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
         return fm.unpack_latents(out, h, w)
 
     def probe_inputs(self, denoiser, resolution, batch_size, dtype, device="meta"):

@@ -61,14 +61,19 @@ def patchify(latents: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, c * 4, h // 2, w // 2)
 
 
+def _grid(sizes: tuple[int, ...], device) -> torch.Tensor:
+    return torch.cartesian_prod(*(torch.arange(n, device=device) for n in sizes))
+
+
 def latent_ids(height: int, width: int, device=None) -> torch.Tensor:
-    """(H·W, 4) position ids (t=0, row, column, l=0) of packed patchified latents (``_prepare_latent_ids``)."""
-    return torch.cartesian_prod(torch.arange(1), torch.arange(height), torch.arange(width), torch.arange(1)).to(device)
+    """(H·W, 4) position ids (t=0, row, column, l=0) of packed patchified latents (``_prepare_latent_ids``), built
+    on ``device``."""
+    return _grid((1, height, width, 1), device)
 
 
 def text_ids(length: int, device=None) -> torch.Tensor:
-    """(L, 4) position ids (0, 0, 0, index) of text tokens (``_prepare_text_ids``)."""
-    return torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(length)).to(device)
+    """(L, 4) position ids (0, 0, 0, index) of text tokens (``_prepare_text_ids``), built on ``device``."""
+    return _grid((1, 1, 1, length), device)
 
 
 class Flux2Family(DoubleSingleStreamBlocks, FlowMatchingFamily):
@@ -212,8 +217,10 @@ class Flux2Family(DoubleSingleStreamBlocks, FlowMatchingFamily):
         text = cond["prompt_embeds"]
         guidance = self.guidance_input(components, b, noisy.device)
         tokens = noisy.reshape(b, c, h * w).permute(0, 2, 1)
+        dev, length = noisy.device, text.shape[1]
         out = tr(hidden_states=tokens, encoder_hidden_states=text, timestep=timesteps,
-                 img_ids=latent_ids(h, w, noisy.device), txt_ids=text_ids(text.shape[1], noisy.device),
+                 img_ids=self.on_device("img_ids", (h, w), dev, None, lambda: latent_ids(h, w, dev)),
+                 txt_ids=self.on_device("txt_ids", (length,), dev, None, lambda: text_ids(length, dev)),
                  guidance=guidance, return_dict=False)[0]
         return out.permute(0, 2, 1).reshape(b, c, h, w)
 

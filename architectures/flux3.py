@@ -198,10 +198,13 @@ class Flux3Family(Flux2Family):
         inputs["position_ids"] = torch.arange(mask.shape[1], device=device)[None].masked_fill(mask == 0, 1)
         return inputs
 
+    host_conditioning = ("text_window",)  # the slice length of :meth:`windowed`, an int on the host
+
     def encode_text(self, components: Components, tokens: list[torch.Tensor], clip_skip: int) -> dict:
-        """``{"prompt_embeds": (B, L, 8·hidden), "text_window": (B,)}`` (see the module docstring)."""
+        """``{"prompt_embeds": (B, L, 8·hidden), "text_window": (B,) in host memory}`` (see the module
+        docstring)."""
         out = super().encode_text(components, tokens, clip_skip)
-        out["text_window"] = tokens[2].to(out["prompt_embeds"].device)
+        out["text_window"] = tokens[2]
         return out
 
     @staticmethod
@@ -210,15 +213,21 @@ class Flux3Family(Flux2Family):
         text = cond["prompt_embeds"]
         return text[:, :int(cond["text_window"].max())] if "text_window" in cond else text
 
+    def conditioning_rows(self, components, cond, start, stop) -> dict:
+        # cut to the whole batch's window first: a share's own widest caption may be narrower
+        return {"prompt_embeds": self.windowed(cond)[start:stop]}
+
     # -- objective -------------------------------------------------------------------------------------
     def predict(self, components, noisy, timesteps, cond, batch) -> torch.Tensor:
         tr = components.denoiser
         b, c, h, w = noisy.shape
         text = self.windowed(cond)
         tokens = noisy.reshape(b, c, h * w).permute(0, 2, 1)
+        dev, length = noisy.device, text.shape[1]
         out = tr(hidden_states=tokens, encoder_hidden_states=text, timestep=timesteps,
-                 img_ids=image_ids(h, w, self.image_rope_scale, noisy.device),
-                 txt_ids=text_ids(text.shape[1], noisy.device),
+                 img_ids=self.on_device("img_ids", (h, w), dev, None,
+                                        lambda: image_ids(h, w, self.image_rope_scale, dev)),
+                 txt_ids=self.on_device("txt_ids", (length,), dev, None, lambda: text_ids(length, dev)),
                  target_timestep=timesteps if tr.config.flow_map else None, return_dict=False)[0]
         return out.permute(0, 2, 1).reshape(b, c, h, w)
 

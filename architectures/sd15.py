@@ -16,6 +16,9 @@ class SD15(SDUNetFamily):
     modelspec_implementation = "diffusers"
     default_resolution = 512
     te_prefixes = ("lora_te",)
+    # A1111 / ComfyUI / diffusers read an SD1.x embedding from "emb_params" (sd-scripts' key)
+    embedding_keys = ("emb_params",)
+    modelspec_embedding_architecture = "stable-diffusion-v1/textual-inversion"
 
     def unet_key(self, components, diffusers_path: str) -> str:
         # sd-scripts trains SD1.x on a UNet with diffusers' module names; every loader maps these

@@ -2,6 +2,7 @@
 CLIP text encoders, a 4-channel VAE.  The two plug-ins differ in text conditioning, naming and metadata."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -107,6 +108,15 @@ def clip_targets(text_encoder: nn.Module, prefix: str, part: str) -> list[Adapte
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _shipped_vocabulary(arch_id: str) -> frozenset[str]:
+    """Every token of the family's shipped CLIP tokenizers, lowercased (the models bring the same vocabulary)."""
+    from architectures.load_util import default_config_dir
+    from architectures.sd_loading import _load_tokenizers
+    return frozenset(t.lower() for tok in _load_tokenizers(arch_id, default_config_dir(arch_id))
+                     for t in tok.get_vocab())
+
+
 class SDUNetFamily(Architecture):
     """Shared behaviour of the DDPM UNet families; subclasses define naming and text conditioning."""
 
@@ -125,6 +135,11 @@ class SDUNetFamily(Architecture):
 
         from architectures.sd_loading import load_sd_components
         parts = load_sd_components(self.id, Path(model_path), config_dir, dtype)
+        for te, tokenizer in zip(parts["text_encoders"], parts["tokenizers"]):
+            # the SD configs say eos_token_id 2, which makes transformers pool CLIP at the highest token id; a token
+            # added for textual inversion outranks the end token, so pool at the end token (as sd-scripts and
+            # ComfyUI do; the same position as before for every prompt of the base vocabulary)
+            getattr(te, "text_model", te).eos_token_id = tokenizer.eos_token_id
         return Components(denoiser=parts["unet"], vae=parts["vae"], text_encoders=parts["text_encoders"],
                           tokenizers=parts["tokenizers"],
                           noise_scheduler=DDPMScheduler.from_config(parts["scheduler_config"]),
@@ -227,6 +242,11 @@ class SDUNetFamily(Architecture):
             except ValueError:  # no community name (no counterpart in the original layout)
                 continue
         return out + (self._text_encoder_targets(components) if text_encoder else [])
+
+    # -- textual inversion -------------------------------------------------------------------------------
+    def token_known(self, text: str) -> bool:
+        # CLIP lowercases prompts: a token that differs from a known one only in case would stand for that one
+        return text.lower() in _shipped_vocabulary(self.id)
 
     # -- data ------------------------------------------------------------------------------------------
     def tokenize(self, components: Components, captions: list[str]) -> list[torch.Tensor]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 import torch
 
 from architectures.sd_unet import SDUNetFamily
+from core.speed import host_values
 
 
 def sdxl_time_ids(original_sizes, crop_coords, target_sizes, device) -> torch.Tensor:
-    """(B, 6): original (h, w), crop (top, left), target (h, w) — SDXL's micro-conditioning."""
-    rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crop_coords, target_sizes)]
-    return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+    """(B, 6): original (h, w), crop (top, left), target (h, w) — SDXL's micro-conditioning (from the batch's
+    host lists, copied without waiting)."""
+    return host_values([list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crop_coords, target_sizes)],
+                       device)
 
 
 class SDXL(SDUNetFamily):
@@ -22,6 +24,9 @@ class SDXL(SDUNetFamily):
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
     default_resolution = 1024
     te_prefixes = ("lora_te1", "lora_te2")
+    # one tensor per text encoder: CLIP-L, then OpenCLIP bigG (the SDXL embedding format A1111 and ComfyUI load)
+    embedding_keys = ("clip_l", "clip_g")
+    modelspec_embedding_architecture = "stable-diffusion-xl-v1-base/textual-inversion"
 
     def unet_key(self, components, diffusers_path: str) -> str:
         # sd-scripts trains SDXL on the original UNet: keys carry LDM names (input_blocks_4_1_…)

@@ -2,17 +2,21 @@
 
 Full-size UNets with random weights are built from the configs shipped in architectures/configs (no
 download).  Both sides train LoRA rank 16 on the attention projections (the layers diffusers' LoRA example
-targets) with AdamW, bf16 base weights and fp32 adapter weights, on the same random latents and text
-embeddings.  Run on a CUDA machine from the repository root:
+targets) with AdamW, bf16 (or fp32) base weights and fp32 adapter weights, on the same random latents and
+text embeddings.  Run from the repository root:
 
-    python bench/bench_step.py                 # SD1.5 512 px batch 4 and SDXL 1024 px batch 1
+    python bench/bench_step.py                 # CUDA: SD1.5 512 px batch 4 and SDXL 1024 px batch 1
     python bench/bench_step.py sdxl --steps 30 --checkpointing
+    python bench/bench_step.py sd15 --cpu --batch 1 --steps 3 --warmup 1   # both sides on the CPU
 
-Prints one line per (family, side): it/s, images/s, peak allocated memory, and the speed ratio.
+Prints one line per (family, precision, side): it/s (on the CPU s/it, in wall-clock and in CPU seconds),
+images/s, peak memory (allocated on CUDA, the process's peak RSS on the CPU), and the speed ratio.  ``--cpu`` times fp32 and, where the CPU has
+bf16 instructions (AVX512-BF16 / AMX), bf16; ``--precision`` chooses.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -25,41 +29,64 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 BLOCKS: tuple[str, ...] = ()  # --blocks overrides the family's compile_blocks
+CONFIGS = ROOT / "architectures" / "configs"  # --config-dir: another diffusers-layout config folder (tests)
 CASES = {"sd15": dict(resolution=512, batch=4), "sdxl": dict(resolution=1024, batch=1)}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def config_dir(arch_id: str) -> Path:
+    return CONFIGS if (CONFIGS / "unet").is_dir() else CONFIGS / arch_id
 
 
 def build_unet(arch_id: str, device, dtype):
     from diffusers import UNet2DConditionModel
-    config = json.loads((ROOT / "architectures" / "configs" / arch_id / "unet" / "config.json").read_text())
+    config = json.loads((config_dir(arch_id) / "unet" / "config.json").read_text())
     torch.manual_seed(0)
     return UNet2DConditionModel.from_config(config).to(device, dtype)
 
 
-def make_inputs(arch_id: str, batch: int, resolution: int, device):
+def make_inputs(arch_id: str, batch: int, resolution: int, device, dtype=torch.bfloat16):
+    config = json.loads((config_dir(arch_id) / "unet" / "config.json").read_text())
     g = torch.Generator(device).manual_seed(0)
-    latents = torch.randn(batch, 4, resolution // 8, resolution // 8, device=device, generator=g)
-    width = 768 if arch_id == "sd15" else 2048
-    cond = {"encoder_hidden_states": torch.randn(batch, 77, width, device=device, generator=g,
-                                                 dtype=torch.bfloat16)}
+    side = resolution // 8
+    latents = torch.randn(batch, config["in_channels"], side, side, device=device, generator=g)
+    cond = {"encoder_hidden_states": torch.randn(batch, 77, config["cross_attention_dim"], device=device,
+                                                 generator=g, dtype=dtype)}
     if arch_id == "sdxl":
-        cond["pooled"] = torch.randn(batch, 1280, device=device, generator=g, dtype=torch.bfloat16)
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        cond["pooled"] = torch.randn(batch, pooled, device=device, generator=g, dtype=dtype)
     sizes = [(resolution, resolution)] * batch
     meta = {"original_sizes": sizes, "crop_coords": [(0, 0)] * batch, "target_sizes": sizes}
     return latents, cond, meta
 
 
-def timed(step, steps: int, warmup: int) -> float:
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step, steps: int, warmup: int, device) -> tuple[float, float]:
+    """(steps per second of wall time, the process's CPU seconds per step).  On a CPU shared with other jobs the
+    CPU time is the steadier figure: it counts the work done, not the time spent waiting for a core."""
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    synchronize(device)
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
-    return steps / (time.perf_counter() - t0)
+    synchronize(device)
+    return steps / (time.perf_counter() - t0), (time.process_time() - c0) / steps
 
 
-def bench_ours(arch_id, latents, cond, meta, steps, warmup, checkpointing, compile_how="off", compile_mode=None):
+def autocast_for(device, dtype):
+    """bf16 autocast for a bf16 base (both sides); none in fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def bench_ours(arch_id, latents, cond, meta, steps, warmup, checkpointing, dtype=torch.bfloat16, compile_how="off",
+               compile_mode=None):
     import architectures
     from architectures.base import Components
     from core.adapters import build_network
@@ -70,10 +97,8 @@ def bench_ours(arch_id, latents, cond, meta, steps, warmup, checkpointing, compi
 
     device = latents.device
     arch = architectures.get(arch_id)
-    sched_cfg = json.loads((ROOT / "architectures" / "configs" / arch_id / "scheduler" / "scheduler_config.json")
-                           .read_text())
-    comps = Components(build_unet(arch_id, device, torch.bfloat16), None, [], [],
-                       DDPMScheduler.from_config(sched_cfg))
+    sched_cfg = json.loads((config_dir(arch_id) / "scheduler" / "scheduler_config.json").read_text())
+    comps = Components(build_unet(arch_id, device, dtype), None, [], [], DDPMScheduler.from_config(sched_cfg))
     comps.denoiser.requires_grad_(False)
     if checkpointing:
         comps.denoiser.enable_gradient_checkpointing()
@@ -86,26 +111,22 @@ def bench_ours(arch_id, latents, cond, meta, steps, warmup, checkpointing, compi
     opt = build_optimizer("AdamW", net.param_groups(1e-4, 0), 1e-4, 0.01, device)
     settings = Settings()
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-
     def step():
-        loss = diffusion_loss(arch, comps, latents, cond, meta, settings, torch.bfloat16, autocast)
+        loss = diffusion_loss(arch, comps, latents, cond, meta, settings, dtype, lambda: autocast_for(device, dtype))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rate = timed(step, steps, warmup)
-    return rate, sum(p.numel() for p in net.parameters())
+    return *timed(step, steps, warmup, device), sum(p.numel() for p in net.parameters())
 
 
-def bench_diffusers_peft(arch_id, latents, cond, meta, steps, warmup, checkpointing):
+def bench_diffusers_peft(arch_id, latents, cond, meta, steps, warmup, checkpointing, dtype=torch.bfloat16):
     """What diffusers' train_text_to_image_lora(_sdxl).py does per step."""
     from diffusers import DDPMScheduler
     from peft import LoraConfig
 
     device = latents.device
-    unet = build_unet(arch_id, device, torch.bfloat16)
+    unet = build_unet(arch_id, device, dtype)
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
@@ -118,26 +139,26 @@ def bench_diffusers_peft(arch_id, latents, cond, meta, steps, warmup, checkpoint
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     sched = DDPMScheduler.from_config(json.loads(
-        (ROOT / "architectures" / "configs" / arch_id / "scheduler" / "scheduler_config.json").read_text()))
+        (config_dir(arch_id) / "scheduler" / "scheduler_config.json").read_text()))
     added = None
     if arch_id == "sdxl":
         time_ids = torch.tensor([list(o) + list(c) + list(t) for o, c, t in
                                  zip(meta["original_sizes"], meta["crop_coords"], meta["target_sizes"])],
-                                device=device, dtype=torch.bfloat16)
+                                device=device, dtype=dtype)
         added = {"text_embeds": cond["pooled"], "time_ids": time_ids}
 
     def step():
         noise = torch.randn_like(latents)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device).long()
         noisy = sched.add_noise(latents, noise, t)
-        pred = unet(noisy.to(torch.bfloat16), t, cond["encoder_hidden_states"], added_cond_kwargs=added).sample
+        with autocast_for(device, dtype):
+            pred = unet(noisy.to(dtype), t, cond["encoder_hidden_states"], added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
         opt.step()
         opt.zero_grad()
 
-    rate = timed(step, steps, warmup)
-    return rate, sum(p.numel() for p in params)
+    return *timed(step, steps, warmup, device), sum(p.numel() for p in params)
 
 
 def main() -> None:
@@ -151,35 +172,68 @@ def main() -> None:
     ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--blocks", default="", help="comma-separated block class names for regional compile")
+    ap.add_argument("--cpu", action="store_true", help="run both sides on the CPU")
+    ap.add_argument("--precision", nargs="*", choices=list(DTYPES), default=None,
+                    help="default: bf16 on CUDA; on the CPU fp32, and bf16 where the CPU has bf16 instructions")
+    ap.add_argument("--resolution", type=int, default=0, help="0: the family's case (512 / 1024 px)")
+    ap.add_argument("--batch", type=int, default=0, help="0: the family's case (4 / 1)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--config-dir", default="", help="a diffusers-layout config folder (unet/, scheduler/) instead "
+                                                     "of the shipped full-size one")
     args = ap.parse_args()
-    global BLOCKS
+    global BLOCKS, CONFIGS
     BLOCKS = tuple(b for b in args.blocks.split(",") if b)
-    if not torch.cuda.is_available():
-        sys.exit("bench_step.py needs a CUDA GPU")
-    device = torch.device("cuda")
-    print(f"# {torch.cuda.get_device_name()} · torch {torch.__version__} · checkpointing {args.checkpointing}")
+    if args.config_dir:
+        CONFIGS = Path(args.config_dir)
+    if args.cpu:
+        from core.hardware import detect_hardware
+        profile = detect_hardware()
+        device = torch.device("cpu")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        precisions = args.precision or (["fp32", "bf16"] if profile.cpu_bf16 else ["fp32"])
+        print(f"# CPU {profile.cpu_name}, {torch.get_num_threads()} threads, bf16 instructions "
+              f"{'yes' if profile.cpu_bf16 else 'no'} · torch {torch.__version__} · checkpointing "
+              f"{args.checkpointing}")
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench_step.py needs a CUDA GPU (or --cpu)")
+        device = torch.device("cuda")
+        precisions = args.precision or ["bf16"]
+        print(f"# {torch.cuda.get_device_name()} · torch {torch.__version__} · checkpointing {args.checkpointing}")
     for arch_id in args.archs:
-        case = CASES[arch_id]
-        latents, cond, meta = make_inputs(arch_id, case["batch"], case["resolution"], device)
-        rates = {}
-        sides = [("diffusers+peft", bench_diffusers_peft)] if not args.skip_baseline else []
-        ours_label = "ours" if args.compile == "off" else f"ours {args.compile} {args.mode or 'default'}"
-        sides.append((ours_label, lambda *a: bench_ours(*a, compile_how=args.compile, compile_mode=args.mode)))
-        for side, fn in sides:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            t_start = time.perf_counter()
-            rate, n_params = fn(arch_id, latents, cond, meta, args.steps, args.warmup, args.checkpointing)
-            wall = time.perf_counter() - t_start
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            rates[side] = rate
-            print(f"{arch_id:5s} {case['resolution']}px b{case['batch']}  {side:15s} {rate:6.2f} it/s "
-                  f"{rate * case['batch']:6.2f} img/s  peak {peak:5.1f} GB  lora params {n_params / 1e6:.2f} M  "
-                  f"(wall incl. warm-up/compile {wall:.0f} s)",
-                  flush=True)
-        if "diffusers+peft" in rates:
-            print(f"{arch_id:5s} speed ratio {ours_label} / diffusers+peft: "
-                  f"{rates[ours_label] / rates['diffusers+peft']:.2f}x")
+        resolution, batch = args.resolution or CASES[arch_id]["resolution"], args.batch or CASES[arch_id]["batch"]
+        for precision in precisions:
+            dtype = DTYPES[precision]
+            latents, cond, meta = make_inputs(arch_id, batch, resolution, device, dtype)
+            rates, cpu_times = {}, {}
+            sides = [("diffusers+peft", bench_diffusers_peft)] if not args.skip_baseline else []
+            ours_label = "ours" if args.compile == "off" else f"ours {args.compile} {args.mode or 'default'}"
+            sides.append((ours_label, lambda *a, **k: bench_ours(*a, **k, compile_how=args.compile,
+                                                                 compile_mode=args.mode)))
+            for side, fn in sides:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                t_start = time.perf_counter()
+                rate, cpu_s, n_params = fn(arch_id, latents, cond, meta, args.steps, args.warmup,
+                                           args.checkpointing, dtype=dtype)
+                wall = time.perf_counter() - t_start
+                rates[side], cpu_times[side] = rate, cpu_s
+                if device.type == "cuda":
+                    speed, memory = f"{rate:6.2f} it/s", f"peak {torch.cuda.max_memory_allocated() / 2**30:5.1f} GB"
+                else:
+                    import resource  # the process's peak so far: the second side's includes the first's
+                    speed = f"{1 / rate:6.2f} s/it ({cpu_s:6.2f} CPU s/it)"
+                    memory = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:5.1f} GB"
+                print(f"{arch_id:5s} {resolution}px b{batch} {precision}  {side:15s} {speed} "
+                      f"{rate * batch:6.2f} img/s  {memory}  lora params {n_params / 1e6:.2f} M  "
+                      f"(wall incl. warm-up/compile {wall:.0f} s)", flush=True)
+            if "diffusers+peft" in rates:
+                cpu_ratio = (f" (CPU time {cpu_times['diffusers+peft'] / cpu_times[ours_label]:.2f}x)"
+                             if device.type == "cpu" else "")
+                print(f"{arch_id:5s} {precision} speed ratio {ours_label} / diffusers+peft: "
+                      f"{rates[ours_label] / rates['diffusers+peft']:.2f}x{cpu_ratio}", flush=True)
 
 
 if __name__ == "__main__":

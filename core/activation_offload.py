@@ -29,8 +29,11 @@ class _OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
         if (type(t) is not torch.Tensor or t.layout != torch.strided or t.requires_grad and t.is_leaf
                 or t.numel() * t.element_size() < self.min_bytes or (t.device.type == "cpu" and not self.simulate)):
             return ("keep", t)
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin_memory and t.is_cuda)
-        host.copy_(t, non_blocking=False)
+        pinned = self.pin_memory and t.is_cuda
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pinned)
+        # into pinned memory the copy queues on the compute stream: the host reads ``host`` never, and the copy
+        # back in ``unpack`` queues behind it, so nothing needs to wait
+        host.copy_(t, non_blocking=pinned)
         self.offloaded += 1
         return ("host", host, t.device)
 
@@ -54,7 +57,8 @@ def offload_activations(pin_memory: bool = True, min_bytes: int = 1 << 20, simul
     block nothing is saved) - plus what the non-block layers save (embedders, final layer, loss).  That is about
     ``n_blocks x batch x tokens x width x 2 bytes`` (FLUX at 1024 px, batch 1: 57 blocks x 4608 x 3072 x 2 B
     = 1.6 GB; SDXL much less), copied out in the forward and back in the backward, one block at a time - the
-    cost is two host transfers of that size per step (the copies out are synchronous, so it slows the step).
+    cost is two host transfers of that size per step (queued on the compute stream without a host wait, but
+    they occupy it).
     Use it when VRAM is still short after checkpointing, block swapping and 8-bit optimizer state; it never
     pays on a small model or a small batch.  WITHOUT checkpointing every saved activation moves (many GB at
     high resolution): it fits runs that otherwise would not, at a large speed cost.  ``simulate``: copy CPU

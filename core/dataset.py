@@ -697,6 +697,14 @@ class LatentCache:
         self._store(item, flip, latents)
         return latents
 
+    def entries(self) -> dict:
+        """What the "memory" mode holds, for :meth:`adopt` in another process (core.distributed)."""
+        return self._memory
+
+    def adopt(self, entries: dict) -> None:
+        """Latents another process encoded with the same encoder (:meth:`entries` there)."""
+        self._memory.update(entries)
+
     def fill(self, items: Sequence[ImageItem], flip_aug: bool, batch_size: int,
              progress: Callable[[int, int], None] | None = None) -> int:
         """Encode every (item, flip) not cached yet, batched by bucket, so training never runs the VAE.  In

@@ -514,10 +514,10 @@ def _network_settings(network_json: str):
 
 
 def _build_adapter(arch, model: nn.Module, network):
-    """The run's adapter network on the meta denoiser (None for full fine-tuning)."""
+    """The run's adapter network on the meta denoiser (None for full fine-tuning and textual inversion)."""
     from architectures.base import Components
     from core.adapters import AdapterOptions, build_network
-    if network.algorithm == "full_finetune":
+    if network.algorithm in ("full_finetune", "textual_inversion"):
         return None
     components = Components(denoiser=model, vae=None, text_encoders=[], tokenizers=[], noise_scheduler=None,
                             network=network)
@@ -538,12 +538,17 @@ def _adapter_params(arch_id: str, config_key: str, network_json: str) -> int:
         model = _meta_denoiser(arch_id, config_key)
         if network.algorithm == "full_finetune":
             return sum(p.numel() for p in model.parameters())
+        if network.algorithm == "textual_inversion":  # the new rows of every text encoder's embedding
+            return network.ti_num_vectors * sum(
+                _meta_module(Path(config_key) / sub).get_input_embeddings().embedding_dim
+                for sub, _ in text_encoder_params(arch, Path(config_key)))
         net = _build_adapter(arch, model, network)
         return sum(p.numel() for p in net.parameters())
 
 
 def adapter_param_count(arch, network, config_dir: Path | None = None) -> int:
-    """Trainable parameters of the run's adapter (full fine-tuning: the denoiser's)."""
+    """Trainable parameters of the run's adapter (full fine-tuning: the denoiser's; textual inversion: the new
+    embedding rows)."""
     return _adapter_params(arch.id, _config_key(arch, config_dir), network.model_dump_json())
 
 
@@ -570,6 +575,8 @@ def _trace_run(arch, model, network, resolution, batch_size, precision) -> Activ
     components = Components(denoiser=model, vae=None, text_encoders=[], tokenizers=[], noise_scheduler=None,
                             network=network)
     noisy, timesteps, cond, batch = arch.probe_inputs(model, resolution, batch_size, weight_dtype)
+    if network.algorithm == "textual_inversion":  # the gradient reaches the embedding through the conditioning
+        cond = {k: v.requires_grad_() if v.is_floating_point() else v for k, v in cond.items()}
     autocast = weight_dtype if weight_dtype != torch.float32 else None
     model.train()
     try:

@@ -16,6 +16,9 @@ FULL_FINETUNE = "full_finetune"
 class FullFineTune:
     """The denoiser (and the text encoders when they train) as the trained parameters."""
 
+    #: block swapping must write a swapped block's updated weights back
+    trains_denoiser = True
+
     def __init__(self, components, train_text_encoder: bool):
         self.parts: dict[str, nn.Module] = {"denoiser": components.denoiser}
         if train_text_encoder:

@@ -114,8 +114,9 @@ def setup_denoiser(arch, components, settings, plan, device: torch.device, log: 
                    network=None) -> DenoiserSetup:
     """Prepare a frozen, loaded denoiser for LoRA-style training as the plan says (see the module docstring).
 
-    ``network`` is an already-built trainable (full fine-tuning); otherwise the adapter network is built from
-    ``settings.network`` on the family's targets."""
+    ``network`` is an already-built trainable (full fine-tuning, textual inversion; its ``trains_denoiser`` says
+    whether the denoiser's own weights train); otherwise the adapter network is built from ``settings.network`` on
+    the family's targets."""
     c, s = components, settings
     setup = DenoiserSetup(network=network, attention=plan.attention, activation_offload=plan.activation_offload,
                           optimizer_type=optimizer_for(plan, s.optimizer.optimizer_type))
@@ -132,7 +133,8 @@ def setup_denoiser(arch, components, settings, plan, device: torch.device, log: 
         c.denoiser.enable_gradient_checkpointing()
     if plan.channels_last:
         c.denoiser.to(memory_format=torch.channels_last)
-    setup.swapper = place_denoiser(arch, c.denoiser, plan, device, log, trained=network is not None)
+    setup.swapper = place_denoiser(arch, c.denoiser, plan, device, log,
+                                   trained=network is not None and network.trains_denoiser)
     c.denoiser.train()
     if plan.compile != "off":
         from core.speed import compile_model

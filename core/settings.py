@@ -265,12 +265,15 @@ class ModelSettings(Section):
 # the adapter algorithms, named once (core/adapters implements them)
 AdapterAlgorithm = Literal["lora", "locon", "loha", "lokr", "ia3", "diag-oft", "boft", "glora", "full"]
 ADAPTER_ALGORITHMS: tuple[str, ...] = get_args(AdapterAlgorithm)
-# network.algorithm's choices: the adapters, and full fine-tuning of the model itself (no adapter)
-ALGORITHMS = ADAPTER_ALGORITHMS + ("full_finetune",)
+# network.algorithm's choices: the adapters, full fine-tuning of the model itself and textual inversion (no adapter)
+ALGORITHMS = ADAPTER_ALGORITHMS + ("full_finetune", "textual_inversion")
 ALGORITHM_LABELS = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)³",
                     "diag-oft": "Diag-OFT", "boft": "BOFT", "glora": "GLoRA", "full": "Full-rank adapter",
-                    "full_finetune": "Full fine-tune (no adapter)"}
+                    "full_finetune": "Full fine-tune (no adapter)",
+                    "textual_inversion": "Textual inversion (embedding)"}
 _ADAPTERS = list(ADAPTER_ALGORITHMS)
+_TRAINS_WEIGHTS = _ADAPTERS + ["full_finetune"]  # every algorithm but textual inversion, which trains a new word only
+_TI = ["textual_inversion"]
 RANKED_ALGORITHMS = ("lora", "locon", "loha", "lokr", "glora")  # strength set by rank / alpha
 DORA_ALGORITHMS = ("lora", "locon", "loha", "lokr")
 _RANKED = list(RANKED_ALGORITHMS)
@@ -280,7 +283,7 @@ ADAPTER_TARGETS = ("attn", "attn_mlp", "full", "full-lin")
 
 
 class NetworkSettings(Section):
-    algorithm: Literal[AdapterAlgorithm, "full_finetune"] = setting(
+    algorithm: Literal[AdapterAlgorithm, "full_finetune", "textual_inversion"] = setting(
         "lora", "Algorithm",
         "LoRA: kohya LoRA on linear layers, loaded by every tool. LoCon: LoRA on 3x3 convolutions too. "
         "LoHa / LoKr: Hadamard / Kronecker products (more capacity per parameter). (IA)³: per-channel scales "
@@ -288,8 +291,20 @@ class NetworkSettings(Section):
         "weights). GLoRA: generalised LoRA. Full: full-rank weight differences (large files). All but LoRA "
         "are saved as LyCORIS files (kohya key names); ComfyUI loads all of them except (IA)³. Full fine-tune: "
         "no adapter; the UNet itself (and the text encoders if chosen) trains in fp32 and a whole checkpoint "
-        "is saved (SD1.5 / SDXL only; needs far more memory).",
+        "is saved (SD1.5 / SDXL only; needs far more memory). Textual inversion: no adapter; a new word's "
+        "embedding trains and is saved as an embedding file for A1111, ComfyUI and diffusers (SD1.5 / SDXL only).",
         choices=ALGORITHMS, choice_labels=ALGORITHM_LABELS)
+    ti_token: str = setting("", "Token", "The new word that stands for what the images show: a made-up word the "
+                            "tokenizer does not know (e.g. 'sks' or 'ohwx'). Captions that contain it train its "
+                            "embedding; preview prompts may use it too. A1111 and ComfyUI call an embedding by its "
+                            "file name (saving.output_name).", show_if={"network.algorithm": _TI})
+    ti_num_vectors: int = setting(1, "Vectors per token", "Embedding vectors the token stands for: more hold more "
+                                  "detail but take more of a prompt's 75 tokens. The extra ones are named <token>1, "
+                                  "<token>2 … (sd-scripts' num_vectors_per_token).", ge=1, le=75,
+                                  show_if={"network.algorithm": _TI})
+    ti_init_word: str = setting("", "Initialisation word", "A word close to what the images show (e.g. 'dog' or "
+                                "'painting'): its embedding, averaged over its tokens, starts every vector.",
+                                show_if={"network.algorithm": _TI})
     rank: int = setting(16, "Rank (dim)", "LoKr: rank of the low-rank Kronecker factor (large ranks make it a "
                         "full matrix). Diag-OFT / BOFT: the block size.", ge=1, le=1024,
                         show_if={"network.algorithm": _RANKED + ["diag-oft", "boft"]})
@@ -308,7 +323,8 @@ class NetworkSettings(Section):
         choice_labels={"attn": "attention", "attn_mlp": "attention + MLP", "full": "full (convolutions too)",
                        "full-lin": "every linear layer"},
         show_if={"network.algorithm": _ADAPTERS})
-    train_text_encoder: bool = setting(False, "Train text encoder(s)")
+    train_text_encoder: bool = setting(False, "Train text encoder(s)",
+                                       show_if={"network.algorithm": _TRAINS_WEIGHTS})
     ema: bool = setting(False, "EMA weights", "Keep an exponential moving average of the trained weights and "
                         "save it instead of the live weights.", show_if={"network.algorithm": ["full_finetune"]})
     ema_decay: float = setting(0.9999, "EMA decay", "Per optimizer step: ema = decay·ema + (1−decay)·weights.",
@@ -324,7 +340,8 @@ class NetworkSettings(Section):
         show_if={"model.architecture": FamilyTrait("double_single_blocks")})
     train_t5: bool = setting(False, "Train T5 too", "Also train the T5-XXL text encoder (lora_te3_ keys; large "
                              "and slow; diffusers does not load T5 adapters).",
-                             show_if={"model.architecture": FamilyTrait("t5"), "network.train_text_encoder": [True]},
+                             show_if={"model.architecture": FamilyTrait("t5"), "network.algorithm": _TRAINS_WEIGHTS,
+                                      "network.train_text_encoder": [True]},
                              advanced=True)
     conv_rank: int = setting(0, "Conv rank", "Rank for 3x3 convolutions. 0 uses the rank above.", ge=0, le=1024,
                              show_if={"network.algorithm": _CONV_RANKED, "network.target": ["full"]})
@@ -391,7 +408,8 @@ class OptimizerSettings(Section):
         choices=OPTIMIZERS)
     learning_rate: float = setting(1e-4, "Learning rate", ge=0.0, le=10.0)
     text_encoder_lr: float = setting(0.0, "Text encoder learning rate", "0 uses the learning rate above.",
-                                     ge=0.0, le=10.0, show_if={"network.train_text_encoder": [True]})
+                                     ge=0.0, le=10.0, show_if={"network.algorithm": _TRAINS_WEIGHTS,
+                                                               "network.train_text_encoder": [True]})
     weight_decay: float = setting(0.01, "Weight decay", ge=0.0, le=10.0, advanced=True)
     max_grad_norm: float = setting(1.0, "Max gradient norm", "0 disables clipping.", ge=0.0, le=1000.0)
     fused_backward_pass: bool = setting(False, "Fused backward pass", "Update each weight as soon as its "
@@ -565,8 +583,9 @@ class SamplingSettings(Section):
 
 class MemorySettings(Section):
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = setting(
-        "auto", "Precision", "'auto': bf16 where the GPU supports it, fp16 with loss scaling on older GPUs, "
-        "fp32 on the CPU.", choices=("auto", "bf16", "fp16", "no"), choice_labels={"no": "no (fp32)"})
+        "auto", "Precision", "'auto': bf16 where the GPU supports it, fp16 with loss scaling on older GPUs; "
+        "on the CPU bf16 where it has bf16 instructions (AVX512-BF16 / AMX), else fp32.",
+        choices=("auto", "bf16", "fp16", "no"), choice_labels={"no": "no (fp32)"})
     gradient_checkpointing: Literal["auto", "on", "off"] = setting(
         "auto", "Gradient checkpointing", "Recompute activations in the backward pass: much less memory, "
         "about 30% slower. 'auto' turns it on when the plan needs the memory.", choices=("auto", "on", "off"))
@@ -619,10 +638,22 @@ class MemorySettings(Section):
                                le=1024, advanced=True)
 
 
+class DistributedSettings(Section):
+    num_processes: int = setting(0, "Processes (GPUs)", "Train on several GPUs at once: one process per GPU, each "
+                                 "with the batch size of the Optimizer tab, so one optimizer step sees that batch "
+                                 "times the processes, exactly as one process with the larger batch would. 0: one "
+                                 "per usable NVIDIA GPU (1 without one). On the CPU, the processes share its cores.",
+                                 ge=0, le=64)
+    strategy: Literal["ddp"] = setting(
+        "ddp", "Strategy", "DDP: every process holds the whole model and the gradients are summed after each "
+        "backward pass, so the memory plan is per GPU. Sharding the model over the GPUs (FSDP) is not available "
+        "yet.", choices=("ddp",), choice_labels={"ddp": "DDP (data parallel)"}, advanced=True)
+
+
 SECTIONS: dict[str, type[Section]] = {
     "dataset": DatasetSettings, "model": ModelSettings, "network": NetworkSettings,
     "optimizer": OptimizerSettings, "schedule": ScheduleSettings, "saving": SavingSettings,
-    "sampling": SamplingSettings, "memory": MemorySettings,
+    "sampling": SamplingSettings, "memory": MemorySettings, "distributed": DistributedSettings,
 }
 
 
@@ -637,6 +668,7 @@ class Settings(BaseModel):
     saving: SavingSettings = Field(default_factory=SavingSettings)
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
 
     def get(self, dotted: str) -> Any:
         section, name = dotted.split(".")
@@ -785,6 +817,9 @@ def check_consistency(settings: Settings) -> list[str]:
     if n.target == "full" and n.algorithm == "lora":
         problems.append("network.target 'full' includes 3x3 convolutions, which plain LoRA cannot adapt: choose "
                         "LoCon (or another algorithm), or the target 'full-lin'")
+    if n.algorithm == "textual_inversion":
+        from core.embeddings import settings_problems
+        problems += settings_problems(n)
     if not settings.saving.output_name.strip() or any(c in settings.saving.output_name for c in "/\\:"):
         problems.append("saving.output_name must be a plain file name (no slashes)")
     from core.adapters.network import parse_block_ranks
@@ -792,6 +827,8 @@ def check_consistency(settings: Settings) -> list[str]:
         parse_block_ranks(n.block_ranks)
     except ValueError as exc:
         problems.append(str(exc))
+    from core.distributed import distributed_problems
+    problems += distributed_problems(settings, settings.distributed.num_processes)
     import architectures
     return problems + architectures.get(settings.model.architecture).check_settings(settings)
 

@@ -1,7 +1,18 @@
 """Speed options applied to the model being trained (the plan decides; the user can override)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+
+def host_values(values, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Numbers held by the host (a list, nested lists) as a tensor on ``device``, without waiting for the device:
+    for a GPU they are put in pinned memory and copied asynchronously (from pageable memory the copy may have to
+    wait for the device's queue)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def compile_model(model: nn.Module, block_names: tuple[str, ...], how: str, mode: str | None = None) -> int:

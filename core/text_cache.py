@@ -74,10 +74,19 @@ class TextCache:
                 self.mode = "memory"
         self._keep(caption, cond)
 
-    def batch(self, captions: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    def adopt(self, entries: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Outputs another process encoded (core.distributed), kept in memory only: that process wrote the disk
+        cache where there is one."""
+        for caption, cond in entries.items():
+            self._keep(caption, cond)
+
+    def batch(self, captions: list[str], device: torch.device, host_keys: tuple[str, ...] = ()
+              ) -> dict[str, torch.Tensor]:
+        """The captions' outputs on ``device``, those under ``host_keys`` in host memory."""
         rows = [self.entries[c] for c in captions]
         # row by row from pinned memory: each copy is asynchronous (a concatenation on the host would not be)
-        return {k: torch.cat([r[k].to(device, non_blocking=True) for r in rows]) for k in rows[0]}
+        return {k: torch.cat([r[k] if k in host_keys else r[k].to(device, non_blocking=True) for r in rows])
+                for k in rows[0]}
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -22,8 +22,10 @@ import torch.nn.functional as F
 import architectures
 from core import dataset as ds_mod
 from core.config import AppConfig, load_config
+from core.distributed import SOLO, Solo, process_count, take_rows, train_on_processes
 from core.events import RunFailed, SaveFailed, TrainingDiverged, emit
 from core.full_finetune import EMA, FULL_FINETUNE, FullFineTune
+from core.embeddings import TEXTUAL_INVERSION, TextualInversion, check_token_in_captions, embedding_metadata
 from core.export import adapter_metadata, save_adapter_files, tag_frequency
 from core.memory_setup import run_context, setup_denoiser, text_encoder_on_device, torch_switches
 from core.loss import conditional_loss, huber_threshold, multires_noise, timestep_range
@@ -33,6 +35,7 @@ from core.optim import (build_fused_backward_optimizer, build_optimizer, build_s
                         schedule_free)
 from core.plan import estimate_config_dir, make_plan, steps_in_backward
 from core.prompts import parse_prompts
+from core.speed import host_values
 from core.run_log import RunLog, log_problems, run_log_folder
 from core.text_cache import TextCache
 from core.settings import Settings, SettingsError, check_consistency
@@ -85,6 +88,11 @@ class StepLosses:
         self.current = torch.zeros((), device=self.device)
         self.batches = 0
 
+    def use_step_total(self, step_total: torch.Tensor) -> None:
+        """The step's loss summed over the workers of a several-process run, in place of this worker's share."""
+        self.total = self.total + (step_total - self.current)
+        self.current = step_total
+
     def read(self) -> tuple[float, list[float]]:
         """(the interval's mean batch loss, each step's loss), then a new interval."""
         host = torch.cat([(self.total / max(1, self.total_batches)).reshape(1), self.values[:self.n]]).tolist()
@@ -128,9 +136,14 @@ class DivergenceGuard:
 
 def train(settings: Settings, on_event=None, stop_event: threading.Event | None = None,
           config: AppConfig | None = None) -> TrainResult:
-    """Train an adapter as ``settings`` say; returns what was saved.  Progress goes to ``on_event``."""
+    """Train an adapter as ``settings`` say; returns what was saved.  Progress goes to ``on_event``.  A run of
+    several processes (``distributed.num_processes``) starts them here and follows its rank 0 (core.distributed)."""
     try:
-        return _Run(settings, on_event, stop_event or threading.Event(), config or load_config()).run()
+        stop_event, config = stop_event or threading.Event(), config or load_config()
+        processes = process_count(settings)
+        if processes > 1:
+            return train_on_processes(settings, processes, on_event, stop_event, config)
+        return _Run(settings, on_event, stop_event, config).run()
     except Exception as exc:  # the UI shows the message; scripts get the exception
         emit(on_event, "error", message=str(exc) or type(exc).__name__)
         raise
@@ -216,8 +229,8 @@ def optimizer_tensors(state: dict) -> dict[str, torch.Tensor]:
 
 
 def diffusion_loss(arch, components, latents: torch.Tensor, cond: dict, batch: dict, settings: Settings,
-                   weight_dtype: torch.dtype, autocast, fixed: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> torch.Tensor:
+                   weight_dtype: torch.dtype, autocast, fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   rows: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The training objective for one batch: noise (offset, multi-resolution, input perturbation), the family's
     target and weighting, the loss of ``schedule.loss_type`` per sample, weighted.
 
@@ -226,8 +239,14 @@ def diffusion_loss(arch, components, latents: torch.Tensor, cond: dict, batch: d
     next, and no draw from the training's random streams).
 
     ``batch["loss_weights"]`` (optional, one float per sample: DreamBooth's prior_loss_weight for
-    regularization images) multiplies the per-sample loss.  The weights are a host-side list, so the tensor is
-    built on the CPU (pinned for CUDA) and copied without blocking; all-1 weights are skipped."""
+    regularization images) multiplies the per-sample loss.  The weights are a host-side list, copied without
+    waiting for the device (``core.speed.host_values``); all-1 weights are skipped.
+
+    ``rows`` = (start, stop, count): one worker's share of a several-process run (core.distributed).  The noise
+    and levels are drawn for the whole batch as one process draws them, the model runs on rows [start, stop)
+    only, and the loss is their sum over ``count``, so the workers' losses add up to the whole batch's.  A worker
+    without rows runs the last row at weight 0: the same layers run, and draw the same random numbers, on every
+    worker."""
     s = settings.schedule
     if fixed is not None:
         x = arch.noisy_input_and_target(components, latents, fixed[0], settings, level=fixed[1])
@@ -241,6 +260,12 @@ def diffusion_loss(arch, components, latents: torch.Tensor, cond: dict, batch: d
         # input perturbation: the model sees extra noise that the target does not hold
         input_noise = noise + s.ip_noise_gamma * torch.randn_like(latents) if s.ip_noise_gamma > 0 else None
         x = arch.noisy_input_and_target(components, latents, noise, settings, input_noise)
+    if rows is not None:
+        start, stop, count = rows
+        share = 1.0 / count if stop > start else 0.0
+        if stop == start:
+            start, stop = count - 1, count
+        x, cond, batch = take_rows(arch, components, x, cond, batch, start, stop)
     with autocast():
         pred = arch.predict(components, x.noisy.to(weight_dtype), x.timesteps, cond, batch)
     huber_c = (huber_threshold(s.huber_schedule, s.huber_c, s.huber_scale, x.level, x.noise_to_signal)
@@ -253,16 +278,15 @@ def diffusion_loss(arch, components, latents: torch.Tensor, cond: dict, batch: d
     per_sample = elementwise.mean(dim=tuple(range(1, pred.ndim)))
     loss_weights = batch.get("loss_weights") if isinstance(batch, dict) else None
     if loss_weights is not None and any(w != 1.0 for w in loss_weights):
-        lw = torch.tensor(loss_weights, dtype=torch.float32)
-        if per_sample.device.type == "cuda":
-            lw = lw.pin_memory()
-        per_sample = per_sample * lw.to(per_sample.device, non_blocking=True)
-    return (per_sample * x.weight).mean()
+        per_sample = per_sample * host_values(loss_weights, per_sample.device)
+    return (per_sample * x.weight).mean() if rows is None else (per_sample * x.weight).sum() * share
 
 
 class _Run:
-    def __init__(self, settings: Settings, on_event, stop_event: threading.Event, config: AppConfig):
+    def __init__(self, settings: Settings, on_event, stop_event: threading.Event, config: AppConfig,
+                 peers: Solo = SOLO):
         self.s = settings.model_copy(deep=True)
+        self.peers = peers  # what this worker shares with the others of a several-process run (core.distributed)
         self.on_event = on_event
         self.stop_event = stop_event
         self.config = config
@@ -288,7 +312,7 @@ class _Run:
 
     def check_stop(self) -> None:
         """Called between the pieces of every phase before training: Stop is honoured within seconds."""
-        if self.stop_event.is_set():
+        if self.peers.stop_requested(self.stop_event):
             raise TrainingStopped
 
     # -- the run ---------------------------------------------------------------------------------------
@@ -297,6 +321,7 @@ class _Run:
             with contextlib.ExitStack() as self.scope:  # what the run changes in the process, undone at its end
                 return self.prepare_and_train()
         except TrainingStopped:
+            self.peers.announce_stop()
             self.release()
             self.result.stopped = True
             message = "Stopped before the first training step; nothing was saved."
@@ -323,12 +348,14 @@ class _Run:
         self.resolve_paths()
         # the logs read the events the caller gets (host values: no device read of their own)
         run_log = RunLog(lambda: run_log_folder(self.output_dir, self.output_stem or s.saving.output_name),
-                         s.saving.log_with, s.to_dict(), lambda message: self.log(message, level="warning"))
+                         s.saving.log_with if self.peers.writes else "none", s.to_dict(),
+                         lambda message: self.log(message, level="warning"))
         self.scope.callback(run_log.close)
         caller = self.on_event
         self.on_event = lambda event: (run_log(event), caller is not None and caller(event))
         self.arch = architectures.get(s.model.architecture)
         self.full_ft = s.network.algorithm == FULL_FINETUNE
+        self.textual_inversion = s.network.algorithm == TEXTUAL_INVERSION
         self.resume_dir = self.config.resolve(s.saving.resume_from, "outputs_dir", "saving.resume_from") \
             if s.saving.resume_from else None
         self.resume_info = check_resume(self.resume_dir, s) if self.resume_dir else None
@@ -348,6 +375,8 @@ class _Run:
         train_items = [i for i in self.items if not i.is_reg]
         self.log(f"{len(train_items)} images, {sum(i.repeats for i in train_items)} per epoch with repeats, "
                  f"{len({i.bucket for i in self.items})} bucket(s)")
+        if self.textual_inversion:
+            check_token_in_captions(s.network.ti_token, [i.caption for i in train_items])
 
         from core.hardware import detect_hardware
         self.profile = detect_hardware()
@@ -371,7 +400,11 @@ class _Run:
         self.check_stop()
 
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
+        # accelerate holds one mixed precision per process and refuses another: a run after one in another
+        # precision (the app, the tests) starts from a fresh state
+        AcceleratorState._reset_state()
         # gradient accumulation is done by the loop itself (accumulation_group): accelerate's counter runs
         # across epoch ends and would drop or merge the last micro-batches of an epoch
         self.accelerator = Accelerator(mixed_precision=self.plan.mixed_precision, cpu=self.plan.device == "cpu")
@@ -426,6 +459,7 @@ class _Run:
         with run_context(self.plan):
             self.prepare_data()
             self.prepare_text()
+            self.peers.share_text(self.text_cache)
             # seeded again after caching: what caching drew (VAE sampling) depends on what was on disk already
             set_seed(s.schedule.seed)
             self.check_stop()
@@ -466,9 +500,15 @@ class _Run:
             self.check_stop()
             self.status(f"Caching latents {done}/{total}")
 
-        ds_mod.fill_cache(self.latent_cache, self.items, s.dataset, s.schedule.train_batch_size, progress=progress)
-        self.latent_cache.fill(self.val_items, False, s.schedule.train_batch_size)  # measured unflipped
-        self.sampler = ds_mod.BucketBatchSampler(self.items, s.schedule.train_batch_size, s.schedule.seed)
+        def fill() -> None:
+            ds_mod.fill_cache(self.latent_cache, self.items, s.dataset, s.schedule.train_batch_size,
+                              progress=progress)
+            self.latent_cache.fill(self.val_items, False, s.schedule.train_batch_size)  # measured unflipped
+
+        self.peers.share_latents(self.latent_cache, fill)
+        # every worker of a several-process run takes the whole global batch (and its share of the rows)
+        self.sampler = ds_mod.BucketBatchSampler(self.items, s.schedule.train_batch_size * self.peers.world,
+                                                 s.schedule.seed)
         masks = None
         if s.dataset.masked_loss:
             masks = ds_mod.MaskCache()
@@ -478,7 +518,8 @@ class _Run:
             c.vae.to("cpu")
 
     def wants_previews(self) -> bool:
-        return self.s.sampling.sample_every_n_steps > 0 and bool(self.prompts())
+        # rank 0 renders them alone: the other workers keep no text encoders or VAE on the device for them
+        return self.peers.writes and self.s.sampling.sample_every_n_steps > 0 and bool(self.prompts())
 
     def prompts(self) -> list[str]:
         return parse_prompts(self.s.sampling.prompts)
@@ -503,7 +544,7 @@ class _Run:
         self.text_cache = TextCache("disk" if folder else "memory", folder, key, pin=self.device.type == "cuda")
         captions = sorted({i.caption for i in self.items + self.val_items}
                           | ({""} if self.s.dataset.uses("caption_dropout_rate") else set()))
-        self.missing_captions = self.text_cache.load_existing(captions)
+        self.missing_captions = self.peers.captions_to_encode(self.text_cache.load_existing(captions))
         if len(self.missing_captions) < len(captions):
             self.log(f"Text-encoder outputs of {len(captions) - len(self.missing_captions)} caption(s) read from the "
                      "disk cache")
@@ -584,9 +625,10 @@ class _Run:
         return stack
 
     def prepare_network(self) -> None:
-        """The trainable: an adapter network patched into the model, or (full fine-tuning) the model's own
-        parameters.  Both offer parameters / param_groups / train / eval / restore / training state.  The
-        plan's memory choices are applied to the denoiser here (core.memory_setup)."""
+        """The trainable: an adapter network patched into the model, (full fine-tuning) the model's own
+        parameters, or (textual inversion) a new token's embedding vectors.  All offer parameters / param_groups /
+        train / eval / restore / training state.  The plan's memory choices are applied to the denoiser here
+        (core.memory_setup)."""
         s, c = self.s, self.components
         self.ema = None
         full = None
@@ -595,7 +637,8 @@ class _Run:
             n_params = sum(p.numel() for p in full.parameters())
             self.log(f"Full fine-tune of {', '.join(full.parts)}: {n_params / 1e6:.2f} M trainable "
                      f"parameters (fp32)")
-        self.setup = setup_denoiser(self.arch, c, s, self.plan, self.device, self.log, network=full)
+        trainable = TextualInversion(c, self.arch.embedding_keys, s.network) if self.textual_inversion else full
+        self.setup = setup_denoiser(self.arch, c, s, self.plan, self.device, self.log, network=trainable)
         self.network = self.setup.network
         if self.full_ft:
             full.swapper = self.setup.swapper
@@ -605,11 +648,13 @@ class _Run:
                 self.ema = EMA(self.network.named_parameters(), s.network.ema_decay, on_cpu, live=full.live)
                 self.log(f"EMA of the weights (decay {s.network.ema_decay}) in "
                          f"{'CPU memory' if self.ema.on_cpu or self.device.type == 'cpu' else 'VRAM'}")
+        elif self.textual_inversion:
+            self.log(self.network.summary())
         else:
             n_params = sum(p.numel() for p in self.network.parameters())
             self.log(f"{s.network.algorithm}: {len(self.network.adapters)} layers, {n_params / 1e6:.2f} M "
                      f"trainable parameters")
-        if s.network.train_text_encoder:
+        if s.network.train_text_encoder and not self.textual_inversion:
             if self.plan.gradient_checkpointing:
                 for te in c.text_encoders:
                     te.gradient_checkpointing_enable()
@@ -619,8 +664,10 @@ class _Run:
     # -- the loop --------------------------------------------------------------------------------------
     def batch_conditioning(self, captions: list[str]) -> dict:
         if self.text_cache is not None:
-            return self.text_cache.batch(captions, self.device)
-        if self.s.network.train_text_encoder:
+            return self.text_cache.batch(captions, self.device, self.arch.host_conditioning)
+        if self.textual_inversion:  # the token stands for its placeholder tokens, whose rows train
+            captions = [self.network.placeholders(caption) for caption in captions]
+        if self.s.network.train_text_encoder or self.textual_inversion:
             return self.arch.encode_text(self.components, self.arch.tokenize(self.components, captions),
                                          self.s.model.clip_skip)
         return self.encode_captions(captions)
@@ -636,7 +683,7 @@ class _Run:
             cond = self.batch_conditioning(batch["captions"])
         with self.setup.step_context():
             return diffusion_loss(self.arch, c, latents, cond, batch, self.s, self.plan.weight_dtype,
-                                  self.accelerator.autocast)
+                                  self.accelerator.autocast, rows=self.peers.rows(latents.shape[0]))
 
     def train_loop(self) -> TrainResult:
         s = self.s
@@ -691,12 +738,15 @@ class _Run:
         sf = schedule_free(self.optimizer)
         if sf is not None:
             sf.train()   # its training mode (a state is saved in eval mode)
+        trainable = list(self.network.parameters())
         while self.global_step < self.total_steps and epoch < self.total_epochs:
             self.sampler.set_epoch(epoch)
             for batch_index, indices in enumerate(self.sampler):
                 if epoch == start_epoch and batch_index < skip_batches:
                     continue
-                if self.stop_event.is_set():
+                # several workers agree on stopping at report intervals, where they read the device anyway
+                if self.peers.stop_agreed(self.stop_event, batch_index % accumulation == 0 and (
+                        self.global_step % s.schedule.log_every_n_steps == 0 or self.global_step == first_step)):
                     if self.global_step == first_step:
                         raise TrainingStopped
                     self.log(f"Stopped at step {self.global_step}; saving")
@@ -710,6 +760,7 @@ class _Run:
                 losses.add(loss)
                 if not steps_now:
                     continue
+                self.peers.sum_gradients(trainable, losses)
                 grad_norm = acc.clip_grad_norm_(self.network.parameters(), s.optimizer.max_grad_norm) \
                     if clipping else None
                 self.optimizer.step()
@@ -831,7 +882,7 @@ class _Run:
 
     # -- previews --------------------------------------------------------------------------------------
     def preview(self) -> None:
-        with self.eval_weights():
+        with self.eval_weights(), self.peers.own_random_streams():
             self._preview()
 
     def _preview(self) -> None:
@@ -853,8 +904,12 @@ class _Run:
                         break
                     # the seed render_each gives prompt i, unless the line sets one; then the line's options
                     sampling = s.sampling.model_copy(update={"seed": s.sampling.seed + i, **p.overrides})
+                    prompt = p.prompt
+                    if self.textual_inversion:  # the token stands for its placeholder tokens here too
+                        prompt = self.network.placeholders(prompt)
+                        sampling.negative_prompt = self.network.placeholders(sampling.negative_prompt)
                     size = (sampling.width or s.dataset.resolution, sampling.height or s.dataset.resolution)
-                    images += self.arch.sample(c, [p.prompt], s.model_copy(update={"sampling": sampling}), size,
+                    images += self.arch.sample(c, [prompt], s.model_copy(update={"sampling": sampling}), size,
                                                self.device, self.plan.weight_dtype)
         finally:
             c.denoiser.train()
@@ -880,11 +935,12 @@ class _Run:
         n_reg = len(self.items) - len(train_items)
         reg_md = {"ss_num_reg_images": str(n_reg), "ss_prior_loss_weight": str(self.s.dataset.prior_loss_weight)} \
             if n_reg else {}
-        return adapter_metadata(self.arch, self.s, steps=self.global_step, epoch=epoch,
-                                num_images=len(train_items), tag_freq=tag_frequency(by_folder),
-                                model_name=self.model_path.name, started_at=self.started_at,
-                                mixed_precision=self.plan.mixed_precision, resolution=(res, res),
-                                tensors_hash=tensors_hash) | reg_md | self.arch.adapter_metadata(self.s, suffix)
+        md = adapter_metadata(self.arch, self.s, steps=self.global_step, epoch=epoch,
+                              num_images=len(train_items), tag_freq=tag_frequency(by_folder),
+                              model_name=self.model_path.name, started_at=self.started_at,
+                              mixed_precision=self.plan.mixed_precision, resolution=(res, res),
+                              tensors_hash=tensors_hash) | reg_md | self.arch.adapter_metadata(self.s, suffix)
+        return embedding_metadata(md, self.arch, self.s) if self.textual_inversion else md
 
     @contextlib.contextmanager
     def eval_weights(self):
@@ -910,8 +966,13 @@ class _Run:
         if not final and self.saved_step == self.global_step:
             return self.last_good_save  # the step rule and the epoch rule both asked for this step
         self.check_finite()
+        if not self.peers.writes:
+            self.peers.wait_for_save()  # rank 0 writes; no worker runs ahead of it
+            self.saved_step = self.global_step
+            return None
         with_state = self.s.saving.save_state and self.state_step != self.global_step
-        what = ("checkpoint" if self.full_ft else "adapter") + (" and the resumable state" if with_state else "")
+        what = ("checkpoint" if self.full_ft else "embedding" if self.textual_inversion else "adapter") + (
+            " and the resumable state" if with_state else "")
         optimizer_state = self.optimizer.state_dict() if with_state else None
         needed = self.save_bytes(optimizer_state)
         try:
@@ -927,6 +988,7 @@ class _Run:
         except OSError as exc:
             self.save_failed(exc, what, needed)
         self.last_good_save = path
+        self.peers.saved()
         return path
 
     def save_bytes(self, optimizer_state: dict | None) -> int:
@@ -977,8 +1039,10 @@ class _Run:
     def save_adapter(self, final: bool) -> Path:
         s = self.s
         name = self.save_name(final)
-        # the family may write more than one file (e.g. SD3: kohya layout + <name>.diffusers.safetensors)
+        # the family may write more than one file (e.g. SD3: kohya layout + <name>.diffusers.safetensors); an
+        # embedding's tensors are written as they are
         paths = save_adapter_files(self.output_dir / name, self.network, self.metadata, s.saving.save_precision,
+                                   None if self.textual_inversion else
                                    lambda sd: self.arch.export_adapter(self.components, sd))
         path = paths[0]
         for p in paths:
@@ -1089,7 +1153,7 @@ class _Run:
         rng = torch.load(state_dir / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            self.peers.set_cuda_rng_states(rng["cuda"])
         self.global_step = info["global_step"]
         self.output_stem = info["output_stem"]
         self.saved_adapters = list(info["saved_adapters"])

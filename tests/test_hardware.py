@@ -35,7 +35,12 @@ def test_detect_hardware_on_this_machine():
     text = p.summary()
     assert "CPU:" in text and "RAM:" in text and p.torch_version in text
     assert ("GPU 0:" in text) if p.gpus else ("GPU: none" in text)
-    assert choose_precision(p, "auto") == ("no" if not p.gpus else ("bf16" if p.gpus[0].supports_bf16 else "fp16"))
+    assert choose_precision(p, "auto") == (("bf16" if p.cpu_bf16 else "no") if not p.gpus
+                                           else ("bf16" if p.gpus[0].supports_bf16 else "fp16"))
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else None
+    if flags is not None and "flags" in flags:  # Linux x86: the kernel's flags decide
+        assert p.cpu_bf16 == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert f"bf16 {'yes' if p.cpu_bf16 else 'no'}" in text.splitlines()[len(p.gpus) or 1]
     assert choose_tf32(p, "auto") == bool(p.gpus and p.gpus[0].supports_tf32)
 
 
@@ -51,14 +56,17 @@ def test_current_memory_use():
 # ---------------------------------------------------------------------------------------------------
 # precision over synthetic machines
 # ---------------------------------------------------------------------------------------------------
-def machine(*gpus: tuple[str, tuple[int, int]]) -> HardwareProfile:
+def machine(*gpus: tuple[str, tuple[int, int]], cpu_bf16: bool = False) -> HardwareProfile:
+    """``cpu_bf16``: the CPU has bf16 instructions (AVX512-BF16 / AMX)."""
     return HardwareProfile(
         gpus=[GpuInfo.from_capability(i, name, 16.0, 15.0, cc) for i, (name, cc) in enumerate(gpus)],
         cpu_cores=8, cpu_name="Test CPU", ram_total_gb=32.0, ram_available_gb=30.0,
-        torch_version="2.13.0", cuda_version="12.8" if gpus else None)
+        torch_version="2.13.0", cuda_version="12.8" if gpus else None, cpu_bf16=cpu_bf16)
 
 
 CPU = machine()
+CPU_BF16 = machine(cpu_bf16=True)
+T4_ON_BF16_CPU = machine(("Tesla T4", (7, 5)), cpu_bf16=True)
 GTX1080 = machine(("GTX 1080", (6, 1)))
 V100 = machine(("Tesla V100", (7, 0)))
 T4 = machine(("Tesla T4", (7, 5)))
@@ -71,6 +79,8 @@ ERR = PrecisionError
 PRECISION_TABLE = [
     # profile,  auto,   bf16,   fp16,   no
     (CPU,       "no",   "bf16", "fp16", "no"),
+    (CPU_BF16,  "bf16", "bf16", "fp16", "no"),
+    (T4_ON_BF16_CPU, "fp16", ERR, "fp16", "no"),
     (GTX1080,   "fp16", ERR,    "fp16", "no"),
     (V100,      "fp16", ERR,    "fp16", "no"),
     (T4,        "fp16", ERR,    "fp16", "no"),
@@ -82,7 +92,8 @@ PRECISION_TABLE = [
 
 
 @pytest.mark.parametrize("profile,auto,bf16,fp16,no", PRECISION_TABLE,
-                         ids=[(p.gpus[0].name if p.gpus else "cpu") for p, *_ in PRECISION_TABLE])
+                         ids=[(p.gpus[0].name if p.gpus else "cpu") + ("+cpu-bf16" if p.cpu_bf16 else "")
+                              for p, *_ in PRECISION_TABLE])
 def test_choose_precision_table(profile, auto, bf16, fp16, no):
     for requested, expected in (("auto", auto), ("bf16", bf16), ("fp16", fp16), ("no", no)):
         if expected is ERR:
@@ -114,6 +125,11 @@ def test_choose_tf32(profile, auto):
     assert choose_tf32(profile, "off") is False and choose_tf32(profile, False) is False
     with pytest.raises(ValueError):
         choose_tf32(profile, "maybe")
+
+
+def test_summary_says_whether_the_cpu_has_bf16():
+    assert "CPU: Test CPU, 8 cores, bf16 yes (AVX512-BF16 / AMX)" in CPU_BF16.summary()
+    assert "CPU: Test CPU, 8 cores, bf16 no" in CPU.summary()
 
 
 def test_summary_of_a_synthetic_gpu_machine():

@@ -5,6 +5,7 @@ SD1.5 @512 ≤ 4 GB · SDXL @1024 ≤ 6 GB · SD3.5 medium @1024 ≤ 6 GB · SD3
 FLUX.1 dev @1024 ≤ 8 GB and @512 ≤ 6 GB · FLUX.2 klein-4B ≤ 6 GB · klein-9B ≤ 8 GB · FLUX.2 dev ≤ 24 GB.
 Run with ``-s`` to see the table of plans."""
 import pytest
+import torch
 
 import architectures
 from core.hardware import GpuInfo, HardwareProfile
@@ -32,10 +33,11 @@ def needs(arch_id):
         pytest.skip("FLUX.2 plug-in (architectures/flux2.py) is not registered yet")
 
 
-def machine(vram_gb=None, cc=AMPERE, name="GPU", ram_gb=32.0):
+def machine(vram_gb=None, cc=AMPERE, name="GPU", ram_gb=32.0, cpu_bf16=False):
+    """``cpu_bf16``: the CPU has bf16 instructions (AVX512-BF16 / AMX)."""
     gpus = [GpuInfo.from_capability(0, name, vram_gb, vram_gb, cc)] if vram_gb else []
     return HardwareProfile(gpus=gpus, cpu_cores=8, cpu_name="cpu", ram_total_gb=ram_gb, ram_available_gb=ram_gb - 4,
-                           torch_version="2.13.0", cuda_version="12.8" if vram_gb else None)
+                           torch_version="2.13.0", cuda_version="12.8" if vram_gb else None, cpu_bf16=cpu_bf16)
 
 
 def settings(arch_id="sd15", resolution=512, **memory):
@@ -47,8 +49,8 @@ def settings(arch_id="sd15", resolution=512, **memory):
     return s
 
 
-def plan_for(arch_id, resolution, vram=None, cc=AMPERE, ram_gb=32.0, **memory):
-    return make_plan(machine(vram, cc, ram_gb=ram_gb), settings(arch_id, resolution, **memory),
+def plan_for(arch_id, resolution, vram=None, cc=AMPERE, ram_gb=32.0, cpu_bf16=False, **memory):
+    return make_plan(machine(vram, cc, ram_gb=ram_gb, cpu_bf16=cpu_bf16), settings(arch_id, resolution, **memory),
                      architectures.get(arch_id))
 
 
@@ -121,6 +123,26 @@ def test_cpu_only_plan():
     # FLUX.1 in fp32 does not fit 28 GB of RAM: said plainly, not raised
     p = plan_for("flux1_dev", 1024)
     assert not p.fits and "DOES NOT FIT" in p.reasons[0]
+
+
+def test_cpu_precision_follows_its_bf16_instructions():
+    """bf16 on a CPU with AVX512-BF16 / AMX (base weights bf16, the estimate in bf16), fp32 on one without;
+    an explicit memory.mixed_precision wins either way, with a warning where bf16 would be emulated."""
+    fast = plan_for("sd15", 512, cpu_bf16=True)
+    assert (fast.device, fast.mixed_precision) == ("cpu", "bf16") and fast.weight_dtype == torch.bfloat16
+    assert fast.reasons[0].startswith("precision bf16: no GPU; this CPU has bf16 instructions (AVX512-BF16 / AMX)")
+    plain = plan_for("sd15", 512, cpu_bf16=False)
+    assert fast.fits and fast.estimate.total_gb < plain.estimate.total_gb  # bf16 base weights: half the bytes
+    assert plain.mixed_precision == "no" and plain.weight_dtype == torch.float32
+    assert plain.reasons[0].startswith("precision fp32: no GPU, and this CPU lacks bf16 instructions")
+    # the user's setting wins on both kinds of CPU
+    assert plan_for("sd15", 512, cpu_bf16=True, mixed_precision="no").mixed_precision == "no"
+    forced = plan_for("sd15", 512, cpu_bf16=False, mixed_precision="bf16")
+    assert forced.mixed_precision == "bf16"
+    assert any(r.startswith("precision bf16 as set, but this CPU lacks bf16 instructions") for r in forced.reasons)
+    assert not any("precision" in r for r in plan_for("sd15", 512, cpu_bf16=True, mixed_precision="bf16").reasons)
+    # a GPU decides by itself, whatever the CPU has
+    assert plan_for("sd15", 512, 8, TURING, cpu_bf16=True).mixed_precision == "fp16"
 
 
 def test_older_gpu_fp16():

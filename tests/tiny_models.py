@@ -231,7 +231,10 @@ def tiny_train_settings(arch_id: str, model_fields: dict, data: Path, tmp_path: 
               "schedule.log_every_n_steps": 1, "saving.output_name": f"tiny_{arch_id}",
               "saving.save_every_n_epochs": 0, "sampling.steps": 2, "sampling.width": 64, "sampling.height": 64,
               # one thread, as tests/conftest.py sets (the plan would use every core)
-              "memory.cpu_threads": 1, **model_fields, **{k.replace("__", "."): v for k, v in overrides.items()}}
+              "memory.cpu_threads": 1,
+              # fp32 on every CPU: 'auto' picks bf16 on CPUs with AVX512-BF16 / AMX, and the suite's comparisons
+              # and tolerances must not depend on the machine that runs them
+              "memory.mixed_precision": "no", **model_fields, **{k.replace("__", "."): v for k, v in overrides.items()}}
     for dotted, value in values.items():
         section, name = dotted.split(".")
         setattr(getattr(s, section), name, value)

@@ -201,6 +201,9 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
             with gr.Tab("Tools", id="tools", elem_id="tab-tools"):
                 from ui.tools_tab import build_tools_tab
                 build_tools_tab(config)
+            with gr.Tab("Dataset tools", id="dataset-tools", elem_id="tab-dataset-tools"):
+                from ui.dataset_tools_tab import build_dataset_tools_tab
+                build_dataset_tools_tab(config)
 
         controls = generated.controls
         missing = [d for d, _ in iter_fields() if d not in controls]
@@ -350,7 +353,7 @@ def build_app(config: AppConfig, *, controller: RunController | None = None) -> 
 
 
 # settings the plan and its memory estimate read: whole sections, and single fields of others
-PLAN_SECTIONS = ("memory", "network")
+PLAN_SECTIONS = ("memory", "network", "distributed")
 PLAN_FIELDS = ("model.architecture", "model.model_path", "model.config_path", "dataset.shuffle_caption",
                "dataset.resolution", "dataset.subsets", "schedule.train_batch_size", "optimizer.optimizer_type")
 

@@ -35,7 +35,7 @@ TABS: list[tuple[str, str, list[tuple[str, str | None]]]] = [
     ("network", "Network", [("network", None)]),
     ("optimizer", "Optimizer", [("optimizer", "Optimizer"), ("schedule", "Steps & schedule")]),
     ("output", "Saving & previews", [("saving", "Saving"), ("sampling", "Preview images")]),
-    ("run", "Run", [("memory", "Memory & speed")]),
+    ("run", "Run", [("memory", "Memory & speed"), ("distributed", "Several GPUs")]),
 ]
 
 #: widgets that pick from what the app's folders hold: the models, the datasets, a run's resumable states

@@ -1,0 +1,195 @@
+"""Training on two processes (core.distributed) on the CPU with gloo: the same adapter as one process with the
+doubled batch, for a UNet family and a transformer family; a stop requested mid-run stops both workers with one
+final save; a resume from a two-process state continues to the weights of an uninterrupted two-process run.
+
+``core.train`` is called here, in the test process, and spawns its two workers itself: each worker is a fresh
+Python process.  The one-process references run in the test process (the ordinary path)."""
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import core
+from tests.tiny_models import build_tiny_dataset, build_tiny_sd15, tiny_train_settings
+from tests.tiny_models_dit import build_tiny_dit, settings_paths
+
+# three images in one bucket: a global batch of 2 leaves a last batch of one row, where worker 1 has none
+SD15 = dict(schedule__max_train_steps=6, saving__save_precision="float", saving__save_every_n_steps=3)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    build_tiny_dataset(root / "data", n=3)
+    return {"sd15": build_tiny_sd15(root / "sd15"), "data": root / "data", "root": root}
+
+
+def sd15_settings(tiny, out, processes, batch, **overrides):
+    return tiny_train_settings("sd15", {"model.model_path": str(tiny["sd15"])}, tiny["data"], tiny["root"] / out,
+                               distributed__num_processes=processes, schedule__train_batch_size=batch,
+                               **{**SD15, **overrides})
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_trained(adapter: dict) -> None:
+    """The comparison means something: the up matrices (zero at the start) moved."""
+    assert max(v.abs().max().item() for k, v in adapter.items() if k.endswith("lora_up.weight")) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny):
+    """An uninterrupted two-process run (batch 1 each), 6 steps, with a save at step 3."""
+    s, config = sd15_settings(tiny, "two", 2, 1)
+    events = []
+    t0 = time.time()
+    result = core.train(s, on_event=events.append, config=config)
+    return {"result": result, "events": events, "wall": time.time() - t0}
+
+
+def test_two_processes_train_the_adapter_of_one_with_the_doubled_batch(tiny, two_processes):
+    s, config = sd15_settings(tiny, "one", 1, 2, schedule__max_train_steps=3, saving__save_every_n_steps=0)
+    events = []
+    t0 = time.time()
+    one = core.train(s, on_event=events.append, config=config)
+    wall_one = time.time() - t0
+    # the first epoch has a batch of one row: worker 1 then runs without rows of its own
+    from core import dataset as ds_mod
+    items = ds_mod.scan_dataset(s.dataset, tiny["data"])
+    ds_mod.assign_buckets(items, s.dataset)
+    assert sorted(map(len, ds_mod.BucketBatchSampler(items, 2, s.schedule.seed).batches(0))) == [1, 2]
+    two = two_processes["result"]
+    at_3 = two.final.with_name("tiny_sd15-step000003.safetensors")
+    a, b = load_file(str(one.final)), load_file(str(at_3))
+    assert_trained(a)
+    diff = max_diff(a, b)
+    print(f"SD1.5 2 processes x batch 1 vs 1 process x batch 2, 3 steps: max |diff| {diff:.2e}; "
+          f"wall {two_processes['wall']:.1f} s (6 steps, 2 saves) vs {wall_one:.1f} s")
+    assert diff <= 1e-5
+    # rank 0's events reached the caller: every step's loss, summed over both workers
+    losses_one = [e["loss"] for e in events if e["type"] == "progress"]
+    losses_two = [e["loss"] for e in two_processes["events"] if e["type"] == "progress"]
+    assert len(losses_two) == 6
+    torch.testing.assert_close(torch.tensor(losses_two[:3]), torch.tensor(losses_one), rtol=1e-5, atol=1e-6)
+    assert [e["type"] for e in two_processes["events"]][-2:] == ["done", "status"]
+    plan = next(e for e in two_processes["events"] if e["type"] == "plan")["summary"]
+    assert "2 processes (DDP) with a global batch of 2" in plan
+    assert not multiprocessing.active_children()
+
+
+def test_flux_two_processes_equal_one_with_the_doubled_batch(tmp_path):
+    paths = build_tiny_dit("flux1_dev", tmp_path / "flux1_dev", "diffusers")
+    build_tiny_dataset(tmp_path / "data", n=4)
+
+    def run(out, processes, batch, **overrides):
+        # the disk caches: rank 0 of the first run writes them and worker 1 reads them; the second run reads them
+        s, config = tiny_train_settings(
+            "flux1_dev", {**settings_paths(paths), "model.t5_max_length": 24}, tmp_path / "data", tmp_path / out,
+            schedule__timestep_sampling="flux_shift", model__guidance=3.5, schedule__max_train_steps=3,
+            schedule__train_batch_size=batch, distributed__num_processes=processes, saving__save_precision="float",
+            dataset__cache_latents="disk", **overrides)
+        t0 = time.time()
+        result = core.train(s, config=config)
+        return result, load_file(str(result.final)), time.time() - t0
+
+    # rank 0 renders a preview alone, in random streams of its own: the training streams stay the others'
+    result, two, wall_two = run("two", 2, 1, sampling__sample_every_n_steps=2, sampling__prompts="a blue circle")
+    assert [p.name for p in result.samples] == ["tiny_flux1_dev-step000002-0.png"]
+    assert [p.name for p in (result.final.parent / "samples").iterdir()] == ["tiny_flux1_dev-step000002-0.png"]
+    _, one, wall_one = run("one", 1, 2)
+    assert_trained(one)
+    diff = max_diff(one, two)
+    print(f"FLUX.1 dev 2 processes x batch 1 vs 1 process x batch 2, 3 steps: max |diff| {diff:.2e}; "
+          f"wall {wall_two:.1f} s vs {wall_one:.1f} s")
+    assert diff <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def stopped(tiny):
+    """A two-process run of the same settings, stopped after its first reported step."""
+    s, config = sd15_settings(tiny, "split", 2, 1, saving__save_every_n_steps=0)
+    stop = threading.Event()
+    events = []
+
+    def on_event(event):
+        events.append(event)
+        if event["type"] == "progress" and event["step"] == 1:
+            stop.set()
+    result = core.train(s, on_event=on_event, stop_event=stop, config=config)
+    folder = result.final.parent
+    return {"result": result, "events": events, "settings": s, "config": config,
+            "files": sorted(p.name for p in folder.iterdir()), "logs": list((folder / "logs").iterdir())}
+
+
+def test_stop_mid_run_stops_both_workers_with_one_final_save(stopped):
+    result, events = stopped["result"], stopped["events"]
+    assert result.stopped and 1 <= result.steps < 6
+    folder = result.final.parent
+    assert result.final == folder / "tiny_sd15.safetensors"
+    assert result.state_dir == folder / f"tiny_sd15-state-{result.steps:06d}"
+    # one save, written once (by rank 0): one adapter, one state, one log folder (listed before the resume)
+    assert stopped["files"] == ["logs", result.state_dir.name, "tiny_sd15.safetensors"]
+    assert len(stopped["logs"]) == 1
+    saved = [(e["kind"], e["step"]) for e in events if e["type"] == "saved"]
+    assert saved == [("adapter", result.steps), ("state", result.steps)]
+    # both workers returned on their own (none had to be ended after rank 0)
+    assert not [e for e in events if e["type"] == "log" and e["level"] == "warning"]
+    assert [e["stopped"] for e in events if e["type"] == "done"] == [True]
+    assert not multiprocessing.active_children()
+
+
+def test_resume_on_two_processes_continues_to_the_uninterrupted_weights(stopped, two_processes):
+    s, config = stopped["settings"], stopped["config"]
+    s.saving.resume_from = str(stopped["result"].state_dir)
+    events = []
+    resumed = core.train(s, on_event=events.append, config=config)
+    steps = [e["step"] for e in events if e["type"] == "progress"]
+    assert steps == list(range(stopped["result"].steps + 1, 7)) and resumed.steps == 6
+    a, b = load_file(str(two_processes["result"].final)), load_file(str(resumed.final))
+    assert_trained(a)
+    diff = max_diff(a, b)
+    print(f"2-process resume from step {stopped['result'].steps} vs uninterrupted: max |diff| {diff:.2e}")
+    assert diff <= 1e-6
+
+
+def test_what_cannot_be_split_exactly_is_refused_before_any_worker_starts(tiny):
+    from core.distributed import process_count
+    s, config = sd15_settings(tiny, "refused", 2, 1, network__dropout=0.1, network__rank_dropout=0.1)
+    with pytest.raises(core.SettingsError) as refused:
+        core.train(s, config=config)
+    assert "network.dropout (0.1) draws a mask per sample" in str(refused.value)
+    assert "network.rank_dropout (0.1)" in str(refused.value)
+    assert not multiprocessing.active_children()
+    s.distributed.num_processes = 1
+    assert not [p for p in core.settings.check_consistency(s) if "per sample" in p]
+    # 0: one process per GPU; more processes than GPUs cannot each have their own
+    s.distributed.num_processes = 0
+    assert (process_count(s, cuda_gpus=0), process_count(s, cuda_gpus=4)) == (1, 4)
+    s.distributed.num_processes = 3
+    assert process_count(s, cuda_gpus=0) == 3
+    with pytest.raises(core.SettingsError, match="distributed.num_processes is 3, but this machine has 2"):
+        process_count(s, cuda_gpus=2)
+
+
+def test_a_share_of_flux3_conditioning_keeps_the_whole_batch_text_window():
+    """FLUX.3 cuts the batch's prompt embeddings to its widest caption: a worker's rows keep the whole batch's
+    window (a share's own widest caption may be narrower), as one process gives them to the model."""
+    import architectures
+    arch = architectures.get("flux3_klein")
+    embeds = torch.randn(3, 8, 4)
+    cond = {"prompt_embeds": embeds, "text_window": torch.tensor([2, 6, 3])}
+    share = arch.conditioning_rows(None, cond, 2, 3)
+    assert torch.equal(arch.windowed(share), embeds[2:3, :6])
+    assert torch.equal(arch.windowed(arch.conditioning_rows(None, cond, 0, 3)), arch.windowed(cond))
+    # families whose model reads nothing across the batch cut every entry
+    flux1 = architectures.get("flux1_dev")
+    cond = {"prompt_embeds": embeds, "pooled": torch.randn(3, 5), "t5_mask": torch.ones(3, 8)}
+    assert {k: v.shape[0] for k, v in flux1.conditioning_rows(None, cond, 1, 3).items()} == dict.fromkeys(cond, 2)
