@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from architectures.base import ModelLoadError, check_family, short_label
-from architectures.load_util import default_config_dir, no_hf_progress_bars, part_loader, read_json
+from architectures.load_util import (components_folder, default_config_dir, no_hf_progress_bars, part_loader,
+                                     read_json)
 
 
 log = logging.getLogger(__name__)
@@ -292,14 +293,7 @@ def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.d
                   ([f"{len(extra)} tensor(s) the config has no place for, e.g. {extra[0]}"] if extra else [])
         raise ModelLoadError(f"The transformer in {path} does not match the config folder {config_dir / 'transformer'}: "
                              f"{'; '.join(details)}.")
-    if components is None or str(components) in ("", "."):
-        raise ModelLoadError(f"{path} is a single-file FLUX.2 transformer; its text encoder, tokenizer and autoencoder "
-                             "come from a diffusers-layout folder of the same model: set model.components_path to a "
-                             "folder with text_encoder/, tokenizer/ and vae/ subfolders.")
-    components = Path(components).expanduser()
-    if not components.is_dir():
-        raise ModelLoadError(f"model.components_path: {components} is not a folder (a diffusers-layout folder with "
-                             "text_encoder/, tokenizer/ and vae/ subfolders is expected).")
+    components = components_folder(path, components, "FLUX.2")
     parts = _load_components(arch_id, components, dtype, cfg, "model.components_path:", text_encoders)
     if not denoiser:
         parts["transformer"] = None

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from architectures.base import ModelLoadError, check_family, short_label
-from architectures.load_util import default_config_dir, no_hf_progress_bars, part_loader, read_json
+from architectures.load_util import (components_folder, default_config_dir, no_hf_progress_bars, part_loader,
+                                     read_json)
 
 log = logging.getLogger(__name__)
 
@@ -257,18 +258,6 @@ def _check_against_config(arch_id: str, path: Path, keys: list[str], features: d
     return cfg
 
 
-def _components_folder(path: Path, components: Path | None) -> Path:
-    if components is None or str(components) in ("", "."):
-        raise ModelLoadError(f"{path} is a single-file FLUX.3 transformer; its text encoder, tokenizer and autoencoder "
-                             "come from a diffusers-layout folder of the same model: set model.components_path to a "
-                             "folder with text_encoder/, tokenizer/ and vae/ subfolders.")
-    components = Path(components).expanduser()
-    if not components.is_dir():
-        raise ModelLoadError(f"model.components_path: {components} is not a folder (a diffusers-layout folder with "
-                             "text_encoder/, tokenizer/ and vae/ subfolders is expected).")
-    return components
-
-
 def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.dtype, components: Path | None,
                       layers: tuple[int, ...], text_encoders: bool, denoiser: bool) -> dict[str, Any]:
     from diffusers import Flux3Transformer2DModel
@@ -284,7 +273,7 @@ def _load_single_file(arch_id: str, path: Path, config_dir: Path, dtype: torch.d
     check_variant(arch_id, path, features["distilled"],
                   f"{'it has' if features['distilled'] else 'no'} {DISTILLED_MARKER.split('.')[0]}.*")
     cfg = _check_against_config(arch_id, path, keys, features, config_dir)
-    parts = load_components(arch_id, _components_folder(path, components), dtype, cfg, "model.components_path:",
+    parts = load_components(arch_id, components_folder(path, components, "FLUX.3"), dtype, cfg, "model.components_path:",
                             layers, text_encoders)
     if not denoiser:
         parts["transformer"] = None

@@ -53,3 +53,17 @@ def part_loader(folder: Path) -> Callable[[str, Callable[[], nn.Module]], nn.Mod
         except Exception as e:
             raise ModelLoadError(f"Loading the {what} from {folder / what} failed: {e}") from e
     return load
+
+
+def components_folder(path: Path, components: Path | None, family: str) -> Path:
+    """The diffusers-layout folder that gives a single-file transformer its text encoder, tokenizer and
+    autoencoder (model.components_path), refused with the fix when unset or not a folder."""
+    if components is None or str(components) in ("", "."):
+        raise ModelLoadError(f"{path} is a single-file {family} transformer; its text encoder, tokenizer and "
+                             "autoencoder come from a diffusers-layout folder of the same model: set "
+                             "model.components_path to a folder with text_encoder/, tokenizer/ and vae/ subfolders.")
+    components = Path(components).expanduser()
+    if not components.is_dir():
+        raise ModelLoadError(f"model.components_path: {components} is not a folder (a diffusers-layout folder with "
+                             "text_encoder/, tokenizer/ and vae/ subfolders is expected).")
+    return components
