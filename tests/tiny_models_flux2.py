@@ -181,31 +181,39 @@ def tiny_config_dir(arch_id: str, folder: Path) -> Path:
     return Path(folder) / f"tiny_{arch_id}_config"
 
 
-def save_bfl(transformer: nn.Module, path: Path, prefix: str = "") -> Path:
+def write_tensors(sd: dict[str, torch.Tensor], path: Path, prefix: str = "") -> Path:
     from safetensors.torch import save_file
-
-    from architectures.flux2_keys import flux2_diffusers_to_bfl
-    sd = flux2_diffusers_to_bfl(transformer.state_dict(), transformer.config)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({prefix + k: v.detach().contiguous().clone() for k, v in sd.items()}, str(path),
               metadata={"format": "pt"})
     return path
 
 
-def build_tiny_flux2(arch_id: str, folder: Path, layout: str = "diffusers") -> dict[str, Path]:
-    """A tiny ``arch_id`` model in ``layout`` (see the module docstring); returns the paths to load it."""
+def save_bfl(transformer: nn.Module, path: Path, prefix: str = "") -> Path:
+    from architectures.flux2_keys import flux2_diffusers_to_bfl
+    return write_tensors(flux2_diffusers_to_bfl(transformer.state_dict(), transformer.config), path, prefix)
+
+
+def write_layout(arch_id: str, folder: Path, layout: str, models: dict[str, Any], write_folder, save_file) -> dict:
+    """``models`` written as a diffusers folder, or (``layout`` "bfl") as one BFL transformer file
+    (``save_file(transformer, folder)``) beside a components folder and a weightless config folder."""
     folder = Path(folder)
-    models = build_models(arch_id)
     if layout == "diffusers":
-        _write_folder(arch_id, models, folder, with_weights=True)
+        write_folder(arch_id, models, folder, with_weights=True)
         return {"model": folder}
     if layout == "bfl":
         config_dir = tiny_config_dir(arch_id, folder)
-        _write_folder(arch_id, models, config_dir, with_weights=False)
-        _write_folder(arch_id, models, folder / "components", with_weights=True, with_transformer=False)
-        return {"model": save_bfl(models["transformer"], folder / "flux2-tiny.safetensors"),
+        write_folder(arch_id, models, config_dir, with_weights=False)
+        write_folder(arch_id, models, folder / "components", with_weights=True, with_transformer=False)
+        return {"model": save_file(models["transformer"], folder),
                 "config_dir": config_dir, "components": folder / "components"}
     raise ValueError(f"layout must be 'diffusers' or 'bfl', not {layout!r}")
+
+
+def build_tiny_flux2(arch_id: str, folder: Path, layout: str = "diffusers") -> dict[str, Path]:
+    """A tiny ``arch_id`` model in ``layout`` (see the module docstring); returns the paths to load it."""
+    return write_layout(arch_id, folder, layout, build_models(arch_id), _write_folder,
+                        lambda transformer, where: save_bfl(transformer, where / "flux2-tiny.safetensors"))
 
 
 def load_kwargs(paths: dict[str, Path]) -> dict[str, Any]:

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from tests.tiny_models_dit import _quiet
-from tests.tiny_models_flux2 import VAE, _perturb, _vocab, load_kwargs, settings_paths, tiny_config_dir
+from tests.tiny_models_flux2 import (VAE, _perturb, _vocab, load_kwargs, settings_paths, write_layout,
+                                     write_tensors)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "architectures" / "configs"
@@ -127,30 +128,14 @@ def _write_folder(arch_id: str, models: dict[str, Any], folder: Path, with_weigh
 
 
 def save_bfl(transformer: nn.Module, path: Path, prefix: str = "") -> Path:
-    from safetensors.torch import save_file
-
     from architectures.flux3_keys import flux3_diffusers_to_bfl
-    sd = flux3_diffusers_to_bfl(transformer.state_dict(), transformer.config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({prefix + k: v.detach().contiguous().clone() for k, v in sd.items()}, str(path),
-              metadata={"format": "pt"})
-    return path
+    return write_tensors(flux3_diffusers_to_bfl(transformer.state_dict(), transformer.config), path, prefix)
 
 
 def build_tiny_flux3(arch_id: str, folder: Path, layout: str = "diffusers") -> dict[str, Path]:
     """A tiny ``arch_id`` model in ``layout`` (see the module docstring); returns the paths to load it."""
-    folder = Path(folder)
-    models = build_models(arch_id)
-    if layout == "diffusers":
-        _write_folder(arch_id, models, folder, with_weights=True)
-        return {"model": folder}
-    if layout == "bfl":
-        config_dir = tiny_config_dir(arch_id, folder)
-        _write_folder(arch_id, models, config_dir, with_weights=False)
-        _write_folder(arch_id, models, folder / "components", with_weights=True, with_transformer=False)
-        return {"model": save_bfl(models["transformer"], folder / "flux3-tiny.safetensors"),
-                "config_dir": config_dir, "components": folder / "components"}
-    raise ValueError(f"layout must be 'diffusers' or 'bfl', not {layout!r}")
+    return write_layout(arch_id, folder, layout, build_models(arch_id), _write_folder,
+                        lambda transformer, where: save_bfl(transformer, where / "flux3-tiny.safetensors"))
 
 
 __all__ = ["build_tiny_flux3", "build_models", "build_tiny_tokenizer", "save_bfl", "load_kwargs", "settings_paths",
