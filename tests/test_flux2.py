@@ -9,7 +9,6 @@ import logging
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 import architectures
@@ -18,7 +17,7 @@ import core
 from architectures.base import ModelLoadError
 from architectures.flux2_keys import flux2_bfl_to_diffusers, flux2_diffusers_to_bfl
 from core.adapters import build_network
-from tests.test_dit_train_e2e import layers_covered
+from tests.test_dit_train_e2e import layers_covered, train_lora
 from tests.tiny_models import build_tiny_dataset, tiny_train_settings, train_twice_with_disk_cache
 from tests.tiny_models_flux2 import FLUX2_IDS, build_tiny_flux2, fake_full_size_bfl, load_kwargs, settings_paths
 
@@ -203,20 +202,9 @@ RUNS = {
 def test_train_each_variant(tiny, tmp_path, run):
     arch_id, layout, overrides = RUNS[run]
     s, config = make_settings(tiny, arch_id, layout, tmp_path, **overrides)
-    events = []
-    result = core.train(s, on_event=events.append, config=config)
-    losses = [e["loss"] for e in events if e["type"] == "progress"]
-    assert len(losses) == s.schedule.max_train_steps and all(torch.isfinite(torch.tensor(losses)))
-    logs = " ".join(e.get("message", "") for e in events if e["type"] == "log")
-    assert "text-encoder cache on" in logs
-    arch = architectures.get(arch_id)
-    sd = load_file(str(result.final))
-    with safe_open(str(result.final), "pt") as f:
-        md = f.metadata()
-    assert md["modelspec.architecture"] == arch.modelspec_architecture
+    result, events, sd, md = train_lora(s, config)
     assert md["ss_base_model_version"] == arch_id
     assert md["ss_network_module"] == "networks.lora_flux"
-    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in sd)
     stems = {k.split(".")[0] for k in sd}
     single = {k for k in stems if k.startswith("lora_unet_single_blocks_")}
     double = {k for k in stems if k.startswith("lora_unet_double_blocks_")}
