@@ -2,7 +2,8 @@
 
 Every event is a plain dict with a ``type`` key:
 
-- ``{"type": "status", "message": str}``: a phase starts (loading, caching, training, saving).
+- ``{"type": "status", "message": str[, "again": True]}``: a phase starts (loading, caching, training, saving);
+  ``again``: the run returns to an activity a side task (a preview) interrupted.
 - ``{"type": "log", "level": "info"|"warning", "message": str}``
 - ``{"type": "plan", "summary": str, "device": "cuda"|"cpu", "estimate_gb": float|None, "budget_gb": float|None,
   "fits": bool}``: the memory/speed plan the run uses (core.plan) with its memory estimate (VRAM, or RAM on the

@@ -34,6 +34,7 @@ from core.io import (NonFiniteError, atomic_save_image, atomic_save_safetensors,
 from core.optim import (build_fused_backward_optimizer, build_optimizer, build_scheduler, optimizer_kwargs,
                         schedule_free)
 from core.plan import estimate_config_dir, make_plan, steps_in_backward
+from core.prefetch import prefetched_batches
 from core.prompts import parse_prompts
 from core.speed import host_values
 from core.run_log import RunLog, log_problems, run_log_folder
@@ -296,8 +297,22 @@ class _Run:
     def log(self, message: str, level: str = "info") -> None:
         emit(self.on_event, "log", level=level, message=message)
 
-    def status(self, message: str) -> None:
-        emit(self.on_event, "status", message=message)
+    def status(self, message: str, again: bool = False) -> None:
+        """The run's current activity; ``again``: one it returns to (not news for a log)."""
+        self.current_status = message
+        emit(self.on_event, "status", message=message, **({"again": True} if again else {}))
+
+    @contextlib.contextmanager
+    def status_while(self, message: str):
+        """``message`` as the status while a side task (a preview) runs, then the status it interrupted again:
+        the page must not keep saying "Preview images" while training goes on."""
+        before = getattr(self, "current_status", None)
+        self.status(message)
+        try:
+            yield
+        finally:
+            if before is not None:
+                self.status(before, again=True)
 
     def resolve_paths(self) -> None:
         s, c = self.s, self.config
@@ -740,10 +755,9 @@ class _Run:
             sf.train()   # its training mode (a state is saved in eval mode)
         trainable = list(self.network.parameters())
         while self.global_step < self.total_steps and epoch < self.total_epochs:
-            self.sampler.set_epoch(epoch)
-            for batch_index, indices in enumerate(self.sampler):
-                if epoch == start_epoch and batch_index < skip_batches:
-                    continue
+            first = skip_batches if epoch == start_epoch else 0
+            for batch_index, indices, batch in prefetched_batches(self.data, self.sampler.batches(epoch)[first:],
+                                                                  epoch, first, pin=self.device.type == "cuda"):
                 # several workers agree on stopping at report intervals, where they read the device anyway
                 if self.peers.stop_agreed(self.stop_event, batch_index % accumulation == 0 and (
                         self.global_step % s.schedule.log_every_n_steps == 0 or self.global_step == first_step)):
@@ -753,7 +767,6 @@ class _Run:
                     self.result.stopped = True
                     return self.finish()
                 group_size, steps_now = accumulation_group(batch_index, batches, accumulation)
-                batch = self.data.get_batch(indices, epoch, batch_index)
                 with contextlib.nullcontext() if steps_now else acc.no_sync(self.network):
                     loss = self.training_step(batch)
                     acc.backward(loss / group_size)
@@ -882,14 +895,14 @@ class _Run:
 
     # -- previews --------------------------------------------------------------------------------------
     def preview(self) -> None:
-        with self.eval_weights(), self.peers.own_random_streams():
+        with self.status_while(f"Preview images at step {self.global_step}"), self.eval_weights(), \
+                self.peers.own_random_streams():
             self._preview()
 
     def _preview(self) -> None:
         s, c = self.s, self.components
         prompts = self.prompts()
         self.check_finite()
-        self.status(f"Preview images at step {self.global_step}")
         c.denoiser.eval()
         self.network.eval()  # no adapter dropout in previews
         try:

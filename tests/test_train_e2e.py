@@ -57,6 +57,12 @@ def test_train_save_preview_and_diffusers_round_trip(tiny, tmp_path, arch_id):
     assert [e for e in events if e["type"] == "done"][0]["final"] == str(result.final)
     samples = [p for e in events if e["type"] == "sample" for p in e["paths"]]
     assert len(samples) == 8 and all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in samples)
+    # the status names each preview while it renders, then training again (the page never keeps a stale line)
+    statuses = [e["message"] for e in events if e["type"] == "status"]
+    training = next(m for m in statuses if m.startswith("Training:"))
+    after = statuses[statuses.index(training):]
+    assert after[:3] == [training, "Preview images at step 3", training], after
+    assert [e.get("again") for e in events if e["type"] == "status" and e["message"] == training] == [None] + [True] * 4
 
     # community keys and metadata
     sd = load_file(str(result.final))
