@@ -282,7 +282,7 @@ def test_the_app_refuses_a_broken_job_when_it_is_added(tmp_path):
     values = settings_to_values(Settings())
     values["network.rank"] = 0
     out = h["add_current"](None, *[values[n] for n in names])
-    assert out[0].startswith("✗ **Invalid settings**") and "**Network → Rank (dim)**: `network.rank`" in out[0]
+    assert out[0].startswith("✗ **Invalid settings**") and "`network.rank` (**Network → Rank (dim)**)" in out[0]
     values = settings_to_values(Settings())            # valid values, but no dataset or model: Start refuses it
     out = h["add_current"](None, *[values[n] for n in names])
     assert out[0].startswith("✗ **Not added: fix these settings first**")

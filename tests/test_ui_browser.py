@@ -254,6 +254,7 @@ def test_train_a_tiny_lora_in_the_browser(studio, page):
     page.wait_for_function("document.querySelectorAll('#run-gallery img').length > 0", timeout=20_000)
     assert "Finished" in page.locator("#run-status").inner_text()
     assert page.locator("#run-start").is_enabled() and not page.locator("#run-stop").is_enabled()
+    _check_loss_chart_ticks(page)
 
     # Screenshots for the README, each tab with this run's settings.  The Run tab first, while it still
     # shows the log scrolled to its end (switching tabs re-renders it scrolled to the top).
@@ -278,6 +279,30 @@ def test_train_a_tiny_lora_in_the_browser(studio, page):
     option = page.get_by_role("option", name=re.compile(r"^step 4 · \d{4}-\d\d-\d\d \d\d:\d\d · browser_lora"))
     option.first.click()
     page.keyboard.press("Escape")
+
+
+def _check_loss_chart_ticks(page) -> None:
+    """The chart's step axis is labelled with whole steps, each once (a tick between two steps would show as
+    1.5, or twice as 2 with the integer format)."""
+    labels = page.evaluate("""() => [...document.querySelectorAll('#run-loss svg g.role-axis')]
+        .filter(g => (g.getAttribute('aria-label') || '').startsWith('X-axis'))
+        .flatMap(g => [...g.querySelectorAll('g.role-axis-label text')].map(t => t.textContent))""")
+    assert len(labels) >= 3, labels
+    assert all(re.fullmatch(r"\d+", label) for label in labels) and len(set(labels)) == len(labels), labels
+
+
+def test_tool_family_dropdowns_fit_their_longest_name(studio, page):
+    open_tab(page, "Tools")
+    for eid in ("tools-merge-arch", "tools-extract-arch"):
+        box = page.locator(f"#{eid} input").first
+        box.click()
+        names = [o.inner_text().strip() for o in page.get_by_role("option").all()]
+        longest = max(names, key=len)
+        page.get_by_role("option", name=longest, exact=True).click()
+        page.wait_for_timeout(200)
+        assert box.input_value() == longest
+        # the text ends before the arrow: it fits the box without scrolling
+        assert box.evaluate("e => e.scrollWidth <= e.clientWidth"), (eid, longest)
 
 
 def _check_live_visibility(page, governing: str) -> None:

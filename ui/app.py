@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,13 @@ from typing import Any
 import gradio as gr
 
 from core.config import AppConfig
-from core.settings import Settings, SettingsError, check_consistency, field_ui, iter_fields
+from core.settings import Settings, SettingsError, check_consistency, iter_fields
 from ui import presets as preset_store
 from ui import warmup
 from ui.job_queue import JobQueue, QueueRunner
 from ui.queue_panel import build_queue_panel, wire_queue_panel
-from ui.run_state import (RunController, Snapshot, loss_frame, memory_text, outputs_text, progress_html,
-                          run_label, samples_for_gallery, status_text)
+from ui.run_state import (MIN_STEP_AXIS, with_places, RunController, Snapshot, loss_axis, loss_frame, memory_text, outputs_text,
+                          progress_html, run_label, samples_for_gallery, status_text)
 from ui.pickers import build_dataset_preview, picker_sources, wire_dataset_preview, wire_pickers
 from ui.schema_ui import (TABS, GeneratedControls, describe_error, help_more_js, render_advanced, render_section,
                           settings_to_values, values_to_settings, wire_visibility)
@@ -90,35 +89,11 @@ def memory_use() -> dict:
 
 # -- messages -------------------------------------------------------------------------------------------
 
-def _field_place(dotted: str) -> str:
-    """'Dataset → Resolution' for a dotted name, so an error says where to look."""
-    section = dotted.split(".")[0]
-    for _tab_id, tab_label, sections in TABS:
-        if any(s == section for s, _ in sections):
-            try:
-                return f"{tab_label} → {field_ui(dotted)['label']}"
-            except (KeyError, ValueError):
-                return tab_label
-    return dotted
-
-
-_FIELD_AT_START = re.compile(r"^([a-z_]+\.[a-z0-9_]+)")
-
-
 def errors_markdown(title: str, lines: list[str]) -> str:
-    """Bullet list of problems; a line that starts with a setting's dotted name also says where its control
-    is ('Network → Rank (dim)')."""
-    known = {d for d, _ in iter_fields()}
+    """Bullet list of problems, each setting a line names followed by where its control is
+    ('`network.rank` (Network → Rank (dim))')."""
     out = [f"✗ **{title}**"]
-    for line in lines:
-        line = line.strip()
-        if not line:
-            continue
-        m = _FIELD_AT_START.match(line)
-        if m and m.group(1) in known:
-            out.append(f"- **{_field_place(m.group(1))}**: `{m.group(1)}`{line[m.end():]}")
-        else:
-            out.append(f"- {line}")
+    out.extend(f"- {with_places(line.strip())}" for line in lines if line.strip())
     return "\n".join(out)
 
 
@@ -445,6 +420,7 @@ def _run_results(w: dict[str, Any]) -> None:
     with gr.Row():
         w["loss"] = gr.LinePlot(None, x="step", y="loss", color="series",
                                 title="Loss", x_title="step", y_title="loss", height=300,
+                                x_lim=[0, MIN_STEP_AXIS], x_axis_format="d",
                                 elem_id="run-loss", scale=3,
                                 color_map={"loss": "#94a3b8", "smoothed": "#4f46e5", "validation": "#f59e0b"})
         w["gallery"] = gr.Gallery(label="Previews (newest first)", columns=3, height=300,
@@ -485,7 +461,7 @@ def _poll_updates(demo: gr.Blocks, s: Snapshot, seen: dict) -> list:
 
     status = status_text(s) if "status" in changed else skip()
     progress = progress_html(s) if changed & {"progress", "status", "run"} else skip()
-    loss = loss_frame(s) if "losses" in changed else skip()
+    loss = gr.update(value=loss_frame(s), x_lim=loss_axis(s)) if "losses" in changed else skip()
     if "samples" in changed:
         items = samples_for_gallery(s)
         for p, _ in items:

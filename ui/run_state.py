@@ -7,6 +7,7 @@ No training logic lives here: the controller only starts ``core.train`` and sets
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 import traceback
@@ -144,7 +145,8 @@ class RunState:
                 self.status = event.get("message", "")
                 if self.phase == "starting":
                     self.phase = "running"
-                self._log(self.status)
+                if not event.get("again"):
+                    self._log(self.status)
                 self._bump("status", "run")
             elif kind == "log":
                 level = event.get("level", "info")
@@ -372,14 +374,49 @@ def run_label(s: Snapshot) -> str:
     return f"'{s.run_name}' (started {started})"
 
 
+_DOTTED = re.compile(r"`?\b([a-z_]+)\.([a-z0-9_]+)\b`?")
+
+
+def field_place(dotted: str) -> str:
+    """Where a setting's control is, as the page shows it: 'Dataset → Resolution', 'Optimizer → Advanced →
+    Report loss every N steps', 'Run → Memory and speed choices → Gradient checkpointing'."""
+    from core.settings import field_ui
+    from ui.schema_ui import TABS
+    section = dotted.split(".")[0]
+    ui = field_ui(dotted)
+    for tab_id, tab_label, sections in TABS:
+        if any(name == section for name, _ in sections):
+            folded = (["Memory and speed choices"] if tab_id == "run" else []) + (["Advanced"] if ui["advanced"]
+                                                                                  else [])
+            return " → ".join([tab_label, *folded, ui["label"]])
+    return ui["label"]
+
+
+def with_places(message: str) -> str:
+    """``message`` (Markdown) with the place of every setting it names after the name:
+    '`dataset.resolution` (**Dataset → Resolution**) must lie …'.  Each setting once; other dotted words (file
+    names, numbers) stay as they are."""
+    from core.settings import iter_fields
+    known = {dotted for dotted, _ in iter_fields()}
+    seen: set[str] = set()
+
+    def place(m: re.Match) -> str:
+        dotted = f"{m.group(1)}.{m.group(2)}"
+        if dotted not in known or dotted in seen:
+            return m.group(0)
+        seen.add(dotted)
+        return f"`{dotted}` (**{field_place(dotted)}**)"
+    return _DOTTED.sub(place, message)
+
+
 def status_text(s: Snapshot) -> str:
     icon = {"idle": "○", "starting": "…", "running": "▶", "stopping": "■", "finished": "✓",
             "stopped": "■", "failed": "✗"}.get(s.phase, "")
     label = run_label(s)
     first, *rest = (s.status or "").splitlines() or [""]
-    text = f"{icon} {label + ': ' if label else ''}{first}".strip()
+    text = f"{icon} {label + ': ' if label else ''}{with_places(first)}".strip()
     # a message of several lines (each problem on its own) stays one line each, not one run-on paragraph
-    items = [line.strip() for line in rest if line.strip()]
+    items = [with_places(line.strip()) for line in rest if line.strip()]
     return text + ("\n\n" + "\n".join(f"- {line}" for line in items) if items else "")
 
 
@@ -428,6 +465,18 @@ def loss_frame(s: Snapshot):
     val_steps = [st for st, _ in s.val_losses]
     return pd.DataFrame({"step": steps + steps + val_steps, "loss": raw + ema + [v for _, v in s.val_losses],
                          "series": ["loss"] * len(raw) + ["smoothed"] * len(ema) + ["validation"] * len(val_steps)})
+
+
+# Vega-Lite puts up to one x tick per 40 px of chart.  An axis at least this many steps wide (the chart is
+# narrower than 40 px × this) gets a tick step of at least 1, so no tick falls between two steps.
+MIN_STEP_AXIS = 40
+
+
+def loss_axis(s: Snapshot) -> list[float]:
+    """x range of the loss chart: from 0 to the last plotted step, and at least :data:`MIN_STEP_AXIS` steps wide
+    so that its ticks are whole steps (Gradio's LinePlot has no tick-step option)."""
+    last = max([st for st, _ in s.losses] + [st for st, _ in s.val_losses] + [0])
+    return [0, max(last, MIN_STEP_AXIS)]
 
 
 def samples_for_gallery(s: Snapshot) -> list[tuple[str, str]]:

@@ -120,6 +120,10 @@ def extract_handler(arch_id: str, base: str, tuned: str, out: str, rank: str, co
     return _run(go)
 
 
+# wide enough for the longest family name ("FLUX.2 klein base 9B (undistilled)") to stay clear of the arrow
+FAMILY_WIDTH = {"scale": 2, "min_width": 340}
+
+
 def build_tools_tab(config: AppConfig) -> None:
     """Renders the tab's contents (call inside a ``gr.Tab``); every path stays inside ``config.roots()``."""
     import architectures
@@ -146,7 +150,7 @@ def build_tools_tab(config: AppConfig) -> None:
                 "(a diffusers folder or a transformer file as the base; text encoders and VAE stay separate).")
     with gr.Row():
         m_arch = gr.Dropdown(merge_choices, value=merge_choices[0][1], label="Model family",
-                             elem_id="tools-merge-arch")
+                             elem_id="tools-merge-arch", **FAMILY_WIDTH)
         m_base = gr.Textbox(label="Base model", elem_id="tools-merge-base", scale=3, **text)
         m_cfg = gr.Textbox(label="Config folder (optional)", elem_id="tools-merge-config", scale=2, **text)
     m_adapters = gr.Textbox(label="Adapters, one per line as path:weight", lines=3, elem_id="tools-merge-adapters")
@@ -175,7 +179,7 @@ def build_tools_tab(config: AppConfig) -> None:
     gr.Markdown("### Extract a LoRA from two models")
     with gr.Row():
         e_arch = gr.Dropdown(arch_choices, value=arch_choices[0][1], label="Model family",
-                             elem_id="tools-extract-arch")
+                             elem_id="tools-extract-arch", **FAMILY_WIDTH)
         e_base = gr.Textbox(label="Base model", elem_id="tools-extract-base", scale=3, **text)
         e_tuned = gr.Textbox(label="Fine-tuned model", elem_id="tools-extract-tuned", scale=3, **text)
     with gr.Row():
