@@ -8,6 +8,8 @@ text embeddings.  Run from the repository root:
     python bench/bench_step.py                 # CUDA: SD1.5 512 px batch 4 and SDXL 1024 px batch 1
     python bench/bench_step.py sdxl --steps 30 --checkpointing
     python bench/bench_step.py sd15 --cpu --batch 1 --steps 3 --warmup 1   # both sides on the CPU
+    python bench/bench_step.py sd35_medium flux1_dev flux2_klein_4b         # the DiTs (1024 px; SD3.5 and
+                                                                            # FLUX.1 with checkpointing)
 
 Prints one line per (family, precision, side): it/s (on the CPU s/it, in wall-clock and in CPU seconds),
 images/s, peak memory (allocated on CUDA, the process's peak RSS on the CPU), and the speed ratio.  ``--cpu`` times fp32 and, where the CPU has
@@ -30,7 +32,15 @@ sys.path.insert(0, str(ROOT))
 
 BLOCKS: tuple[str, ...] = ()  # --blocks overrides the family's compile_blocks
 CONFIGS = ROOT / "architectures" / "configs"  # --config-dir: another diffusers-layout config folder (tests)
-CASES = {"sd15": dict(resolution=512, batch=4), "sdxl": dict(resolution=1024, batch=1)}
+# the issue's cases: family → resolution, batch and whether both sides checkpoint (the DiTs at 1024 px need it
+# to fit beside the plain step's activations on 24 GB cards, and users train them so)
+CASES = {"sd15": dict(resolution=512, batch=4), "sdxl": dict(resolution=1024, batch=1),
+         "sd35_medium": dict(resolution=1024, batch=1, checkpointing=True),
+         "flux1_dev": dict(resolution=1024, batch=1, checkpointing=True),
+         "flux2_klein_4b": dict(resolution=1024, batch=1)}
+UNETS = ("sd15", "sdxl")
+# what diffusers' DreamBooth LoRA scripts for SD3 and FLUX train: the attention projections of both streams
+DIT_PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -161,12 +171,84 @@ def bench_diffusers_peft(arch_id, latents, cond, meta, steps, warmup, checkpoint
     return *timed(step, steps, warmup, device), sum(p.numel() for p in params)
 
 
+def dit_case(arch_id: str, resolution: int, batch: int, device, dtype, checkpointing: bool):
+    """A DiT family's full-size denoiser with random weights (bench_tiers' builder, from the shipped or
+    --config-dir configs), its objective configured, and random inputs of its training shapes."""
+    import architectures
+    from bench.bench_tiers import random_components, random_inputs
+    from core.settings import Settings
+
+    arch = architectures.get(arch_id)
+    settings = Settings()
+    settings.model.architecture = arch_id
+    comps = random_components(arch, dtype, CONFIGS if (CONFIGS / "transformer").is_dir() else None, device)
+    arch.configure_objective(comps, settings)
+    comps.denoiser.requires_grad_(False)
+    if checkpointing:
+        comps.denoiser.enable_gradient_checkpointing()
+    comps.denoiser.train()
+    latents, cond, meta = random_inputs(arch, comps.denoiser, resolution, device, dtype)
+    if batch > 1:
+        latents = latents.repeat(batch, *[1] * (latents.dim() - 1))
+        cond = {k: v.repeat(batch, *[1] * (v.dim() - 1)) for k, v in cond.items()}
+    return arch, settings, comps, latents, cond, meta
+
+
+def bench_ours_dit(arch_id, resolution, batch, device, steps, warmup, checkpointing, dtype=torch.bfloat16):
+    """Our step on a DiT: our adapters on the family's attention layers (fused where the original file fuses
+    them), the trainer's diffusion_loss."""
+    from core.adapters import build_network
+    from core.optim import build_optimizer
+    from core.trainer import diffusion_loss
+
+    arch, settings, comps, latents, cond, meta = dit_case(arch_id, resolution, batch, device, dtype, checkpointing)
+    net = build_network(arch.adapter_targets(comps, "attn", False), "lora", 16, 16.0).to(device)
+    net.apply_to()
+    opt = build_optimizer("AdamW", net.param_groups(1e-4, 0), 1e-4, 0.01, device)
+
+    def step():
+        loss = diffusion_loss(arch, comps, latents, cond, meta, settings, dtype, lambda: autocast_for(device, dtype))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return *timed(step, steps, warmup, device), sum(p.numel() for p in net.parameters())
+
+
+def bench_peft_dit(arch_id, resolution, batch, device, steps, warmup, checkpointing, dtype=torch.bfloat16):
+    """What diffusers' train_dreambooth_lora_sd3 / _flux scripts do per step: peft LoRA on the attention
+    projections, x_t = (1 − σ)·x₀ + σ·ε, MSE against ε − x₀.  The denoiser is called through the family's
+    ``predict`` (only the packing of its inputs: FLUX's sequence layout, ids and guidance)."""
+    from peft import LoraConfig
+
+    arch, settings, comps, latents, cond, meta = dit_case(arch_id, resolution, batch, device, dtype, checkpointing)
+    model = comps.denoiser
+    model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=DIT_PEFT_TARGETS))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        noise = torch.randn_like(latents)
+        sigma = torch.rand(latents.shape[0], device=device).view(-1, *[1] * (latents.dim() - 1))
+        noisy = (1 - sigma) * latents + sigma * noise
+        with autocast_for(device, dtype):
+            pred = arch.predict(comps, noisy.to(dtype), sigma.flatten() * 1000, cond, meta)
+        loss = F.mse_loss(pred.float(), (noise - latents).float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    return *timed(step, steps, warmup, device), sum(p.numel() for p in params)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("archs", nargs="*", default=list(CASES))
+    ap.add_argument("archs", nargs="*", default=list(UNETS), choices=list(CASES))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--checkpointing", action="store_true", help="also for the cases that do not by default")
     ap.add_argument("--compile", default="off", choices=["off", "regional", "full"],
                     help="compile our side's UNet (the baseline stays eager)")
     ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
@@ -193,31 +275,42 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         precisions = args.precision or (["fp32", "bf16"] if profile.cpu_bf16 else ["fp32"])
         print(f"# CPU {profile.cpu_name}, {torch.get_num_threads()} threads, bf16 instructions "
-              f"{'yes' if profile.cpu_bf16 else 'no'} · torch {torch.__version__} · checkpointing "
-              f"{args.checkpointing}")
+              f"{'yes' if profile.cpu_bf16 else 'no'} · torch {torch.__version__} · 'ckpt': gradient "
+              f"checkpointing on both sides")
     else:
         if not torch.cuda.is_available():
             sys.exit("bench_step.py needs a CUDA GPU (or --cpu)")
         device = torch.device("cuda")
         precisions = args.precision or ["bf16"]
-        print(f"# {torch.cuda.get_device_name()} · torch {torch.__version__} · checkpointing {args.checkpointing}")
+        print(f"# {torch.cuda.get_device_name()} · torch {torch.__version__} · 'ckpt': gradient checkpointing on "
+              f"both sides")
     for arch_id in args.archs:
-        resolution, batch = args.resolution or CASES[arch_id]["resolution"], args.batch or CASES[arch_id]["batch"]
+        case = CASES[arch_id]
+        resolution, batch = args.resolution or case["resolution"], args.batch or case["batch"]
+        checkpointing = args.checkpointing or case.get("checkpointing", False)
         for precision in precisions:
             dtype = DTYPES[precision]
-            latents, cond, meta = make_inputs(arch_id, batch, resolution, device, dtype)
             rates, cpu_times = {}, {}
-            sides = [("diffusers+peft", bench_diffusers_peft)] if not args.skip_baseline else []
             ours_label = "ours" if args.compile == "off" else f"ours {args.compile} {args.mode or 'default'}"
-            sides.append((ours_label, lambda *a, **k: bench_ours(*a, **k, compile_how=args.compile,
-                                                                 compile_mode=args.mode)))
+            if arch_id in UNETS:
+                latents, cond, meta = make_inputs(arch_id, batch, resolution, device, dtype)
+                sides = [("diffusers+peft", lambda **k: bench_diffusers_peft(arch_id, latents, cond, meta, **k)),
+                         (ours_label, lambda **k: bench_ours(arch_id, latents, cond, meta, **k,
+                                                             compile_how=args.compile, compile_mode=args.mode))]
+            else:
+                if args.compile != "off":
+                    sys.exit("--compile is measured on the UNet families only")
+                sides = [("diffusers+peft", lambda **k: bench_peft_dit(arch_id, resolution, batch, device, **k)),
+                         (ours_label, lambda **k: bench_ours_dit(arch_id, resolution, batch, device, **k))]
+            if args.skip_baseline:
+                sides = sides[1:]
             for side, fn in sides:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 t_start = time.perf_counter()
-                rate, cpu_s, n_params = fn(arch_id, latents, cond, meta, args.steps, args.warmup,
-                                           args.checkpointing, dtype=dtype)
+                rate, cpu_s, n_params = fn(steps=args.steps, warmup=args.warmup, checkpointing=checkpointing,
+                                           dtype=dtype)
                 wall = time.perf_counter() - t_start
                 rates[side], cpu_times[side] = rate, cpu_s
                 if device.type == "cuda":
@@ -226,7 +319,8 @@ def main() -> None:
                     import resource  # the process's peak so far: the second side's includes the first's
                     speed = f"{1 / rate:6.2f} s/it ({cpu_s:6.2f} CPU s/it)"
                     memory = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:5.1f} GB"
-                print(f"{arch_id:5s} {resolution}px b{batch} {precision}  {side:15s} {speed} "
+                print(f"{arch_id:5s} {resolution}px b{batch} {precision}{' ckpt' if checkpointing else ''}  "
+                      f"{side:15s} {speed} "
                       f"{rate * batch:6.2f} img/s  {memory}  lora params {n_params / 1e6:.2f} M  "
                       f"(wall incl. warm-up/compile {wall:.0f} s)", flush=True)
             if "diffusers+peft" in rates:

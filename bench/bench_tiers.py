@@ -52,12 +52,15 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="plan and time a CPU-only run (no tiers)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per (family, tier)")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--config-dir", default="", help="a diffusers-layout config folder instead of the shipped "
+                                                     "full-size one (the CPU check runs a tiny model's)")
     ap.add_argument("--child", nargs=3, metavar=("ARCH", "TIER", "RESOLUTION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         arch_id, tier, resolution = args.child
         print("RESULT " + json.dumps(run_one(arch_id, float(tier), int(resolution), args.steps, args.warmup,
-                                             args.cpu)), flush=True)
+                                             args.cpu, Path(args.config_dir) if args.config_dir else None)),
+              flush=True)
         return
 
     rows = []
@@ -68,7 +71,8 @@ def main() -> None:
         runs = [(a, args.resolution or r, float(t)) for a, r, t in TARGETS if a in args.archs]
     for arch_id, resolution, tier in runs:
         cmd = [sys.executable, __file__, "--child", arch_id, str(tier), str(resolution),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--cpu"] if args.cpu else [])
+               "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--cpu"] if args.cpu else []) + \
+            (["--config-dir", args.config_dir] if args.config_dir else [])
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -124,9 +128,11 @@ def cap_gpu(tier_gb: float) -> float:
     return context_gb
 
 
-def random_components(arch, dtype, config_dir=None):
+def random_components(arch, dtype, config_dir=None, device="cpu"):
     """The family's full-size denoiser with random weights (small normal values, so activations stay finite)
-    and its noise scheduler, from the shipped configs; no text encoders or VAE (their outputs are random)."""
+    and its noise scheduler, from the shipped configs; no text encoders or VAE (their outputs are random).
+    Built in CPU memory (the plan's setup moves it), or on ``device`` directly (the step bench: drawing 12 B
+    random weights takes minutes on a CPU, a second on a GPU)."""
     import json
 
     import diffusers
@@ -134,8 +140,8 @@ def random_components(arch, dtype, config_dir=None):
 
     from architectures.base import Components
     # cast on the meta device first: materialising fp32 would need twice the RAM (FLUX.2 dev: 128 GB)
-    denoiser = torch.nn.Module.to(arch.build_denoiser_on_meta(config_dir), dtype).to_empty(device="cpu")
-    g = torch.Generator().manual_seed(0)
+    denoiser = torch.nn.Module.to(arch.build_denoiser_on_meta(config_dir), dtype).to_empty(device=device)
+    g = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
         for name, p in list(denoiser.named_parameters()) + list(denoiser.named_buffers()):
             if p.is_floating_point():

@@ -17,16 +17,28 @@ def test_tier_bench_child_runs_on_the_cpu(tmp_path):
     assert "| sd15 | 64 | CPU | yes |" in table and "| flux1_dev | 1024 | 8 GB | no |" in table
 
 
-def test_block_swap_bench_runs_its_check_on_the_cpu():
+def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
+    """bench/gpu_check.sh --cpu: the pipeline a GPU session runs (tests, the step bench against diffusers + peft,
+    the block-swap self-check, the tier table), here on a tiny FLUX.1 config (the UNet step bench has its own
+    test below), ending with its summary table; the block-swap check's figures are exact."""
+    import re
     import subprocess
-    import sys
     from pathlib import Path
+
+    from tests.tiny_models_dit import build_tiny_dit
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "bench/bench_block_swap.py", "--cpu"], cwd=root, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("max |out diff| 0, max rel grad diff 0;") == 2, proc.stdout
-    assert "full fine-tune: max rel weight diff 0 after 3 steps" in proc.stdout, proc.stdout
+    build_tiny_dit("flux1_dev", tmp_path / "configs" / "flux1_dev", "diffusers")
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu", "--config-dir", str(tmp_path / "configs"),
+                           "--out", str(tmp_path / "logs")], cwd=root, capture_output=True, text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-2000:]
+    for name in ("gpu", "tests", "step-flux1_dev", "swap", "tiers"):
+        assert re.search(rf"^\| {name} \| ok \| \d+ s \|$", out, re.M), (name, out[-3000:])
+        assert (tmp_path / "logs" / f"{name}.log").is_file()
+    assert re.search(r"^flux1_dev fp32 speed ratio ours / diffusers\+peft: \d+\.\d+x", out, re.M), out
+    assert out.count("max |out diff| 0, max rel grad diff 0;") == 2, out
+    assert "full fine-tune: max rel weight diff 0 after 3 steps" in out, out
+    assert "| flux1_dev | 64 | CPU | yes |" in out, out
 
 
 def test_step_bench_runs_both_sides_on_the_cpu(tmp_path):
