@@ -39,8 +39,12 @@ CASES = {"sd15": dict(resolution=512, batch=4), "sdxl": dict(resolution=1024, ba
          "flux1_dev": dict(resolution=1024, batch=1, checkpointing=True),
          "flux2_klein_4b": dict(resolution=1024, batch=1)}
 UNETS = ("sd15", "sdxl")
-# what diffusers' DreamBooth LoRA scripts for SD3 and FLUX train: the attention projections of both streams
-DIT_PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# The layers our "attn" target trains, for peft (a regex over module names): the attention projections of both
+# streams, as diffusers' DreamBooth LoRA scripts for SD3 and FLUX take them, and in the FLUX single blocks what
+# the community file holds as linear1 / linear2 (attention and MLP in, attention and MLP out): so both sides
+# train the same weights.
+DIT_PEFT_TARGETS = (r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+                    r"|single_transformer_blocks\.\d+\.(proj_mlp|proj_out|attn\.to_qkv_mlp_proj|attn\.to_out)")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
