@@ -103,10 +103,7 @@ def bench_ours(arch_id, latents, cond, meta, steps, warmup, checkpointing, dtype
                compile_mode=None):
     import architectures
     from architectures.base import Components
-    from core.adapters import build_network
-    from core.optim import build_optimizer
     from core.settings import Settings
-    from core.trainer import diffusion_loss
     from diffusers import DDPMScheduler
 
     device = latents.device
@@ -117,13 +114,25 @@ def bench_ours(arch_id, latents, cond, meta, steps, warmup, checkpointing, dtype
     if checkpointing:
         comps.denoiser.enable_gradient_checkpointing()
     comps.denoiser.train()
+    return time_our_step(arch, comps, latents, cond, meta, Settings(), steps, warmup, dtype, compile_how,
+                         compile_mode)
+
+
+def time_our_step(arch, comps, latents, cond, meta, settings, steps, warmup, dtype, compile_how="off",
+                  compile_mode=None):
+    """Our LoRA r16 on the family's attention layers, AdamW, the trainer's diffusion_loss: (it/s, CPU s per
+    step, trained parameters)."""
+    from core.adapters import build_network
+    from core.optim import build_optimizer
+    from core.trainer import diffusion_loss
+
+    device = latents.device
     net = build_network(arch.adapter_targets(comps, "attn", False), "lora", 16, 16.0).to(device)
     net.apply_to()
     if compile_how != "off":
         from core.speed import compile_model
         compile_model(comps.denoiser, BLOCKS or arch.compile_blocks, compile_how, compile_mode)
     opt = build_optimizer("AdamW", net.param_groups(1e-4, 0), 1e-4, 0.01, device)
-    settings = Settings()
 
     def step():
         loss = diffusion_loss(arch, comps, latents, cond, meta, settings, dtype, lambda: autocast_for(device, dtype))
@@ -201,22 +210,8 @@ def dit_case(arch_id: str, resolution: int, batch: int, device, dtype, checkpoin
 def bench_ours_dit(arch_id, resolution, batch, device, steps, warmup, checkpointing, dtype=torch.bfloat16):
     """Our step on a DiT: our adapters on the family's attention layers (fused where the original file fuses
     them), the trainer's diffusion_loss."""
-    from core.adapters import build_network
-    from core.optim import build_optimizer
-    from core.trainer import diffusion_loss
-
     arch, settings, comps, latents, cond, meta = dit_case(arch_id, resolution, batch, device, dtype, checkpointing)
-    net = build_network(arch.adapter_targets(comps, "attn", False), "lora", 16, 16.0).to(device)
-    net.apply_to()
-    opt = build_optimizer("AdamW", net.param_groups(1e-4, 0), 1e-4, 0.01, device)
-
-    def step():
-        loss = diffusion_loss(arch, comps, latents, cond, meta, settings, dtype, lambda: autocast_for(device, dtype))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return *timed(step, steps, warmup, device), sum(p.numel() for p in net.parameters())
+    return time_our_step(arch, comps, latents, cond, meta, settings, steps, warmup, dtype)
 
 
 def bench_peft_dit(arch_id, resolution, batch, device, steps, warmup, checkpointing, dtype=torch.bfloat16):

@@ -25,8 +25,8 @@ LoRA's per-sample rank dropout) cannot be split that way and is refused (:func:`
 Adafactor's fused backward pass (it steps before the gradients could be summed).
 
 Saving, caching, stopping.  Rank 0 alone writes (adapters, states, previews, logs, TensorBoard); the others wait
-until it has written each save, so no worker runs ahead.  Every worker measures the validation loss (it draws
-nothing from the training's streams, and they would only wait otherwise); rank 0 alone renders the previews, with
+until it has written each save, so no worker runs ahead.  The workers share the validation images and add up
+their sums (it draws nothing from the training's streams); rank 0 alone renders the previews, with
 its random streams forked, so that whatever sampling draws leaves them equal to the others'.  Latents and
 text-encoder outputs are computed once, by rank 0, while the others wait; then rank 0 broadcasts what it holds in
 memory (``broadcast_object_list``), and with the disk cache the others read its files.  That is the simplest way
@@ -130,6 +130,14 @@ class Solo:
     def sum_gradients(self, params: list[torch.nn.Parameter], losses) -> None:
         pass
 
+    def share_of(self, items: list) -> list:
+        """This worker's part of work that is split by item (the validation images)."""
+        return items
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over the workers."""
+        return value
+
     def share_latents(self, cache, fill) -> None:
         fill()
 
@@ -150,6 +158,24 @@ class Solo:
 
 
 SOLO = Solo()
+
+#: the largest flat buffer the gradients are summed through (DDP's default bucket size)
+BUCKET_BYTES = 25 * 2 ** 20
+
+
+def gradient_buckets(tensors: list[torch.Tensor], cap_bytes: int) -> list[list[torch.Tensor]]:
+    """``tensors`` in order, cut into runs of one dtype and at most ``cap_bytes`` each (a tensor larger than the
+    cap is a run of its own, summed in place)."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if not buckets or buckets[-1][-1].dtype != t.dtype or size + nbytes > cap_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += nbytes
+    return buckets
 
 
 class Peers(Solo):
@@ -187,21 +213,29 @@ class Peers(Solo):
 
     # -- the step --------------------------------------------------------------------------------------
     def sum_gradients(self, params: list[torch.nn.Parameter], losses) -> None:
-        """Every gradient and the step's loss summed over the workers: one flat buffer per dtype (one in practice),
-        one all-reduce each.  The parameters with a gradient are the same on every worker (the same layers ran)."""
+        """Every gradient and the step's loss summed over the workers, one all-reduce per bucket of at most
+        :data:`BUCKET_BYTES` (:func:`gradient_buckets`), so the extra memory is one bucket, not a second copy of
+        every gradient (a full fine-tune's are gigabytes).  The parameters with a gradient are the same on every
+        worker (the same layers ran)."""
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in params:
-            if p.grad is not None:
-                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
         step_loss = losses.current.detach().reshape(1).float().clone()
-        by_dtype.setdefault(torch.float32, []).append(step_loss)
-        for tensors in by_dtype.values():
-            flat = _flatten_dense_tensors(tensors)
+        tensors = [p.grad for p in params if p.grad is not None] + [step_loss]
+        for bucket in gradient_buckets(tensors, BUCKET_BYTES):
+            if len(bucket) == 1:
+                torch.distributed.all_reduce(bucket[0])
+                continue
+            flat = _flatten_dense_tensors(bucket)
             torch.distributed.all_reduce(flat)
-            for tensor, summed in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+            for tensor, summed in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                 tensor.copy_(summed)
         losses.use_step_total(step_loss[0])
+
+    def share_of(self, items: list) -> list:
+        return items[self.rank::self.world]
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(value)
+        return value
 
     # -- caching ---------------------------------------------------------------------------------------
     def wait_for_rank0(self, what: str) -> None:

@@ -855,7 +855,8 @@ class _Run:
     def _validate(self, epoch: int) -> None:
         """The validation loss: every held-out image at fixed noise levels with fixed noise (drawn from
         dataset.validation_seed on the CPU, never from the training's random streams), unflipped, its caption as
-        written, the adapters' dropout off; one device read for the whole measurement."""
+        written, the adapters' dropout off; one device read for the whole measurement.  Several workers each
+        measure their share of the images and add up their sums."""
         s, c = self.s, self.components
         lo, hi = timestep_range(s.schedule.min_timestep, s.schedule.max_timestep)
         k = self.VALIDATION_LEVELS
@@ -866,7 +867,7 @@ class _Run:
         self.network.eval()
         try:
             with torch.no_grad():
-                for n, item in enumerate(self.val_items):
+                for n, item in self.peers.share_of(list(enumerate(self.val_items))):
                     if use_cache:
                         latents = self.latent_cache.get(item, False)[None].to(self.device)
                     else:
@@ -887,7 +888,7 @@ class _Run:
         finally:
             c.denoiser.train()
             self.network.train()
-        loss = float(total.item()) / (len(self.val_items) * k)   # the one device read of the measurement
+        loss = float(self.peers.total(total).item()) / (len(self.val_items) * k)   # its one device read
         self.validated_at = self.global_step
         self.validation_history.append((self.global_step, loss))
         self.result.validation = list(self.validation_history)

@@ -87,7 +87,8 @@ def test_two_processes_train_the_adapter_of_one_with_the_doubled_batch(tiny, two
 
 def test_flux_two_processes_equal_one_with_the_doubled_batch(tmp_path):
     paths = build_tiny_dit("flux1_dev", tmp_path / "flux1_dev", "diffusers")
-    build_tiny_dataset(tmp_path / "data", n=4)
+    # 6 images, 2 held out for the validation loss (one per worker), 4 trained on
+    build_tiny_dataset(tmp_path / "data", n=6)
 
     def run(out, processes, batch, **overrides):
         # the disk caches: rank 0 of the first run writes them and worker 1 reads them; the second run reads them
@@ -95,7 +96,8 @@ def test_flux_two_processes_equal_one_with_the_doubled_batch(tmp_path):
             "flux1_dev", {**settings_paths(paths), "model.t5_max_length": 24}, tmp_path / "data", tmp_path / out,
             schedule__timestep_sampling="flux_shift", model__guidance=3.5, schedule__max_train_steps=3,
             schedule__train_batch_size=batch, distributed__num_processes=processes, saving__save_precision="float",
-            dataset__cache_latents="disk", **overrides)
+            dataset__cache_latents="disk", dataset__validation_split=0.34, schedule__validate_every_n_steps=3,
+            **overrides)
         t0 = time.time()
         result = core.train(s, config=config)
         return result, load_file(str(result.final)), time.time() - t0
@@ -104,8 +106,11 @@ def test_flux_two_processes_equal_one_with_the_doubled_batch(tmp_path):
     result, two, wall_two = run("two", 2, 1, sampling__sample_every_n_steps=2, sampling__prompts="a blue circle")
     assert [p.name for p in result.samples] == ["tiny_flux1_dev-step000002-0.png"]
     assert [p.name for p in (result.final.parent / "samples").iterdir()] == ["tiny_flux1_dev-step000002-0.png"]
-    _, one, wall_one = run("one", 1, 2)
+    single, one, wall_one = run("one", 1, 2)
     assert_trained(one)
+    # each worker measured one held-out image; their sums add up to the one process's measurement of both
+    assert [st for st, _ in result.validation] == [st for st, _ in single.validation] == [3]
+    assert abs(result.validation[0][1] - single.validation[0][1]) <= 1e-5 * abs(single.validation[0][1])
     diff = max_diff(one, two)
     print(f"FLUX.1 dev 2 processes x batch 1 vs 1 process x batch 2, 3 steps: max |diff| {diff:.2e}; "
           f"wall {wall_two:.1f} s vs {wall_one:.1f} s")
@@ -193,3 +198,53 @@ def test_a_share_of_flux3_conditioning_keeps_the_whole_batch_text_window():
     flux1 = architectures.get("flux1_dev")
     cond = {"prompt_embeds": embeds, "pooled": torch.randn(3, 5), "t5_mask": torch.ones(3, 8)}
     assert {k: v.shape[0] for k, v in flux1.conditioning_rows(None, cond, 1, 3).items()} == dict.fromkeys(cond, 2)
+
+
+def test_gradient_buckets_keep_order_dtype_and_cap():
+    from core.distributed import gradient_buckets
+    t = [torch.zeros(10), torch.zeros(10), torch.zeros(30), torch.zeros(4, dtype=torch.float64), torch.zeros(5)]
+    buckets = gradient_buckets(t, cap_bytes=100)   # 40 + 40 bytes fit; 120 bytes alone; a dtype change cuts
+    assert [[x.numel() for x in b] for b in buckets] == [[10, 10], [30], [4], [5]]
+    assert [x for b in buckets for x in b] == t
+
+
+def _sum_in_buckets(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    import core.distributed as cd
+    from core.trainer import StepLosses
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    g = torch.Generator().manual_seed(rank)
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (7, 300, 5, 2000)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    losses = StepLosses(torch.device("cpu"), 1)
+    losses.add(torch.tensor(float(rank + 1)))
+    cd.BUCKET_BYTES = 1300   # several buckets, one of them a single tensor larger than the cap
+    cd.Peers(rank, 2, store, torch.device("cpu")).sum_gradients(params, losses)
+    torch.save({"grads": [p.grad for p in params], "loss": float(losses.current)}, out)
+    dist.destroy_process_group()
+
+
+def test_two_processes_sum_every_gradient_through_bounded_buckets(tmp_path):
+    """Peers.sum_gradients on two real gloo processes with a cap far below the gradients' size: every gradient
+    (and the step's loss) is the sum of both workers', whatever bucket it travelled in."""
+    import torch.distributed as dist
+    ctx = multiprocessing.get_context("spawn")
+    store = dist.TCPStore("127.0.0.1", 0, 3, is_master=True, wait_for_workers=False)
+    outs = [str(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    workers = [ctx.Process(target=_sum_in_buckets, args=(r, store.port, outs[r])) for r in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+        assert w.exitcode == 0
+    sizes = (7, 300, 5, 2000)
+    draws = {r: [torch.randn(n, generator=g) for g in [torch.Generator().manual_seed(r)] for n in sizes]
+             for r in (0, 1)}
+    for out in outs:
+        got = torch.load(out)
+        for i in range(len(sizes)):
+            torch.testing.assert_close(got["grads"][i], draws[0][i] + draws[1][i], rtol=0, atol=1e-6)
+        assert got["loss"] == 3.0
