@@ -23,7 +23,8 @@ def test_a_multi_line_error_is_a_list_and_a_user_error_has_no_traceback(tmp_path
     snap = _fail(tmp_path, SettingsError("Cannot start:\n  dataset.path: choose a folder\n  network.rank: too big"))
     text = status_text(snap)
     assert text.splitlines()[0].endswith("Failed: Cannot start:")
-    assert "- dataset.path: choose a folder\n- network.rank: too big" in text
+    assert ("- `dataset.path` (**Dataset → Image folder**): choose a folder\n"
+            "- `network.rank` (**Network → Rank (dim)**): too big") in text
     snap = _fail(tmp_path, DatasetError("2 image(s) have no caption file (.txt)"))
     assert snap.error == "2 image(s) have no caption file (.txt)"
     assert not any("Traceback" in line for line in snap.log)
