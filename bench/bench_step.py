@@ -283,13 +283,14 @@ def main() -> None:
         precisions = args.precision or ["bf16"]
         print(f"# {torch.cuda.get_device_name()} · torch {torch.__version__} · 'ckpt': gradient checkpointing on "
               f"both sides")
+    table_rows = []  # one Markdown row per (family, precision): both sides' img/s and peak memory, the ratio
     for arch_id in args.archs:
         case = CASES[arch_id]
         resolution, batch = args.resolution or case["resolution"], args.batch or case["batch"]
         checkpointing = args.checkpointing or case.get("checkpointing", False)
         for precision in precisions:
             dtype = DTYPES[precision]
-            rates, cpu_times = {}, {}
+            rates, cpu_times, memories = {}, {}, {}
             ours_label = "ours" if args.compile == "off" else f"ours {args.compile} {args.mode or 'default'}"
             if arch_id in UNETS:
                 latents, cond, meta = make_inputs(arch_id, batch, resolution, device, dtype)
@@ -318,6 +319,7 @@ def main() -> None:
                     import resource  # the process's peak so far: the second side's includes the first's
                     speed = f"{1 / rate:6.2f} s/it ({cpu_s:6.2f} CPU s/it)"
                     memory = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:5.1f} GB"
+                memories[side] = memory
                 print(f"{arch_id:5s} {resolution}px b{batch} {precision}{' ckpt' if checkpointing else ''}  "
                       f"{side:15s} {speed} "
                       f"{rate * batch:6.2f} img/s  {memory}  lora params {n_params / 1e6:.2f} M  "
@@ -327,6 +329,13 @@ def main() -> None:
                              if device.type == "cpu" else "")
                 print(f"{arch_id:5s} {precision} speed ratio {ours_label} / diffusers+peft: "
                       f"{rates[ours_label] / rates['diffusers+peft']:.2f}x{cpu_ratio}", flush=True)
+            cells = [f"{rates[side] * batch:.2f} img/s, {memories[side].strip()}" if side in rates else "-"
+                     for side in ("diffusers+peft", ours_label)]
+            ratio = f"{rates[ours_label] / rates['diffusers+peft']:.2f}x" if "diffusers+peft" in rates else "-"
+            table_rows.append(f"| {arch_id} | {resolution} px b{batch}{' ckpt' if checkpointing else ''} | "
+                              f"{precision} | {cells[0]} | {cells[1]} | {ratio} |")
+    print(f"\n| family | case | precision | diffusers + peft | {ours_label} | ratio |\n|---|---|---|---|---|---|")
+    print("\n".join(table_rows), flush=True)
 
 
 if __name__ == "__main__":

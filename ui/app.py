@@ -492,13 +492,16 @@ def launch(config: AppConfig, *, prevent_thread_lock: bool = False, quiet: bool 
     """Build and serve the app as config.json says (port 0: any free port). Returns the running Blocks."""
     demo = build_app(config)
     demo.studio_queue.start()
-    # the first plan imports diffusers and traces the model on the meta device (seconds): do it before the
-    # first page asks for it
-    warmup.run_in_background(lambda: _warm_plan(config))
     port = config.port or _free_port(config.host)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=config.host, server_port=port, share=config.share,
-                auth=list(config.auth) if config.auth else None, prevent_thread_lock=prevent_thread_lock,
+                auth=list(config.auth) if config.auth else None, prevent_thread_lock=True,
                 allowed_paths=[], show_error=True, quiet=quiet,
                 theme=gr.themes.Soft(primary_hue="indigo"), css=CSS)
+    # the first plan imports diffusers and traces the model on the meta device (seconds of CPU): started once
+    # the server answers, because Gradio's launch checks that it can reach its own URL within 3 s and refuses
+    # to start when not, which a 2-core machine busy with this warm-up could miss
+    warmup.run_in_background(lambda: _warm_plan(config))
+    if not prevent_thread_lock:
+        demo.block_thread()
     return demo
