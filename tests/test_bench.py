@@ -36,7 +36,7 @@ def test_gpu_check_runs_every_part_on_the_cpu(tmp_path):
         assert re.search(rf"^\| {name} \| ok \| \d+ s \|$", out, re.M), (name, out[-3000:])
         assert (tmp_path / "logs" / f"{name}.log").is_file()
     assert re.search(r"^flux1_dev fp32 speed ratio ours / diffusers\+peft: \d+\.\d+x", out, re.M), out
-    assert re.search(r"^\| flux1_dev \| 64 px b1 \| fp32 \| \d+\.\d+ img/s, peak RSS +\d+\.\d+ GB \| "
+    assert re.search(r"^\| flux1_dev \| 64 px b1 ckpt \| fp32 \| \d+\.\d+ img/s, peak RSS +\d+\.\d+ GB \| "
                      r"\d+\.\d+ img/s, peak RSS +\d+\.\d+ GB \| \d+\.\d+x \|$", out, re.M), out
     assert out.count("max |out diff| 0, max rel grad diff 0;") == 2, out
     assert "full fine-tune: max rel weight diff 0 after 3 steps" in out, out
