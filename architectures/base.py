@@ -64,6 +64,8 @@ class Components:
     network: Any = None
     #: what ``configure_objective`` took from the settings for the training step (keys defined by the family)
     objective: dict = field(default_factory=dict)
+    #: a ControlNet whose residuals ``predict`` adds to the denoiser's (network.algorithm "controlnet")
+    controlnet: Any = None
 
 
 @dataclass
@@ -190,6 +192,13 @@ class Architecture:
                         f"writes embeddings of {able}); choose an adapter algorithm such as LoRA"]
             from core.embeddings import known_token_problems
             return known_token_problems(n, self.token_known)
+        if n.algorithm == "controlnet":
+            if not self.supports_controlnet:
+                from architectures import registry
+                able = ", ".join(c.short_label or c.label for c in registry().values() if c.supports_controlnet)
+                return [f"network.algorithm: ControlNet training is not available for {self.label} (this trainer "
+                        f"trains ControlNets of {able}); choose an adapter algorithm such as LoRA"]
+            return []
         if n.algorithm == "full_finetune":
             if not self.supports_full_checkpoint:
                 from architectures import registry
@@ -272,6 +281,20 @@ class Architecture:
                               state_dicts: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
         """Write the whole model as a diffusers folder (same ``state_dicts`` meaning as above)."""
         raise NotImplementedError(f"{self.label}: saving a diffusers folder is not supported")
+
+    # -- ControlNet --------------------------------------------------------------------------------------
+    #: the family implements ``build_controlnet`` / ``export_controlnet`` and feeds ``Components.controlnet``
+    supports_controlnet: bool = False
+
+    def build_controlnet(self, components: Components, init_path: Path | None) -> nn.Module:
+        """A trainable ControlNet for the loaded denoiser: from ``init_path`` (a ControlNet file or diffusers
+        folder), else initialised from the denoiser's encoder.  Fp32, on the CPU."""
+        raise NotImplementedError(f"{self.label} has no ControlNet training; pick SD 1.5 or SDXL "
+                                  "(Model → Architecture) or another Network → Algorithm")
+
+    def export_controlnet(self, controlnet: nn.Module) -> dict[str, torch.Tensor]:
+        """The ControlNet's state dict in the original single-file layout that ComfyUI and Forge load."""
+        raise NotImplementedError(f"{self.label} has no ControlNet training")
 
     # -- textual inversion -------------------------------------------------------------------------------
     #: the embedding file's key for each text encoder's vectors, in the order of ``Components.text_encoders``

@@ -37,7 +37,9 @@ class SD15(SDUNetFamily):
         return {"encoder_hidden_states": hidden}
 
     def predict(self, components, noisy, timesteps, cond, batch) -> torch.Tensor:
-        return components.denoiser(noisy, timesteps, cond["encoder_hidden_states"]).sample
+        hidden = cond["encoder_hidden_states"]
+        control = self.control_residuals(components, noisy, timesteps, hidden, None, batch)
+        return components.denoiser(noisy, timesteps, hidden, **control).sample
 
     def probe_inputs(self, denoiser, resolution, batch_size, dtype, device="meta"):
         cfg, side = denoiser.config, resolution // self.vae_scale_factor
@@ -47,8 +49,10 @@ class SD15(SDUNetFamily):
         return noisy, torch.full((batch_size,), 500, device=device, dtype=torch.long), cond, {}
 
     def build_pipeline(self, components):
-        from diffusers import StableDiffusionPipeline
-        return StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoders[0],
-                                       tokenizer=components.tokenizers[0], unet=components.denoiser,
-                                       scheduler=components.noise_scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+        parts = dict(vae=components.vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
+                     unet=components.denoiser, scheduler=components.noise_scheduler, safety_checker=None,
+                     feature_extractor=None, requires_safety_checker=False)
+        if components.controlnet is not None:
+            return StableDiffusionControlNetPipeline(**parts, controlnet=components.controlnet)
+        return StableDiffusionPipeline(**parts)

@@ -203,6 +203,45 @@ class SDUNetFamily(Architecture):
             raise
         return folder
 
+    supports_controlnet = True
+
+    def build_controlnet(self, components: Components, init_path: Path | None) -> nn.Module:
+        """diffusers' ``ControlNetModel`` shaped like the loaded UNet (SDXL's carries the UNet's
+        ``addition_embed_type``, so it takes the same ``added_cond_kwargs``).  Without ``init_path`` it starts
+        as a copy of the UNet's encoder with zeroed output convs (``ControlNetModel.from_unet``); a file is read
+        in either key layout, the original one through :mod:`architectures.controlnet_keys`."""
+        from diffusers import ControlNetModel
+
+        if init_path is not None and Path(init_path).is_dir():
+            return ControlNetModel.from_pretrained(init_path, local_files_only=True, torch_dtype=torch.float32)
+        # nn.Module.to: diffusers' override warns about fp32 modules even when its list of them is empty
+        controlnet = nn.Module.to(ControlNetModel.from_unet(components.denoiser), torch.float32)
+        if init_path is not None:
+            from safetensors.torch import load_file
+
+            from architectures.controlnet_keys import controlnet_state_dict_from_original
+            state = load_file(str(init_path))
+            if "controlnet_cond_embedding.conv_in.weight" not in state:
+                state = controlnet_state_dict_from_original(state, controlnet.config)
+            controlnet.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+        return controlnet
+
+    def export_controlnet(self, controlnet: nn.Module) -> dict[str, torch.Tensor]:
+        from architectures.controlnet_keys import controlnet_state_dict_to_original
+        return controlnet_state_dict_to_original(controlnet.state_dict(), controlnet.config)
+
+    @staticmethod
+    def control_residuals(components: Components, noisy: torch.Tensor, timesteps: torch.Tensor,
+                          hidden: torch.Tensor, added: dict | None, batch: dict) -> dict:
+        """The UNet's extra arguments: the ControlNet's residuals for the batch's conditioning images (none
+        without a ControlNet).  The ControlNet sees what the UNet sees, as diffusers' pipelines feed it."""
+        if components.controlnet is None:
+            return {}
+        image = batch["conditioning"].to(noisy.device, noisy.dtype, non_blocking=True)
+        down, mid = components.controlnet(noisy, timesteps, hidden, controlnet_cond=image, added_cond_kwargs=added,
+                                          return_dict=False)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
     def configure_objective(self, components: Components, settings) -> None:
         """The training schedule the user chose; 'auto' keeps what the model's scheduler config says."""
         from diffusers import DDPMScheduler
@@ -278,11 +317,13 @@ class SDUNetFamily(Architecture):
     def build_pipeline(self, components: Components):
         raise NotImplementedError
 
-    def sample(self, components, prompts, settings, size, device, dtype) -> list:
+    def sample(self, components, prompts, settings, size, device, dtype, conditioning=None) -> list:
+        """``conditioning``: the ControlNet's image (PIL) for every prompt, when ``components.controlnet`` is set."""
         from diffusers import EulerDiscreteScheduler
         pipe = self.build_pipeline(components)
         pipe.scheduler = EulerDiscreteScheduler.from_config(components.noise_scheduler.config)
         negative = settings.sampling.negative_prompt or None
         clip_skip = settings.model.clip_skip - 1 or None  # diffusers counts the layers skipped
+        control = {} if components.controlnet is None else {"image": conditioning}
         return self.render_each(pipe, prompts, settings, size, device, dtype, lambda prompt: dict(
-            prompt=prompt, negative_prompt=negative, clip_skip=clip_skip))
+            prompt=prompt, negative_prompt=negative, clip_skip=clip_skip, **control))

@@ -45,7 +45,9 @@ class SDXL(SDUNetFamily):
     def predict(self, components, noisy, timesteps, cond, batch) -> torch.Tensor:
         time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_coords"], batch["target_sizes"], noisy.device)
         added = {"text_embeds": cond["pooled"], "time_ids": time_ids.to(cond["pooled"].dtype)}
-        return components.denoiser(noisy, timesteps, cond["encoder_hidden_states"], added_cond_kwargs=added).sample
+        hidden = cond["encoder_hidden_states"]
+        control = self.control_residuals(components, noisy, timesteps, hidden, added, batch)
+        return components.denoiser(noisy, timesteps, hidden, added_cond_kwargs=added, **control).sample
 
     def probe_inputs(self, denoiser, resolution, batch_size, dtype, device="meta"):
         cfg, side = denoiser.config, resolution // self.vae_scale_factor
@@ -59,9 +61,11 @@ class SDXL(SDUNetFamily):
         return noisy, torch.full((batch_size,), 500, device=device, dtype=torch.long), cond, batch
 
     def build_pipeline(self, components):
-        from diffusers import StableDiffusionXLPipeline
+        from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
         te1, te2 = components.text_encoders
         tok1, tok2 = components.tokenizers
-        return StableDiffusionXLPipeline(vae=components.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
-                                         tokenizer_2=tok2, unet=components.denoiser,
-                                         scheduler=components.noise_scheduler)
+        parts = dict(vae=components.vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
+                     unet=components.denoiser, scheduler=components.noise_scheduler)
+        if components.controlnet is not None:
+            return StableDiffusionXLControlNetPipeline(**parts, controlnet=components.controlnet)
+        return StableDiffusionXLPipeline(**parts)

@@ -788,18 +788,20 @@ class TrainingDataset:
     [-1, 1] when the cache mode is "off" (or no cache is given); ``captions`` (processed); ``original_sizes``
     [(h, w)]; ``crop_coords`` [(top, left)]; ``target_sizes`` [(h, w) of the bucket]; ``flips`` [bool];
     ``paths`` [Path]; ``loss_weights`` [float]: 1.0 for training images, ``ds.prior_loss_weight`` for
-    regularization images; ``masks`` (B, 1, h/8, w/8) with a :class:`MaskCache` (masked loss).  Flip and caption augmentation follow each item's own options (its subset's;
+    regularization images; ``masks`` (B, 1, h/8, w/8) with a :class:`MaskCache` (masked loss); ``conditioning``
+    (B, 3, H, W) in [0, 1] with ``conditioning`` images (a ControlNet's: ``core.controlnet.ConditioningImages``).  Flip and caption augmentation follow each item's own options (its subset's;
     :func:`item_augment`) and are drawn from an RNG seeded by (seed, epoch, batch_index), so a resumed run gets
     the same batches.
     """
 
     def __init__(self, items: Sequence[ImageItem], ds, cache: LatentCache | None, seed: int,
-                 masks: MaskCache | None = None):
+                 masks: MaskCache | None = None, conditioning=None):
         self.items = list(items)
         self.ds = ds
         self.cache = cache
         self.seed = seed
         self.masks = masks
+        self.conditioning = conditioning
 
     def __len__(self) -> int:
         return len(self.items)
@@ -840,4 +842,6 @@ class TrainingDataset:
         out["latents" if use_cache else "pixels"] = torch.stack(tensors)
         if self.masks is not None:
             out["masks"] = torch.stack([self.masks.get(it, f) for it, f in zip(items, out["flips"])])
+        if self.conditioning is not None:
+            out["conditioning"] = torch.stack([self.conditioning.get(it, f) for it, f in zip(items, out["flips"])])
         return out

@@ -514,10 +514,11 @@ def _network_settings(network_json: str):
 
 
 def _build_adapter(arch, model: nn.Module, network):
-    """The run's adapter network on the meta denoiser (None for full fine-tuning and textual inversion)."""
+    """The run's adapter network on the meta denoiser (None for full fine-tuning, textual inversion and a
+    ControlNet)."""
     from architectures.base import Components
     from core.adapters import AdapterOptions, build_network
-    if network.algorithm in ("full_finetune", "textual_inversion"):
+    if network.algorithm in ("full_finetune", "textual_inversion", "controlnet"):
         return None
     components = Components(denoiser=model, vae=None, text_encoders=[], tokenizers=[], noise_scheduler=None,
                             network=network)
@@ -538,6 +539,8 @@ def _adapter_params(arch_id: str, config_key: str, network_json: str) -> int:
         model = _meta_denoiser(arch_id, config_key)
         if network.algorithm == "full_finetune":
             return sum(p.numel() for p in model.parameters())
+        if network.algorithm == "controlnet":
+            return sum(p.numel() for p in _meta_controlnet(arch, model).parameters())
         if network.algorithm == "textual_inversion":  # the new rows of every text encoder's embedding
             return network.ti_num_vectors * sum(
                 _meta_module(Path(config_key) / sub).get_input_embeddings().embedding_dim
@@ -546,9 +549,17 @@ def _adapter_params(arch_id: str, config_key: str, network_json: str) -> int:
         return sum(p.numel() for p in net.parameters())
 
 
+def _meta_controlnet(arch, model: nn.Module) -> nn.Module:
+    """The family's ControlNet for the meta denoiser, on the meta device (shapes only)."""
+    from architectures.base import Components
+    with torch.device("meta"):
+        return arch.build_controlnet(Components(denoiser=model, vae=None, text_encoders=[], tokenizers=[],
+                                                noise_scheduler=None), None)
+
+
 def adapter_param_count(arch, network, config_dir: Path | None = None) -> int:
     """Trainable parameters of the run's adapter (full fine-tuning: the denoiser's; textual inversion: the new
-    embedding rows)."""
+    embedding rows; a ControlNet's own)."""
     return _adapter_params(arch.id, _config_key(arch, config_dir), network.model_dump_json())
 
 
@@ -577,11 +588,16 @@ def _trace_run(arch, model, network, resolution, batch_size, precision) -> Activ
     noisy, timesteps, cond, batch = arch.probe_inputs(model, resolution, batch_size, weight_dtype)
     if network.algorithm == "textual_inversion":  # the gradient reaches the embedding through the conditioning
         cond = {k: v.requires_grad_() if v.is_floating_point() else v for k, v in cond.items()}
+    trained = list(net.parameters()) if net is not None else []
+    if network.algorithm == "controlnet":  # its activations count too; its fp32 weights are what trains
+        components.controlnet = _meta_controlnet(arch, model)
+        trained = list(components.controlnet.parameters())
+        batch = {**batch, "conditioning": torch.zeros(batch_size, 3, resolution, resolution, device="meta")}
     autocast = weight_dtype if weight_dtype != torch.float32 else None
     model.train()
     try:
         return trace_saved_bytes(model, lambda: arch.predict(components, noisy, timesteps, cond, batch),
-                                 autocast_dtype=autocast, exclude=list(net.parameters()) if net is not None else ())
+                                 autocast_dtype=autocast, exclude=trained)
     finally:
         if net is not None:
             net.restore()

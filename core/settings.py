@@ -156,6 +156,12 @@ class DatasetSettings(Section):
                              "subfolders, any image extension). Empty: the images' alpha channel. Relative paths "
                              "are inside the datasets folder.", widget="dataset", advanced=True,
                              show_if={"dataset.masked_loss": [True]})
+    conditioning_path: str = setting("", "Conditioning images", "ControlNet: one conditioning image (edges, depth, "
+                                     "pose …) per training image, with the same name and size (same subfolders, "
+                                     "any image extension); it is cropped and flipped with its image. Previews use "
+                                     "the held-out validation images' conditioning images, else the first training "
+                                     "ones. Relative paths are inside the datasets folder.", widget="dataset",
+                                     show_if={"network.algorithm": ["controlnet"]})
     validation_split: float = setting(0.0, "Validation share", "Share of the training images held out to "
                                       "measure a validation loss (sd-scripts' validation_split); 0 disables. The "
                                       "held-out images are not trained on.", ge=0.0, le=0.5, step=0.01)
@@ -265,15 +271,17 @@ class ModelSettings(Section):
 # the adapter algorithms, named once (core/adapters implements them)
 AdapterAlgorithm = Literal["lora", "locon", "loha", "lokr", "ia3", "diag-oft", "boft", "glora", "full"]
 ADAPTER_ALGORITHMS: tuple[str, ...] = get_args(AdapterAlgorithm)
-# network.algorithm's choices: the adapters, full fine-tuning of the model itself and textual inversion (no adapter)
-ALGORITHMS = ADAPTER_ALGORITHMS + ("full_finetune", "textual_inversion")
+# network.algorithm's choices: the adapters, full fine-tuning of the model itself, textual inversion and a
+# ControlNet (no adapter)
+ALGORITHMS = ADAPTER_ALGORITHMS + ("full_finetune", "textual_inversion", "controlnet")
 ALGORITHM_LABELS = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr", "ia3": "(IA)³",
                     "diag-oft": "Diag-OFT", "boft": "BOFT", "glora": "GLoRA", "full": "Full-rank adapter",
                     "full_finetune": "Full fine-tune (no adapter)",
-                    "textual_inversion": "Textual inversion (embedding)"}
+                    "textual_inversion": "Textual inversion (embedding)", "controlnet": "ControlNet"}
 _ADAPTERS = list(ADAPTER_ALGORITHMS)
 _TRAINS_WEIGHTS = _ADAPTERS + ["full_finetune"]  # every algorithm but textual inversion, which trains a new word only
 _TI = ["textual_inversion"]
+_CONTROLNET = ["controlnet"]
 RANKED_ALGORITHMS = ("lora", "locon", "loha", "lokr", "glora")  # strength set by rank / alpha
 DORA_ALGORITHMS = ("lora", "locon", "loha", "lokr")
 _RANKED = list(RANKED_ALGORITHMS)
@@ -283,7 +291,7 @@ ADAPTER_TARGETS = ("attn", "attn_mlp", "full", "full-lin")
 
 
 class NetworkSettings(Section):
-    algorithm: Literal[AdapterAlgorithm, "full_finetune", "textual_inversion"] = setting(
+    algorithm: Literal[AdapterAlgorithm, "full_finetune", "textual_inversion", "controlnet"] = setting(
         "lora", "Algorithm",
         "LoRA: kohya LoRA on linear layers, loaded by every tool. LoCon: LoRA on 3x3 convolutions too. "
         "LoHa / LoKr: Hadamard / Kronecker products (more capacity per parameter). (IA)³: per-channel scales "
@@ -292,7 +300,9 @@ class NetworkSettings(Section):
         "are saved as LyCORIS files (kohya key names); ComfyUI loads all of them except (IA)³. Full fine-tune: "
         "no adapter; the UNet itself (and the text encoders if chosen) trains in fp32 and a whole checkpoint "
         "is saved (SD1.5 / SDXL only; needs far more memory). Textual inversion: no adapter; a new word's "
-        "embedding trains and is saved as an embedding file for A1111, ComfyUI and diffusers (SD1.5 / SDXL only).",
+        "embedding trains and is saved as an embedding file for A1111, ComfyUI and diffusers (SD1.5 / SDXL only). "
+        "ControlNet: a ControlNet learns to steer the frozen model from conditioning images (Dataset tab); saved "
+        "as one file for ComfyUI / Forge and, if chosen, a diffusers folder (SD1.5 / SDXL only).",
         choices=ALGORITHMS, choice_labels=ALGORITHM_LABELS)
     ti_token: str = setting("", "Token", "The new word that stands for what the images show: a made-up word the "
                             "tokenizer does not know (e.g. 'sks' or 'ohwx'). Captions that contain it train its "
@@ -305,6 +315,11 @@ class NetworkSettings(Section):
     ti_init_word: str = setting("", "Initialisation word", "A word close to what the images show (e.g. 'dog' or "
                                 "'painting'): its embedding, averaged over its tokens, starts every vector.",
                                 show_if={"network.algorithm": _TI})
+    controlnet_init: str = setting("", "Start from ControlNet", "An existing ControlNet to go on training (a "
+                                   "single .safetensors in either key layout, or a diffusers folder) for this "
+                                   "model. Empty: a new one copied from the model's UNet encoder, whose outputs "
+                                   "start at zero. Relative paths are inside the models folder.", widget="model",
+                                   show_if={"network.algorithm": _CONTROLNET})
     rank: int = setting(16, "Rank (dim)", "LoKr: rank of the low-rank Kronecker factor (large ranks make it a "
                         "full matrix). Diag-OFT / BOFT: the block size.", ge=1, le=1024,
                         show_if={"network.algorithm": _RANKED + ["diag-oft", "boft"]})
@@ -551,9 +566,9 @@ class SavingSettings(Section):
     save_precision: Literal["fp16", "bf16", "float"] = setting("fp16", "Save precision",
                                                                choices=("fp16", "bf16", "float"),
                                                                choice_labels={"float": "fp32 (float)"})
-    save_diffusers_folder: bool = setting(False, "Also save a diffusers folder", "Full fine-tune: write the "
-                                          "model as a diffusers folder beside the single-file checkpoint.",
-                                          show_if={"network.algorithm": ["full_finetune"]})
+    save_diffusers_folder: bool = setting(False, "Also save a diffusers folder", "Full fine-tune / ControlNet: "
+                                          "write the model as a diffusers folder (<name>_diffusers) beside the "
+                                          "single file.", show_if={"network.algorithm": ["full_finetune", "controlnet"]})
     save_state: bool = setting(True, "Save resumable state", "Keep optimizer and scheduler state with each "
                                "save so the run can be resumed.")
     resume_from: str = setting("", "Resume from state", "A state folder written by an earlier run "
@@ -820,6 +835,9 @@ def check_consistency(settings: Settings) -> list[str]:
     if n.algorithm == "textual_inversion":
         from core.embeddings import settings_problems
         problems += settings_problems(n)
+    if n.algorithm == "controlnet":
+        from core.controlnet import settings_problems
+        problems += settings_problems(settings)
     if not settings.saving.output_name.strip() or any(c in settings.saving.output_name for c in "/\\:"):
         problems.append("saving.output_name must be a plain file name (no slashes)")
     from core.adapters.network import parse_block_ranks

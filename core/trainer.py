@@ -25,8 +25,10 @@ from core.config import AppConfig, load_config
 from core.distributed import SOLO, Solo, process_count, take_rows, train_on_processes
 from core.events import RunFailed, SaveFailed, TrainingDiverged, emit
 from core.full_finetune import EMA, FULL_FINETUNE, FullFineTune
+from core.controlnet import (CONTROLNET, ConditioningImages, ControlNetTrainable, controlnet_metadata,
+                             match_conditioning_images, save_controlnet_folder)
 from core.embeddings import TEXTUAL_INVERSION, TextualInversion, check_token_in_captions, embedding_metadata
-from core.export import adapter_metadata, save_adapter_files, tag_frequency
+from core.export import SAVE_DTYPES, adapter_metadata, save_adapter_files, tag_frequency
 from core.memory_setup import run_context, setup_denoiser, text_encoder_on_device, torch_switches
 from core.loss import conditional_loss, huber_threshold, multires_noise, timestep_range
 from core.io import (NonFiniteError, atomic_save_image, atomic_save_safetensors, atomic_torch_save,
@@ -371,6 +373,7 @@ class _Run:
         self.arch = architectures.get(s.model.architecture)
         self.full_ft = s.network.algorithm == FULL_FINETUNE
         self.textual_inversion = s.network.algorithm == TEXTUAL_INVERSION
+        self.controlnet = s.network.algorithm == CONTROLNET
         self.resume_dir = self.config.resolve(s.saving.resume_from, "outputs_dir", "saving.resume_from") \
             if s.saving.resume_from else None
         self.resume_info = check_resume(self.resume_dir, s) if self.resume_dir else None
@@ -392,6 +395,11 @@ class _Run:
                  f"{len({i.bucket for i in self.items})} bucket(s)")
         if self.textual_inversion:
             check_token_in_captions(s.network.ti_token, [i.caption for i in train_items])
+        self.conditioning = None
+        if self.controlnet:  # every image's conditioning image, checked before anything loads
+            folder = self.config.resolve(s.dataset.conditioning_path, "datasets_dir", "dataset.conditioning_path")
+            self.conditioning = ConditioningImages(
+                match_conditioning_images(self.items + self.val_items, self.dataset_root, folder))
 
         from core.hardware import detect_hardware
         self.profile = detect_hardware()
@@ -528,7 +536,8 @@ class _Run:
         if s.dataset.masked_loss:
             masks = ds_mod.MaskCache()
             masks.fill(self.items, s.dataset)
-        self.data = ds_mod.TrainingDataset(self.items, s.dataset, self.latent_cache, s.schedule.seed, masks)
+        self.data = ds_mod.TrainingDataset(self.items, s.dataset, self.latent_cache, s.schedule.seed, masks,
+                                           self.conditioning)
         if s.dataset.cache_latents != "off" and not self.wants_previews():
             c.vae.to("cpu")
 
@@ -652,7 +661,15 @@ class _Run:
             n_params = sum(p.numel() for p in full.parameters())
             self.log(f"Full fine-tune of {', '.join(full.parts)}: {n_params / 1e6:.2f} M trainable "
                      f"parameters (fp32)")
-        trainable = TextualInversion(c, self.arch.embedding_keys, s.network) if self.textual_inversion else full
+        trainable = full
+        if self.textual_inversion:
+            trainable = TextualInversion(c, self.arch.embedding_keys, s.network)
+        elif self.controlnet:
+            init = s.network.controlnet_init.strip()
+            init_path = self.config.resolve(init, "models_dir", "network.controlnet_init") if init else None
+            self.status("Building the ControlNet" + (f" from {init_path}" if init_path else " from the UNet"))
+            trainable = ControlNetTrainable(self.arch, c, self.arch.build_controlnet(c, init_path), self.device,
+                                            self.plan.gradient_checkpointing)
         self.setup = setup_denoiser(self.arch, c, s, self.plan, self.device, self.log, network=trainable)
         self.network = self.setup.network
         if self.full_ft:
@@ -663,7 +680,7 @@ class _Run:
                 self.ema = EMA(self.network.named_parameters(), s.network.ema_decay, on_cpu, live=full.live)
                 self.log(f"EMA of the weights (decay {s.network.ema_decay}) in "
                          f"{'CPU memory' if self.ema.on_cpu or self.device.type == 'cpu' else 'VRAM'}")
-        elif self.textual_inversion:
+        elif self.textual_inversion or self.controlnet:
             self.log(self.network.summary())
         else:
             n_params = sum(p.numel() for p in self.network.parameters())
@@ -876,6 +893,8 @@ class _Run:
                     _, _, top, left = ds_mod.crop_geometry(item.width, item.height, item.bucket)
                     batch = {"captions": [item.caption], "original_sizes": [(item.height, item.width)],
                              "crop_coords": [(top, left)], "target_sizes": [item.bucket[::-1]]}
+                    if self.conditioning is not None:
+                        batch["conditioning"] = self.conditioning.get(item, False)[None]
                     with self.accelerator.autocast():
                         cond = self.batch_conditioning([item.caption])
                     gen = torch.Generator().manual_seed(s.dataset.validation_seed * 100_003 + n)
@@ -903,6 +922,9 @@ class _Run:
     def _preview(self) -> None:
         s, c = self.s, self.components
         prompts = self.prompts()
+        # a ControlNet's previews: the held-out images' conditioning images, else the training images'
+        control = self.conditioning.preview_images(self.val_items or [i for i in self.items if not i.is_reg],
+                                                   len(prompts)) if self.conditioning is not None else None
         self.check_finite()
         c.denoiser.eval()
         self.network.eval()  # no adapter dropout in previews
@@ -924,7 +946,8 @@ class _Run:
                         sampling.negative_prompt = self.network.placeholders(sampling.negative_prompt)
                     size = (sampling.width or s.dataset.resolution, sampling.height or s.dataset.resolution)
                     images += self.arch.sample(c, [prompt], s.model_copy(update={"sampling": sampling}), size,
-                                               self.device, self.plan.weight_dtype)
+                                               self.device, self.plan.weight_dtype,
+                                               **({"conditioning": control[i]} if control else {}))
         finally:
             c.denoiser.train()
             self.network.train()
@@ -954,6 +977,8 @@ class _Run:
                               model_name=self.model_path.name, started_at=self.started_at,
                               mixed_precision=self.plan.mixed_precision, resolution=(res, res),
                               tensors_hash=tensors_hash) | reg_md | self.arch.adapter_metadata(self.s, suffix)
+        if self.controlnet:
+            return controlnet_metadata(md, self.arch)
         return embedding_metadata(md, self.arch, self.s) if self.textual_inversion else md
 
     @contextlib.contextmanager
@@ -985,7 +1010,8 @@ class _Run:
             self.saved_step = self.global_step
             return None
         with_state = self.s.saving.save_state and self.state_step != self.global_step
-        what = ("checkpoint" if self.full_ft else "embedding" if self.textual_inversion else "adapter") + (
+        what = ("checkpoint" if self.full_ft else "embedding" if self.textual_inversion else
+                "ControlNet" if self.controlnet else "adapter") + (
             " and the resumable state" if with_state else "")
         optimizer_state = self.optimizer.state_dict() if with_state else None
         needed = self.save_bytes(optimizer_state)
@@ -1008,7 +1034,6 @@ class _Run:
     def save_bytes(self, optimizer_state: dict | None) -> int:
         """About what a save writes: the file(s) in the save precision, plus (with ``optimizer_state``: a
         resumable state) the fp32 weights, that optimizer state and the EMA; with room for headers."""
-        from core.export import SAVE_DTYPES
         elem = SAVE_DTYPES[self.s.saving.save_precision].itemsize
         trained = sum(p.numel() for p in self.network.parameters())
         c = self.components
@@ -1054,11 +1079,14 @@ class _Run:
         s = self.s
         name = self.save_name(final)
         # the family may write more than one file (e.g. SD3: kohya layout + <name>.diffusers.safetensors); an
-        # embedding's tensors are written as they are
+        # embedding's and a ControlNet's tensors are written as they are
         paths = save_adapter_files(self.output_dir / name, self.network, self.metadata, s.saving.save_precision,
-                                   None if self.textual_inversion else
+                                   None if self.textual_inversion or self.controlnet else
                                    lambda sd: self.arch.export_adapter(self.components, sd))
         path = paths[0]
+        if self.controlnet and s.saving.save_diffusers_folder:
+            paths.append(save_controlnet_folder(self.network.module, unused_path(
+                path.with_name(path.stem + "_diffusers")), SAVE_DTYPES[s.saving.save_precision]))
         for p in paths:
             emit(self.on_event, "saved", step=self.global_step, path=str(p), kind="adapter")
         self.result.outputs.extend(paths)
@@ -1070,7 +1098,6 @@ class _Run:
     def save_checkpoint(self, final: bool) -> Path:
         """Full fine-tuning: the whole model (EMA weights when on) in the family's original single-file layout,
         plus a diffusers folder when asked.  Never overwrites an existing file."""
-        from core.export import SAVE_DTYPES
         s = self.s
         dtype = SAVE_DTYPES[s.saving.save_precision]
         state_dicts = self.network.module_state_dicts(self.ema)
@@ -1097,7 +1124,7 @@ class _Run:
         removed = [main, *self.output_dir.glob(f"{main.stem}.*.safetensors")]
         for p in removed:
             p.unlink(missing_ok=True)
-        if self.full_ft:
+        if self.full_ft or self.controlnet:
             removed.append(main.with_name(main.stem + "_diffusers"))
             shutil.rmtree(removed[-1], ignore_errors=True)
         # what lists the run's files (the result, the Run tab) no longer names them

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from core.config import AppConfig
-from tests.tiny_models import build_tiny_dataset, build_tiny_sd15
+from tests.tiny_models import build_conditioning_folder, build_tiny_controlnet_base, build_tiny_dataset, build_tiny_sd15
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -49,7 +49,9 @@ def studio(tmp_path_factory):
     for d in dirs.values():
         d.mkdir()
     build_tiny_sd15(dirs["models"] / "tiny-sd15", "diffusers")
+    build_tiny_controlnet_base("sd15", dirs["models"] / "tiny-sd15-cn")
     dataset = build_tiny_dataset(dirs["datasets"] / "squares", n=4)
+    build_conditioning_folder(dataset, dirs["datasets"] / "squares-edges")
     config = AppConfig(host="127.0.0.1", port=0, models_dir=str(dirs["models"]),
                        datasets_dir=str(dirs["datasets"]), outputs_dir=str(dirs["outputs"]),
                        presets_dir=str(dirs["presets"]), training_defaults=str(ROOT / "training.json"))
@@ -328,7 +330,7 @@ def _check_live_visibility(page, governing: str) -> None:
 
 
 def _wait_for_final(page) -> Path:
-    """Wait until the Run tab names the final adapter; fail early with the status and log if the run fails."""
+    """Wait until the Run tab names the final file; fail early with the status and log if the run fails."""
     deadline = time.time() + RUN_TIMEOUT_S
     while time.time() < deadline:
         outputs = page.locator("#run-outputs").inner_text()
@@ -418,3 +420,57 @@ def _second_tab_sees_the_run_and_cannot_stop_it_by_accident(studio, page) -> Non
     finally:
         other.close()
 
+
+
+def test_train_a_tiny_controlnet_in_the_browser(studio, page):
+    """ControlNet from the UI: the algorithm shows its own options (and hides the adapter's), the conditioning
+    folder is asked for before Start, and the run saves the single file and the diffusers folder."""
+    from core.settings import load_settings, save_settings
+
+    s = load_settings(ROOT / "training.json")
+    s.dataset.path = str(studio["dataset"])
+    s.dataset.resolution = 64
+    s.dataset.enable_buckets = False
+    s.model.model_path = "tiny-sd15-cn"
+    s.schedule.max_train_steps = 4
+    s.schedule.log_every_n_steps = 1
+    s.saving.output_name = "browser_controlnet"
+    s.saving.save_every_n_epochs = 0
+    s.sampling.sample_every_n_steps = 4
+    s.sampling.prompts = "a red square"
+    s.sampling.steps = 2
+    s.sampling.width = s.sampling.height = 64
+    save_settings(s, studio["presets"] / "controlnet.json")
+    name_box = page.locator("#preset-name input").first
+    name_box.fill("controlnet")
+    name_box.press("Enter")
+    page.locator("#preset-load").click()
+
+    open_tab(page, "Model")
+    page.wait_for_function("document.querySelector('#setting-model-model_path input').value === 'tiny-sd15-cn'")
+    open_tab(page, "Network")
+    assert is_shown(page, "network.rank") and not is_shown(page, "network.controlnet_init")
+    choose(page, "network.algorithm", "controlnet")
+    page.wait_for_function(f"(() => {{ const e = document.querySelector('{sid('network.controlnet_init')}');"
+                           f" return e && e.offsetParent !== null; }})()", timeout=10_000)
+    assert not is_shown(page, "network.rank")
+    open_tab(page, "Saving & previews")
+    check(page, "saving.save_diffusers_folder", True)
+
+    open_tab(page, "Run")
+    page.locator("#run-start").click()   # no conditioning folder yet: refused, naming the setting and its place
+    expect_text(page.locator("#run-notice"), "dataset.conditioning_path")
+    expect_text(page.locator("#run-notice"), "Dataset → Conditioning images")
+    open_tab(page, "Dataset")
+    choose_dropdown(page, "dataset.conditioning_path", "squares-edges")
+    open_tab(page, "Run")
+    page.locator("#run-start").click()
+    final = _wait_for_final(page)
+    assert final.name == "browser_controlnet.safetensors" and final.is_file()
+    folder = final.with_name("browser_controlnet_diffusers")
+    assert (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file()
+    from safetensors.torch import load_file
+    saved = load_file(str(final))
+    assert saved and all(k.startswith("control_model.") for k in saved)
+    page.wait_for_function("document.querySelectorAll('#run-gallery img').length > 0", timeout=20_000)
+    assert "Finished" in page.locator("#run-status").inner_text()

@@ -211,7 +211,40 @@ def build_tiny_dataset(folder: Path, n: int = 4) -> Path:
     return folder
 
 
-__all__ = ["build_tiny_sd15", "build_tiny_sdxl", "build_tiny_dataset", "tiny_config_dir", "tiny_single_file",
+def build_tiny_controlnet_base(arch_id: str, folder: Path) -> Path:
+    """A tiny SD1.5 / SDXL diffusers folder whose VAE downsamples 8× as the real ones do: a ControlNet's
+    conditioning embedding always downsamples its image 8× (the layout every loader expects), so its features
+    meet the UNet's latents only then (the other tiny models' VAE downsamples 2×)."""
+    from diffusers import AutoencoderKL
+
+    model = _build_tiny(arch_id, folder, "diffusers")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SD15_SEED)
+        vae = AutoencoderKL(**dict(SD15_VAE if arch_id == "sd15" else SDXL_VAE, block_out_channels=(8, 8, 16, 16),
+                                   down_block_types=("DownEncoderBlock2D",) * 4,
+                                   up_block_types=("UpDecoderBlock2D",) * 4))
+    shutil.rmtree(model / "vae")
+    vae.save_pretrained(model / "vae")
+    return model
+
+
+def build_conditioning_folder(images: Path, folder: Path) -> Path:
+    """One ControlNet conditioning image per image of ``images`` (same name, size and extension .jpg): its
+    horizontal grey gradient, so a mirror is visible."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    for path in sorted(Path(images).glob("*.png")):
+        with Image.open(path) as im:
+            width, height = im.size
+        ramp = np.tile(np.linspace(0, 255, width, dtype=np.uint8), (height, 1))
+        Image.fromarray(np.stack([ramp] * 3, axis=-1), "RGB").save(folder / (path.stem + ".jpg"))
+    return folder
+
+
+__all__ = ["build_tiny_sd15", "build_tiny_sdxl", "build_tiny_controlnet_base", "build_conditioning_folder",
+           "build_tiny_dataset", "tiny_config_dir", "tiny_single_file",
            "SD15_UNET", "SDXL_UNET", "SD15_VAE", "SDXL_VAE"]
 
 
