@@ -27,6 +27,7 @@ TRAITS = {
     "components_folder": "a single-file transformer takes a diffusers folder with the text encoder and VAE",
     "guidance_input": "guidance-distilled: the transformer is given a guidance value (model.guidance)",
     "double_single_blocks": "double- and single-stream transformer blocks (network.flux_blocks)",
+    "embeddings": "trains textual-inversion embeddings (its embedding_keys), alone or beside an adapter",
 }
 
 
@@ -208,6 +209,11 @@ class Architecture:
             return []
         if n.target not in self.adapter_presets:
             return [f"network.target: {self.label} supports {', '.join(self.adapter_presets)}, not {n.target!r}"]
+        if n.pivotal:  # a new token beside the adapter
+            if not self.embedding_keys:
+                return [f"network.pivotal: {self.label} trains no embeddings; turn pivotal tuning off"]
+            from core.embeddings import known_token_problems
+            return known_token_problems(n, self.token_known)
         return []
 
     # -- adapters --------------------------------------------------------------------------------------
@@ -300,6 +306,9 @@ class Architecture:
     #: the embedding file's key for each text encoder's vectors, in the order of ``Components.text_encoders``
     #: (empty: the family trains no textual inversion)
     embedding_keys: tuple[str, ...] = ()
+    #: each embedding tensor's name inside an adapter file's ``bundle_emb.<token>.<name>`` (pivotal tuning), in
+    #: the order of ``embedding_keys``: the names A1111 / Forge and ComfyUI read there
+    embedding_bundle_names: tuple[str, ...] = ()
     #: ``modelspec.architecture`` of an embedding file
     modelspec_embedding_architecture: str = ""
 

@@ -18,6 +18,8 @@ class SD15(SDUNetFamily):
     te_prefixes = ("lora_te",)
     # A1111 / ComfyUI / diffusers read an SD1.x embedding from "emb_params" (sd-scripts' key)
     embedding_keys = ("emb_params",)
+    # a bundled SD1.x embedding is stored as A1111's .pt embeddings hold it
+    embedding_bundle_names = ("string_to_param.*",)
     modelspec_embedding_architecture = "stable-diffusion-v1/textual-inversion"
 
     def unet_key(self, components, diffusers_path: str) -> str:

@@ -121,7 +121,7 @@ class SDUNetFamily(Architecture):
     """Shared behaviour of the DDPM UNet families; subclasses define naming and text conditioning."""
 
     te_prefixes: tuple[str, ...] = ()
-    traits = frozenset({"ddpm", "clip_skip"})
+    traits = frozenset({"ddpm", "clip_skip", "embeddings"})
     convolutional = True
     # the embedders of timestep and size conditioning: tiny, and their output conditions every block
     quantize_keep = ("time_embedding", "time_embedding.*", "add_embedding", "add_embedding.*", "*.time_emb_proj")

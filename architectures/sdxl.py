@@ -26,6 +26,7 @@ class SDXL(SDUNetFamily):
     te_prefixes = ("lora_te1", "lora_te2")
     # one tensor per text encoder: CLIP-L, then OpenCLIP bigG (the SDXL embedding format A1111 and ComfyUI load)
     embedding_keys = ("clip_l", "clip_g")
+    embedding_bundle_names = embedding_keys
     modelspec_embedding_architecture = "stable-diffusion-xl-v1-base/textual-inversion"
 
     def unet_key(self, components, diffusers_path: str) -> str:

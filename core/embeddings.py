@@ -179,6 +179,69 @@ class TextualInversion:
             vectors.copy_(sd[key])
 
 
+#: the suffix of a pivotal run's embedding file beside its adapter: ``<name>_emb.safetensors``
+EMBEDDING_FILE_SUFFIX = "_emb"
+
+
+class PivotalTuning:
+    """Pivotal tuning: an adapter network and a new token's embedding (:class:`TextualInversion`) trained
+    together, offering the trainer the same surface as each of them.  The embedding has its own learning rate
+    (its vectors want far larger steps than an adapter's weights)."""
+
+    def __init__(self, adapters, embedding: TextualInversion, embedding_lr: float):
+        self.adapters = adapters
+        self.embedding = embedding
+        self.embedding_lr = embedding_lr
+
+    def named_parameters(self):
+        yield from self.adapters.named_parameters()
+        for key, vectors in self.embedding.named_parameters():
+            yield f"embedding.{key}", vectors
+
+    def parameters(self):
+        return (p for _, p in self.named_parameters())
+
+    def param_groups(self, lr: float, text_encoder_lr: float) -> list[dict]:
+        groups = self.adapters.param_groups(lr, text_encoder_lr)
+        return groups + self.embedding.param_groups(self.embedding_lr or lr, text_encoder_lr)
+
+    def train(self, mode: bool = True):
+        self.adapters.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def restore(self) -> None:
+        self.adapters.restore()
+        self.embedding.restore()
+
+    # -- files -----------------------------------------------------------------------------------------
+    def export_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors (the family maps them to its file layout); the embedding is added by
+        :meth:`with_embedding`."""
+        return self.adapters.export_state_dict(dtype)
+
+    def with_embedding(self, files: dict[str, dict], bundle_names: tuple[str, ...],
+                       dtype: torch.dtype | None) -> dict[str, dict]:
+        """The adapter's files with the embedding added: inside the adapter file as
+        ``bundle_emb.<token>.<name>`` (what A1111 / Forge load with a LoRA, and ComfyUI from an embedding
+        file), and alone as the ``_emb`` file."""
+        vectors = self.embedding.export_state_dict(dtype)
+        bundle = {f"bundle_emb.{self.embedding.token}.{name}": vectors[key]
+                  for key, name in zip(self.embedding.keys, bundle_names, strict=True)}
+        return {**files, "": {**files[""], **bundle}, EMBEDDING_FILE_SUFFIX: vectors}
+
+    def training_state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self.adapters.training_state_dict(),
+                **{f"embedding.{k}": v for k, v in self.embedding.training_state_dict().items()}}
+
+    def load_export_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.embedding.load_export_state_dict({k.removeprefix("embedding."): v for k, v in sd.items()
+                                               if k.startswith("embedding.")})
+        self.adapters.load_export_state_dict({k: v for k, v in sd.items() if not k.startswith("embedding.")})
+
+
 def embedding_metadata(adapter_md: dict[str, str], arch, settings) -> dict[str, str]:
     """An embedding file's metadata: the run's ``ss_*`` / ``modelspec.*`` entries without those that describe an
     adapter network, the family's textual-inversion architecture (sd-scripts' ``…/textual-inversion``), and the

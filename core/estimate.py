@@ -541,12 +541,15 @@ def _adapter_params(arch_id: str, config_key: str, network_json: str) -> int:
             return sum(p.numel() for p in model.parameters())
         if network.algorithm == "controlnet":
             return sum(p.numel() for p in _meta_controlnet(arch, model).parameters())
-        if network.algorithm == "textual_inversion":  # the new rows of every text encoder's embedding
-            return network.ti_num_vectors * sum(
-                _meta_module(Path(config_key) / sub).get_input_embeddings().embedding_dim
-                for sub, _ in text_encoder_params(arch, Path(config_key)))
+        # the new rows of every text encoder's embedding (textual inversion; pivotal tuning beside an adapter)
+        rows = network.ti_num_vectors * sum(
+            _meta_module(Path(config_key) / sub).get_input_embeddings().embedding_dim
+            for sub, _ in text_encoder_params(arch, Path(config_key))) \
+            if network.algorithm == "textual_inversion" or network.pivotal else 0
+        if network.algorithm == "textual_inversion":
+            return rows
         net = _build_adapter(arch, model, network)
-        return sum(p.numel() for p in net.parameters())
+        return sum(p.numel() for p in net.parameters()) + rows
 
 
 def _meta_controlnet(arch, model: nn.Module) -> nn.Module:
@@ -586,7 +589,7 @@ def _trace_run(arch, model, network, resolution, batch_size, precision) -> Activ
     components = Components(denoiser=model, vae=None, text_encoders=[], tokenizers=[], noise_scheduler=None,
                             network=network)
     noisy, timesteps, cond, batch = arch.probe_inputs(model, resolution, batch_size, weight_dtype)
-    if network.algorithm == "textual_inversion":  # the gradient reaches the embedding through the conditioning
+    if network.algorithm == "textual_inversion" or network.pivotal:  # the embedding's gradient passes the conditioning
         cond = {k: v.requires_grad_() if v.is_floating_point() else v for k, v in cond.items()}
     trained = list(net.parameters()) if net is not None else []
     if network.algorithm == "controlnet":  # its activations count too; its fp32 weights are what trains

@@ -126,6 +126,8 @@ def text_cache_blockers(settings) -> list[str]:
     out = []
     if settings.network.algorithm == "textual_inversion":
         out.append("textual inversion trains the token's embedding")
+    elif settings.applies("network.pivotal") and settings.network.pivotal:
+        out.append("pivotal tuning trains the token's embedding")
     elif settings.network.train_text_encoder:
         out.append("the text encoder is trained")
     if settings.dataset.uses("shuffle_caption"):  # in any subset

@@ -56,19 +56,21 @@ LR_SCHEDULERS: tuple[str, ...] = get_args(LrScheduler)
 
 def setting(default: Any, label: str, help: str = "", *, widget: str | None = None,
             choices: tuple | None = None, ge: float | None = None, le: float | None = None,
-            step: float | None = None, show_if: dict | None = None, advanced: bool = False,
-            choice_labels: dict | None = None) -> Any:
+            step: float | None = None, show_if: dict | None = None, or_show_if: dict | None = None,
+            advanced: bool = False, choice_labels: dict | None = None) -> Any:
     """A field with the UI metadata attached.
 
     ``default`` may be a function that returns it (the first registered family for ``model.architecture``).
     ``show_if`` maps another field ("section.name") to the values for which this one applies; the UI hides
     the control otherwise and the trainer ignores it (it is still validated).  For ``model.architecture`` the
     values may be a :class:`FamilyTrait`, and ``choices`` :data:`ALL_FAMILIES`: :func:`field_ui` resolves them.
+    ``or_show_if`` is a second set of conditions under which the field applies too (either set holding is
+    enough: :func:`show_conditions`).
     """
     if choices and not isinstance(choices, FamilyTrait):
         choices = list(choices)
     ui = {"label": label, "help": help, "widget": widget, "choices": choices or None,
-          "step": step, "show_if": show_if or {}, "advanced": advanced,
+          "step": step, "show_if": show_if or {}, "or_show_if": or_show_if or None, "advanced": advanced,
           "choice_labels": dict(choice_labels) if choice_labels else None}
     if callable(default):
         return Field(default_factory=default, ge=ge, le=le, description=help, json_schema_extra={"ui": ui})
@@ -281,6 +283,8 @@ ALGORITHM_LABELS = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "L
 _ADAPTERS = list(ADAPTER_ALGORITHMS)
 _TRAINS_WEIGHTS = _ADAPTERS + ["full_finetune"]  # every algorithm but textual inversion, which trains a new word only
 _TI = ["textual_inversion"]
+# pivotal tuning: an adapter with a new token's embedding beside it (the textual-inversion fields apply)
+_PIVOTAL = {"network.algorithm": _ADAPTERS, "network.pivotal": [True]}
 _CONTROLNET = ["controlnet"]
 RANKED_ALGORITHMS = ("lora", "locon", "loha", "lokr", "glora")  # strength set by rank / alpha
 DORA_ALGORITHMS = ("lora", "locon", "loha", "lokr")
@@ -307,14 +311,23 @@ class NetworkSettings(Section):
     ti_token: str = setting("", "Token", "The new word that stands for what the images show: a made-up word the "
                             "tokenizer does not know (e.g. 'sks' or 'ohwx'). Captions that contain it train its "
                             "embedding; preview prompts may use it too. A1111 and ComfyUI call an embedding by its "
-                            "file name (saving.output_name).", show_if={"network.algorithm": _TI})
+                            "file name (saving.output_name).", show_if={"network.algorithm": _TI}, or_show_if=_PIVOTAL)
     ti_num_vectors: int = setting(1, "Vectors per token", "Embedding vectors the token stands for: more hold more "
                                   "detail but take more of a prompt's 75 tokens. The extra ones are named <token>1, "
                                   "<token>2 … (sd-scripts' num_vectors_per_token).", ge=1, le=75,
-                                  show_if={"network.algorithm": _TI})
+                                  show_if={"network.algorithm": _TI}, or_show_if=_PIVOTAL)
     ti_init_word: str = setting("", "Initialisation word", "A word close to what the images show (e.g. 'dog' or "
                                 "'painting'): its embedding, averaged over its tokens, starts every vector.",
-                                show_if={"network.algorithm": _TI})
+                                show_if={"network.algorithm": _TI}, or_show_if=_PIVOTAL)
+    pivotal: bool = setting(False, "Pivotal tuning (a new token too)", "Train a new token's embedding (Token, "
+                            "Vectors per token and Initialisation word below) together with the adapter: the word "
+                            "learns what the images show while the adapter learns the rest. Saved inside the "
+                            "adapter file as bundle_emb entries (A1111 / Forge load them with the LoRA; ComfyUI "
+                            "reads them when the file is used as an embedding) and as <name>_emb.safetensors, an "
+                            "embedding file for every tool. diffusers' load_lora_weights refuses the bundle_emb "
+                            "keys: give it the file's other tensors and the _emb file to load_textual_inversion. "
+                            "SD1.5 / SDXL.", show_if={"network.algorithm": _ADAPTERS,
+                                                      "model.architecture": FamilyTrait("embeddings")})
     controlnet_init: str = setting("", "Start from ControlNet", "An existing ControlNet to go on training (a "
                                    "single .safetensors in either key layout, or a diffusers folder) for this "
                                    "model. Empty: a new one copied from the model's UNet encoder, whose outputs "
@@ -425,6 +438,9 @@ class OptimizerSettings(Section):
     text_encoder_lr: float = setting(0.0, "Text encoder learning rate", "0 uses the learning rate above.",
                                      ge=0.0, le=10.0, show_if={"network.algorithm": _TRAINS_WEIGHTS,
                                                                "network.train_text_encoder": [True]})
+    embedding_lr: float = setting(0.0, "Embedding learning rate", "Pivotal tuning: the new token's learning rate "
+                                  "(embeddings train well around 1e-3 to 5e-3, far above a LoRA's); 0 uses the "
+                                  "learning rate above.", ge=0.0, le=10.0, show_if=_PIVOTAL)
     weight_decay: float = setting(0.01, "Weight decay", ge=0.0, le=10.0, advanced=True)
     max_grad_norm: float = setting(1.0, "Max gradient norm", "0 disables clipping.", ge=0.0, le=1000.0)
     fused_backward_pass: bool = setting(False, "Fused backward pass", "Update each weight as soon as its "
@@ -691,8 +707,8 @@ class Settings(BaseModel):
 
     def applies(self, dotted: str) -> bool:
         """Whether a field matters under the current values (its show_if conditions hold)."""
-        ui = field_ui(dotted)
-        return all(self.get(other) in values for other, values in ui["show_if"].items())
+        return any(all(self.get(other) in values for other, values in conditions.items())
+                   for conditions in show_conditions(field_ui(dotted)))
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -716,6 +732,11 @@ def field_ui(dotted: str) -> dict:
     ui["show_if"] = {other: architectures.with_trait(v.trait) if isinstance(v, FamilyTrait) else v
                      for other, v in ui["show_if"].items()}
     return ui
+
+
+def show_conditions(ui: dict) -> list[dict]:
+    """A field's alternative sets of show_if conditions: it applies while every condition of any one holds."""
+    return [ui["show_if"]] + ([ui["or_show_if"]] if ui.get("or_show_if") else [])
 
 
 def iter_fields():
@@ -832,7 +853,7 @@ def check_consistency(settings: Settings) -> list[str]:
     if n.target == "full" and n.algorithm == "lora":
         problems.append("network.target 'full' includes 3x3 convolutions, which plain LoRA cannot adapt: choose "
                         "LoCon (or another algorithm), or the target 'full-lin'")
-    if n.algorithm == "textual_inversion":
+    if n.algorithm == "textual_inversion" or settings.applies("network.pivotal") and n.pivotal:
         from core.embeddings import settings_problems
         problems += settings_problems(n)
     if n.algorithm == "controlnet":

@@ -27,7 +27,8 @@ from core.events import RunFailed, SaveFailed, TrainingDiverged, emit
 from core.full_finetune import EMA, FULL_FINETUNE, FullFineTune
 from core.controlnet import (CONTROLNET, ConditioningImages, ControlNetTrainable, controlnet_metadata,
                              match_conditioning_images, save_controlnet_folder)
-from core.embeddings import TEXTUAL_INVERSION, TextualInversion, check_token_in_captions, embedding_metadata
+from core.embeddings import (EMBEDDING_FILE_SUFFIX, TEXTUAL_INVERSION, PivotalTuning, TextualInversion,
+                             check_token_in_captions, embedding_metadata)
 from core.export import SAVE_DTYPES, adapter_metadata, save_adapter_files, tag_frequency
 from core.memory_setup import run_context, setup_denoiser, text_encoder_on_device, torch_switches
 from core.loss import conditional_loss, huber_threshold, multires_noise, timestep_range
@@ -373,6 +374,7 @@ class _Run:
         self.arch = architectures.get(s.model.architecture)
         self.full_ft = s.network.algorithm == FULL_FINETUNE
         self.textual_inversion = s.network.algorithm == TEXTUAL_INVERSION
+        self.pivotal = s.applies("network.pivotal") and s.network.pivotal  # a new token beside the adapter
         self.controlnet = s.network.algorithm == CONTROLNET
         self.resume_dir = self.config.resolve(s.saving.resume_from, "outputs_dir", "saving.resume_from") \
             if s.saving.resume_from else None
@@ -393,7 +395,7 @@ class _Run:
         train_items = [i for i in self.items if not i.is_reg]
         self.log(f"{len(train_items)} images, {sum(i.repeats for i in train_items)} per epoch with repeats, "
                  f"{len({i.bucket for i in self.items})} bucket(s)")
-        if self.textual_inversion:
+        if self.textual_inversion or self.pivotal:
             check_token_in_captions(s.network.ti_token, [i.caption for i in train_items])
         self.conditioning = None
         if self.controlnet:  # every image's conditioning image, checked before anything loads
@@ -662,8 +664,11 @@ class _Run:
             self.log(f"Full fine-tune of {', '.join(full.parts)}: {n_params / 1e6:.2f} M trainable "
                      f"parameters (fp32)")
         trainable = full
+        # the new token's vectors, alone (textual inversion) or beside the adapter (pivotal tuning)
+        self.embedding = TextualInversion(c, self.arch.embedding_keys, s.network) \
+            if self.textual_inversion or self.pivotal else None
         if self.textual_inversion:
-            trainable = TextualInversion(c, self.arch.embedding_keys, s.network)
+            trainable = self.embedding
         elif self.controlnet:
             init = s.network.controlnet_init.strip()
             init_path = self.config.resolve(init, "models_dir", "network.controlnet_init") if init else None
@@ -686,6 +691,10 @@ class _Run:
             n_params = sum(p.numel() for p in self.network.parameters())
             self.log(f"{s.network.algorithm}: {len(self.network.adapters)} layers, {n_params / 1e6:.2f} M "
                      f"trainable parameters")
+            if self.pivotal:  # restored with the adapters when the run ends
+                self.network = self.setup.network = PivotalTuning(self.network, self.embedding,
+                                                                  s.optimizer.embedding_lr)
+                self.log("Pivotal tuning: " + self.embedding.summary())
         if s.network.train_text_encoder and not self.textual_inversion:
             if self.plan.gradient_checkpointing:
                 for te in c.text_encoders:
@@ -697,9 +706,9 @@ class _Run:
     def batch_conditioning(self, captions: list[str]) -> dict:
         if self.text_cache is not None:
             return self.text_cache.batch(captions, self.device, self.arch.host_conditioning)
-        if self.textual_inversion:  # the token stands for its placeholder tokens, whose rows train
-            captions = [self.network.placeholders(caption) for caption in captions]
-        if self.s.network.train_text_encoder or self.textual_inversion:
+        if self.embedding is not None:  # the token stands for its placeholder tokens, whose rows train
+            captions = [self.embedding.placeholders(caption) for caption in captions]
+        if self.s.network.train_text_encoder or self.embedding is not None:
             return self.arch.encode_text(self.components, self.arch.tokenize(self.components, captions),
                                          self.s.model.clip_skip)
         return self.encode_captions(captions)
@@ -941,9 +950,9 @@ class _Run:
                     # the seed render_each gives prompt i, unless the line sets one; then the line's options
                     sampling = s.sampling.model_copy(update={"seed": s.sampling.seed + i, **p.overrides})
                     prompt = p.prompt
-                    if self.textual_inversion:  # the token stands for its placeholder tokens here too
-                        prompt = self.network.placeholders(prompt)
-                        sampling.negative_prompt = self.network.placeholders(sampling.negative_prompt)
+                    if self.embedding is not None:  # the token stands for its placeholder tokens here too
+                        prompt = self.embedding.placeholders(prompt)
+                        sampling.negative_prompt = self.embedding.placeholders(sampling.negative_prompt)
                     size = (sampling.width or s.dataset.resolution, sampling.height or s.dataset.resolution)
                     images += self.arch.sample(c, [prompt], s.model_copy(update={"sampling": sampling}), size,
                                                self.device, self.plan.weight_dtype,
@@ -979,7 +988,8 @@ class _Run:
                               tensors_hash=tensors_hash) | reg_md | self.arch.adapter_metadata(self.s, suffix)
         if self.controlnet:
             return controlnet_metadata(md, self.arch)
-        return embedding_metadata(md, self.arch, self.s) if self.textual_inversion else md
+        embedding_file = self.textual_inversion or suffix == EMBEDDING_FILE_SUFFIX
+        return embedding_metadata(md, self.arch, self.s) if embedding_file else md
 
     @contextlib.contextmanager
     def eval_weights(self):
@@ -1079,10 +1089,9 @@ class _Run:
         s = self.s
         name = self.save_name(final)
         # the family may write more than one file (e.g. SD3: kohya layout + <name>.diffusers.safetensors); an
-        # embedding's and a ControlNet's tensors are written as they are
+        # embedding's and a ControlNet's tensors are written as they are; pivotal tuning adds the embedding
         paths = save_adapter_files(self.output_dir / name, self.network, self.metadata, s.saving.save_precision,
-                                   None if self.textual_inversion or self.controlnet else
-                                   lambda sd: self.arch.export_adapter(self.components, sd))
+                                   None if self.textual_inversion or self.controlnet else self.adapter_files)
         path = paths[0]
         if self.controlnet and s.saving.save_diffusers_folder:
             paths.append(save_controlnet_folder(self.network.module, unused_path(
@@ -1094,6 +1103,14 @@ class _Run:
             self.saved_adapters.append(name)
             self.prune(self.saved_adapters, self.delete_adapter)
         return path
+
+    def adapter_files(self, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """The family's adapter file(s) for the network's tensors; with pivotal tuning, the embedding too."""
+        files = self.arch.export_adapter(self.components, tensors)
+        if self.pivotal:
+            files = self.network.with_embedding(files, self.arch.embedding_bundle_names,
+                                                SAVE_DTYPES[self.s.saving.save_precision])
+        return files
 
     def save_checkpoint(self, final: bool) -> Path:
         """Full fine-tuning: the whole model (EMA weights when on) in the family's original single-file layout,
@@ -1121,7 +1138,8 @@ class _Run:
     def delete_adapter(self, name: str) -> None:
         """An intermediate save: its main file and the family's extra files (``<stem>.<suffix>.safetensors``)."""
         main = self.output_dir / name
-        removed = [main, *self.output_dir.glob(f"{main.stem}.*.safetensors")]
+        removed = [main, *self.output_dir.glob(f"{main.stem}.*.safetensors"),
+                   main.with_name(main.stem + EMBEDDING_FILE_SUFFIX + main.suffix)]
         for p in removed:
             p.unlink(missing_ok=True)
         if self.full_ft or self.controlnet:

@@ -80,6 +80,9 @@ def test_architecture_setting_is_read_from_the_registry():
     for arch_id, cls in architectures.registry().items():
         assert cls.id == arch_id and cls.label and short_label(arch_id) in (cls.short_label, cls.label)
         assert cls.traits <= set(architectures.TRAITS), (arch_id, cls.traits - set(architectures.TRAITS))
+        # the trait that shows pivotal tuning, and the data that trains and saves the embedding, go together
+        assert ("embeddings" in cls.traits) == bool(cls.embedding_keys) == bool(cls.embedding_bundle_names), arch_id
+        assert len(cls.embedding_bundle_names) == len(cls.embedding_keys), arch_id
         s = core.Settings()
         set_value(s, "model.architecture", arch_id)
     with pytest.raises(core.SettingsError, match=r"model\.architecture: unknown architecture .*allowed: sd15"):

@@ -246,3 +246,114 @@ def test_fresh_process_trains_an_sdxl_embedding(tiny, tmp_path):
         assert saved[key].shape == (VECTORS, width) and saved[key].dtype == torch.float16
         assert torch.isfinite(saved[key]).all()
         assert not torch.allclose(saved[key].float(), init_vector(base, i).expand(VECTORS, -1), atol=1e-3)
+
+
+# -- pivotal tuning: the token's embedding beside a LoRA --------------------------------------------------------
+
+def test_pivotal_settings_show_the_token_and_refuse_what_cannot_work():
+    s = Settings()
+    s.model.architecture, s.network.algorithm = "sd15", "lora"
+    assert s.applies("network.pivotal") and not s.applies("network.ti_token")
+    s.network.pivotal = True   # the token's fields join the adapter's (the schema's second show_if set)
+    assert all(s.applies(f"network.{f}") for f in ("ti_token", "ti_init_word", "ti_num_vectors", "rank"))
+    assert s.applies("optimizer.embedding_lr")
+    from ui.schema_ui import field_visible
+    values = {"model.architecture": "sd15", "network.algorithm": "loha", "network.pivotal": True}
+    assert field_visible("network.ti_token", values)
+    assert not field_visible("network.ti_token", {**values, "network.pivotal": False})
+    assert not field_visible("network.ti_token", {**values, "network.algorithm": "full_finetune"})
+    s.model.model_path, s.dataset.path = "model.safetensors", "images"
+    problems = check_consistency(s)
+    assert any(p.startswith("network.ti_token: choose the new word") for p in problems)
+    s.network.ti_token, s.network.ti_init_word = TOKEN, INIT_WORD
+    assert check_consistency(s) == []
+    s.network.ti_token = "cat"
+    assert any(p.startswith("network.ti_token: the tokenizer already knows") for p in check_consistency(s))
+    s.network.ti_token = TOKEN
+    s.model.architecture = "flux1_dev"
+    assert not s.applies("network.pivotal")  # hidden for families without embeddings, and refused there
+    assert "network.pivotal: FLUX.1" in "\n".join(check_consistency(s))
+
+
+def pivotal(**overrides) -> dict:
+    return dict(network__algorithm="lora", network__pivotal=True, optimizer__learning_rate=1e-3,
+                optimizer__embedding_lr=1e-2, **overrides)
+
+
+def test_pivotal_resume_continues_exactly(tiny, tmp_path):
+    common = pivotal(schedule__max_train_steps=4, saving__save_every_n_steps=2)
+    s, config = settings(tiny, "sd15", tmp_path / "full", **common)
+    full = core.train(s, config=config)
+    folder = full.final.parent
+    # every save writes the LoRA and the embedding file; the intermediate ones are pruned together
+    assert (folder / "tiny_sd15-step000002_emb.safetensors").is_file()
+    state = folder / "tiny_sd15-state-000002"
+    s2, config2 = settings(tiny, "sd15", tmp_path / "split", saving__resume_from=str(state), **common)
+    config2 = config2.model_copy(update={"allowed_roots": [*config2.allowed_roots, str(tmp_path / "full")]})
+    second = core.train(s2, config=config2)
+    for suffix in ("", "_emb"):
+        a = load_file(str(full.final.with_name(f"tiny_sd15{suffix}.safetensors")))
+        b = load_file(str(second.final.with_name(f"tiny_sd15{suffix}.safetensors")))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+
+
+PIVOTAL_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import core
+from core.config import load_config
+result = core.train(core.load_settings(sys.argv[2]), config=load_config(sys.argv[3]))
+print("RESULT " + json.dumps({"outputs": [str(p) for p in result.outputs], "steps": result.steps}))
+"""
+
+
+def test_fresh_process_pivotal_tuning_saves_a_lora_with_its_embedding(tiny, tmp_path):
+    """A LoRA and its token trained together in a fresh process: the LoRA file carries the embedding as
+    bundle_emb entries (A1111 / Forge / ComfyUI), the _emb file is an embedding diffusers loads; with both loaded
+    in diffusers the prompt encodes as the trained text encoder encodes it."""
+    s, config = settings(tiny, "sd15", tmp_path, **pivotal(saving__save_precision="float"))
+    (tmp_path / "settings.json").write_text(json.dumps(s.to_dict()), encoding="utf-8")
+    (tmp_path / "config.json").write_text(config.model_dump_json(), encoding="utf-8")
+    out = subprocess.run([sys.executable, "-c", PIVOTAL_CHILD, str(ROOT), str(tmp_path / "settings.json"),
+                          str(tmp_path / "config.json")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    lora_path, emb_path = map(Path, result["outputs"])
+    assert emb_path.name == lora_path.stem + "_emb.safetensors"
+    lora, emb = load_file(str(lora_path)), load_file(str(emb_path))
+    assert sorted(emb) == ["emb_params"] and emb["emb_params"].shape == (VECTORS, 32)
+    bundle = {k: v for k, v in lora.items() if k.startswith("bundle_emb.")}
+    # the key A1111 / Forge read beside a LoRA and ComfyUI's embedding loader concatenates
+    assert list(bundle) == [f"bundle_emb.{TOKEN}.string_to_param.*"]
+    assert torch.equal(bundle[f"bundle_emb.{TOKEN}.string_to_param.*"], emb["emb_params"])
+    adapter = {k: v for k, v in lora.items() if k not in bundle}
+    assert adapter and all(k.startswith("lora_unet_") for k in adapter)
+    assert all(torch.isfinite(v).all() for v in lora.values())
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if k.endswith("lora_up.weight")), "the LoRA trained"
+    base = base_model(tiny, "sd15")
+    assert all(not torch.allclose(row, init_vector(base, 0), atol=1e-4) for row in emb["emb_params"])
+    with safe_open(str(lora_path), "pt") as f:
+        lora_md = f.metadata()
+    with safe_open(str(emb_path), "pt") as f:
+        emb_md = f.metadata()
+    assert lora_md["ss_network_module"] == "networks.lora" and lora_md["modelspec.architecture"].endswith("/lora")
+    assert emb_md["modelspec.architecture"].endswith("/textual-inversion")
+    assert emb_md["modelspec.trigger_phrase"] == TOKEN and not any(k.startswith("ss_network_") for k in emb_md)
+
+    # diffusers: the LoRA's own tensors through load_lora_weights, the token through load_textual_inversion
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny["models"]["sd15"]), safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(adapter)
+    pipe.load_textual_inversion(str(emb_path), token=TOKEN)
+    from core.embeddings import TextualInversion
+    trained = base_model(tiny, "sd15")
+    vectors = TextualInversion(trained, architectures.get("sd15").embedding_keys, s.network)
+    vectors.load_export_state_dict(emb)
+    with torch.no_grad():
+        loaded = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+        ours = architectures.get("sd15").encode_text(
+            trained, architectures.get("sd15").tokenize(trained, [vectors.placeholders(PROMPT)]), 1)
+    torch.testing.assert_close(loaded[0], ours["encoder_hidden_states"], rtol=0, atol=1e-6)

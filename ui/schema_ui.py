@@ -24,7 +24,8 @@ import gradio as gr
 from gradio.components.dataframe import DataframeData
 from pydantic import BaseModel
 
-from core.settings import (Settings, SettingsError, field_range, field_ui, iter_fields, settings_from_dict)
+from core.settings import (Settings, SettingsError, field_range, field_ui, iter_fields, settings_from_dict,
+                           show_conditions)
 
 # Which settings sections each tab shows, with a heading per section (None: no heading).
 # The Run tab also holds the run controls (see ui/app.py).
@@ -79,7 +80,7 @@ def governing_fields() -> dict[str, list[str]]:
     """governing field → the fields whose show_if names it."""
     out: dict[str, list[str]] = {}
     for dotted, _ in iter_fields():
-        for other in field_ui(dotted)["show_if"]:
+        for other in dict.fromkeys(k for c in show_conditions(field_ui(dotted)) for k in c):
             out.setdefault(other, []).append(dotted)
     return out
 
@@ -87,10 +88,11 @@ def governing_fields() -> dict[str, list[str]]:
 def field_visible(dotted: str, values: Mapping[str, Any]) -> bool:
     """Whether a control is shown for the current (possibly not yet valid) control values.
 
-    Same rule as ``Settings.applies``: every show_if condition holds.  A governing value that is missing
-    from ``values`` counts as not matching.
+    Same rule as ``Settings.applies``: every condition of one of its show_if sets holds.  A governing value that
+    is missing from ``values`` counts as not matching.
     """
-    return all(values.get(other) in allowed for other, allowed in field_ui(dotted)["show_if"].items())
+    return any(all(values.get(other) in allowed for other, allowed in conditions.items())
+               for conditions in show_conditions(field_ui(dotted)))
 
 
 def visible_fields(values: Mapping[str, Any]) -> dict[str, bool]:
@@ -433,7 +435,7 @@ def wire_visibility(controls: Mapping[str, gr.components.Component],
     for governing, dependents in governing_fields().items():
         targets = [(controls[d], [d]) for d in dependents]
         targets += [(comp, fields) for comp, fields in groups if any(f in dependents for f in fields)]
-        names = sorted({g for _, fields in targets for f in fields for g in field_ui(f)["show_if"]})
+        names = sorted({g for _, fields in targets for f in fields for c in show_conditions(field_ui(f)) for g in c})
         inputs = [controls[n] for n in names]
 
         def update(*vals, _names=names, _targets=targets):
