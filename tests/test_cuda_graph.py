@@ -4,7 +4,7 @@ No GPU runs here, so: the eligibility rules and the plan's choice are pure funct
 Python path (static buffers, warm-ups, one graph per shape, the bound, the fallback) runs on the CPU with only
 the capture replaced (``FakeGraphs``: "capture" records the step, "replay" calls it again); and the tiny SD1.5
 trainer runs with the step in its eager mode and through the fake graphs, each compared with the trainer's usual
-step.  ``test_real_capture_matches_eager`` really captures, where CUDA exists (bench/gpu_check.sh runs it)."""
+step.  ``test_real_capture_*`` really capture, where CUDA exists (bench/gpu_check.sh's tests part runs them)."""
 from __future__ import annotations
 
 from dataclasses import replace
