@@ -97,7 +97,8 @@ def capture_blockers(settings, arch, plan) -> list[str]:
 def use_device_learning_rates(optimizer, capturable: bool) -> None:
     """Each parameter group's learning rate as a 0-d tensor on its parameters' device (kept if it is one
     already), which the scheduler fills in place (``torch.optim.lr_scheduler._update_param_group_val``) and a
-    captured step reads; ``capturable`` (CUDA) lets torch's AdamW keep its step counts on the device."""
+    captured step reads; ``capturable`` (CUDA) lets torch's AdamW keep its step counts on the device.  The
+    optimizer's saved state keeps plain numbers (:func:`portable_groups`)."""
     inner = getattr(optimizer, "optimizer", optimizer)   # accelerate's wrapper
     for group in inner.param_groups:
         device = group["params"][0].device
@@ -106,6 +107,19 @@ def use_device_learning_rates(optimizer, capturable: bool) -> None:
                        else torch.tensor(float(lr), dtype=torch.float32, device=device))
         if capturable:
             group["capturable"] = True
+    inner.register_state_dict_post_hook(portable_groups)
+
+
+def portable_groups(optimizer, state: dict) -> dict:
+    """A saved state that an uncaptured run (another optimizer setup, the CPU) resumes from: the learning rates
+    as numbers (read from the device at a save, not in a step) and ``capturable`` off; a captured resumed run
+    turns both back on.  (``state_dict`` packs each group into a new dict: the live groups keep their tensors.)"""
+    for group in state["param_groups"]:
+        if isinstance(group.get("lr"), torch.Tensor):
+            group["lr"] = float(group["lr"])
+        if group.get("capturable"):
+            group["capturable"] = False
+    return state
 
 
 def capture_backend(device: torch.device) -> TorchGraphs | None:

@@ -128,6 +128,11 @@ def test_scheduler_fills_the_learning_rate_tensor_in_place():
         optimizer.step()
         scheduler.step()
         assert optimizer.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(expected)
+    # a saved state holds a number, which an uncaptured run resumes from; the live group keeps its tensor
+    optimizer.param_groups[0]["capturable"] = True   # as on CUDA
+    saved = optimizer.state_dict()["param_groups"][0]
+    assert saved["lr"] == pytest.approx(5e-3) and type(saved["lr"]) is float and saved["capturable"] is False
+    assert optimizer.param_groups[0]["lr"] is lr and optimizer.param_groups[0]["capturable"]
 
 
 # -- the captured step's bookkeeping, with the capture faked -----------------------------------------------
