@@ -18,6 +18,8 @@ class SDXL(SDUNetFamily):
     id = "sdxl"
     label = "Stable Diffusion XL"
     short_label = "SDXL"
+    capture_blocker = ("SDXL's size conditioning (original size, crop, target size) is built from host values "
+                       "every step")
     checkpointing_below_gb = 16.0
     ss_base_model_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"

@@ -92,15 +92,16 @@ def timed(step, steps: int, warmup: int, device) -> tuple[float, float]:
     return steps / (time.perf_counter() - t0), (time.process_time() - c0) / steps
 
 
-def autocast_for(device, dtype):
-    """bf16 autocast for a bf16 base (both sides); none in fp32."""
+def autocast_for(device, dtype, cache: bool = True):
+    """bf16 autocast for a bf16 base (both sides); none in fp32.  ``cache`` False: no cache of cast weights
+    (what a CUDA graph capture needs)."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def bench_ours(arch_id, latents, cond, meta, steps, warmup, checkpointing, dtype=torch.bfloat16, compile_how="off",
-               compile_mode=None):
+               compile_mode=None, cuda_graphs=False):
     import architectures
     from architectures.base import Components
     from core.settings import Settings
@@ -115,13 +116,14 @@ def bench_ours(arch_id, latents, cond, meta, steps, warmup, checkpointing, dtype
         comps.denoiser.enable_gradient_checkpointing()
     comps.denoiser.train()
     return time_our_step(arch, comps, latents, cond, meta, Settings(), steps, warmup, dtype, compile_how,
-                         compile_mode)
+                         compile_mode, cuda_graphs)
 
 
 def time_our_step(arch, comps, latents, cond, meta, settings, steps, warmup, dtype, compile_how="off",
-                  compile_mode=None):
+                  compile_mode=None, cuda_graphs=False):
     """Our LoRA r16 on the family's attention layers, AdamW, the trainer's diffusion_loss: (it/s, CPU s per
-    step, trained parameters)."""
+    step, trained parameters).  ``cuda_graphs``: the whole step replayed from a CUDA graph (core.cuda_graph; its
+    warm-up steps and the capture happen within the untimed warm-up)."""
     from core.adapters import build_network
     from core.optim import build_optimizer
     from core.trainer import diffusion_loss
@@ -140,6 +142,26 @@ def time_our_step(arch, comps, latents, cond, meta, settings, steps, warmup, dty
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    if cuda_graphs:
+        from core import cuda_graph
+
+        def whole_step(inputs):
+            opt.zero_grad(set_to_none=True)
+            loss = diffusion_loss(arch, comps, inputs["latents"], inputs["cond"], meta, settings, dtype,
+                                  lambda: autocast_for(device, dtype, cache=False))
+            loss.backward()
+            opt.step()
+            return {"loss": loss.detach()}
+
+        cuda_graph.use_device_learning_rates(opt, capturable=device.type == "cuda")
+        captured = cuda_graph.CapturedStep(whole_step, cuda_graph.capture_backend(device),
+                                           lambda message, level="info": print(message, file=sys.stderr))
+        inputs = {"latents": latents, "cond": cond}
+
+        def step():
+            captured(inputs)
+
+        warmup = max(warmup, cuda_graph.WARMUP_STEPS + 2)   # warm-ups, the capture and its first replay
     return *timed(step, steps, warmup, device), sum(p.numel() for p in net.parameters())
 
 
@@ -251,6 +273,8 @@ def main() -> None:
     ap.add_argument("--compile", default="off", choices=["off", "regional", "full"],
                     help="compile our side's UNet (the baseline stays eager)")
     ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="replay our whole step from a CUDA graph (core.cuda_graph; UNet families)")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--blocks", default="", help="comma-separated block class names for regional compile")
     ap.add_argument("--cpu", action="store_true", help="run both sides on the CPU")
@@ -291,15 +315,17 @@ def main() -> None:
         for precision in precisions:
             dtype = DTYPES[precision]
             rates, cpu_times, memories = {}, {}, {}
-            ours_label = "ours" if args.compile == "off" else f"ours {args.compile} {args.mode or 'default'}"
+            ours_label = ("ours" if args.compile == "off" else f"ours {args.compile} {args.mode or 'default'}") + (
+                " graphs" if args.cuda_graphs else "")
             if arch_id in UNETS:
                 latents, cond, meta = make_inputs(arch_id, batch, resolution, device, dtype)
                 sides = [("diffusers+peft", lambda **k: bench_diffusers_peft(arch_id, latents, cond, meta, **k)),
                          (ours_label, lambda **k: bench_ours(arch_id, latents, cond, meta, **k,
-                                                             compile_how=args.compile, compile_mode=args.mode))]
+                                                             compile_how=args.compile, compile_mode=args.mode,
+                                                             cuda_graphs=args.cuda_graphs))]
             else:
-                if args.compile != "off":
-                    sys.exit("--compile is measured on the UNet families only")
+                if args.compile != "off" or args.cuda_graphs:
+                    sys.exit("--compile and --cuda-graphs are measured on the UNet families only")
                 sides = [("diffusers+peft", lambda **k: bench_peft_dit(arch_id, resolution, batch, device, **k)),
                          (ours_label, lambda **k: bench_ours_dit(arch_id, resolution, batch, device, **k))]
             if args.skip_baseline:

@@ -2,10 +2,10 @@
 # The one check a session with a GPU runs first: the CUDA-only tests, the training-step bench of every family
 # against plain diffusers + peft, the block-swap self-check and the memory-tier table, each part under its own
 # time limit (a part that hangs or fails is reported and the others still run), ending with one Markdown block
-# to paste into bench/README.md.  About 9 minutes on one H100.
+# to paste into bench/README.md.  About 11 minutes on one H100.
 #
 #   bash bench/gpu_check.sh                      # everything, on the GPU
-#   bash bench/gpu_check.sh --parts step,swap    # some parts: gpu tests step swap tiers
+#   bash bench/gpu_check.sh --parts step,swap    # some parts: gpu tests step (with step-graphs) swap tiers
 #   bash bench/gpu_check.sh --out "$OUT"         # also keep each part's log there
 #   bash bench/gpu_check.sh --cpu [--config-dir DIR]   # the same pipeline on the CPU paths (tests run this)
 #
@@ -64,10 +64,15 @@ if [ "$MODE" = gpu ]; then
   STEP_FAMILIES=(sd15 sdxl sd35_medium flux1_dev flux2_klein_4b)
   wanted gpu && part gpu 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   # the tests that do more (or only run) where CUDA exists: host syncs under sync-debug mode, pinned batches,
-  # quantized kernels, hardware detection, block swapping's transfers
-  wanted tests && part tests 180 "$PY" -m pytest -q -p no:cacheprovider --timeout=170 tests/test_hardware.py \
-    tests/test_host_syncs.py tests/test_prefetch.py tests/test_quantize.py tests/test_block_swap.py
+  # quantized kernels, hardware detection, block swapping's transfers, the step captured in CUDA graphs
+  wanted tests && part tests 240 "$PY" -m pytest -q -p no:cacheprovider --timeout=230 tests/test_hardware.py \
+    tests/test_host_syncs.py tests/test_prefetch.py tests/test_quantize.py tests/test_block_swap.py \
+    tests/test_cuda_graph.py
   wanted step && part step 300 "$PY" bench/bench_step.py "${STEP_FAMILIES[@]}" --steps 8 --warmup 3
+  # our UNet step replayed from a CUDA graph (SDXL's capture is expected to fall back: its size conditioning is
+  # copied from the host each step; the log says why)
+  wanted step && part step-graphs 150 "$PY" bench/bench_step.py sd15 sdxl --steps 8 --warmup 3 --cuda-graphs \
+    --skip-baseline
   wanted swap && part swap 90 "$PY" bench/bench_block_swap.py
   wanted tiers && part tiers 240 "$PY" bench/bench_tiers.py sd15 sdxl sd35_medium flux1_dev flux2_klein_4b \
     --steps 3 --warmup 1 --timeout 110 --markdown

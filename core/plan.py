@@ -52,6 +52,7 @@ class Plan:
     activation_offload: bool = False
     optimizer_8bit: bool = False
     channels_last: bool = False
+    cuda_graphs: bool = False        # the step captured in a CUDA graph per bucket shape (core.cuda_graph)
     cpu_threads: int = 0             # 0: leave torch's default (GPU runs)
     estimate: object | None = None   # core.estimate.Estimate (None: could not be estimated)
     fits: bool = True
@@ -82,6 +83,8 @@ class Plan:
             parts.append(f"text encoders {self.quantize_text_encoder}")
         if self.compile != "off":
             parts.append(f"compile {self.compile}")
+        if self.cuda_graphs:
+            parts.append("CUDA graphs")
         if self.device == "cpu":
             parts.append(f"{self.cpu_threads} threads")
         return ", ".join(parts)
@@ -96,7 +99,7 @@ class Plan:
                       f"{self.quantize_base if self.quantize_base != 'none' else 'not quantized'}, text encoders "
                       f"{self.quantize_text_encoder if self.quantize_text_encoder != 'none' else 'not quantized'}, "
                       f"8-bit optimizer {on[self.optimizer_8bit]}, activation offload {on[self.activation_offload]}, "
-                      f"channels-last {on[self.channels_last]}")
+                      f"channels-last {on[self.channels_last]}, CUDA graphs {on[self.cuda_graphs]}")
         else:
             first += f", {self.cpu_threads} CPU threads"
         if self.processes > 1:
@@ -304,7 +307,27 @@ def make_plan(profile, settings, arch, config_dir=None) -> Plan:
         plan.compile = "off"
         reasons.append("compile off: not yet verified on a GPU together with a quantized base or block swapping "
                        "(set it to 'regional' to try)")
+    _choose_cuda_graphs(plan, settings, arch)
     return plan
+
+
+def _choose_cuda_graphs(plan: Plan, settings, arch) -> None:
+    """memory.cuda_graphs: 'on' is followed or refused with every reason; 'auto' stays off until capture has been
+    verified on a GPU (the reason says whether this run could be captured)."""
+    from core.cuda_graph import capture_blockers
+    choice = settings.memory.cuda_graphs
+    if choice == "off":
+        return
+    blockers = capture_blockers(settings, arch, plan)
+    if choice == "on":
+        if blockers:
+            raise ValueError("memory.cuda_graphs is 'on', but this run's step cannot be captured: "
+                             + "; ".join(blockers) + ". Change those, or set memory.cuda_graphs to 'auto' or 'off'.")
+        plan.cuda_graphs = True
+        plan.reasons.append("CUDA graphs on: the step is captured per bucket shape after a few eager steps")
+    elif plan.device == "cuda":
+        plan.reasons.append("CUDA graphs off: " + ("; ".join(blockers) if blockers else
+                            "not yet verified on a GPU in this project (memory.cuda_graphs 'on' tries it)"))
 
 
 def steps_in_backward(settings) -> bool:

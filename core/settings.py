@@ -665,6 +665,15 @@ class MemorySettings(Section):
     channels_last: Literal["auto", "on", "off"] = setting(
         "auto", "Channels-last memory format", "NHWC layout for the UNet's convolutions on NVIDIA GPUs. 'auto': "
         "off (measured within noise on an H100).", choices=("auto", "on", "off"), advanced=True)
+    cuda_graphs: Literal["auto", "on", "off"] = setting(
+        "auto", "CUDA graphs (capture the step)", "Record the whole training step (forward, backward, optimizer) "
+        "once per bucket shape and replay it: far fewer kernel launches, for the UNet models whose steps are bound "
+        "by the CPU. Not with block swapping, activation offload, a quantized base, fp16, gradient accumulation, "
+        "text-encoder training, several GPUs or optimizers other than AdamW (the plan names every reason). 'auto': "
+        "off for now (not yet verified on a GPU). 'on' is refused before loading when the run has one of those; a "
+        "capture that still fails is logged and the steps run as usual. Each new bucket shape takes 3 ordinary steps "
+        "and one capture first.",
+        choices=("auto", "on", "off"), advanced=True)
     cpu_threads: int = setting(0, "CPU threads", "Threads for a CPU-only run. 0: one per physical core.", ge=0,
                                le=1024, advanced=True)
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import architectures
 from core import dataset as ds_mod
 from core.config import AppConfig, load_config
+from core.cuda_graph import TrainingStep
 from core.distributed import SOLO, Solo, process_count, take_rows, train_on_processes
 from core.events import RunFailed, SaveFailed, TrainingDiverged, emit
 from core.full_finetune import EMA, FULL_FINETUNE, FullFineTune
@@ -281,7 +282,9 @@ def diffusion_loss(arch, components, latents: torch.Tensor, cond: dict, batch: d
         elementwise = elementwise * grid
     per_sample = elementwise.mean(dim=tuple(range(1, pred.ndim)))
     loss_weights = batch.get("loss_weights") if isinstance(batch, dict) else None
-    if loss_weights is not None and any(w != 1.0 for w in loss_weights):
+    if isinstance(loss_weights, torch.Tensor):   # a captured step's static buffer (core.cuda_graph): always applied
+        per_sample = per_sample * loss_weights
+    elif loss_weights is not None and any(w != 1.0 for w in loss_weights):
         per_sample = per_sample * host_values(loss_weights, per_sample.device)
     return (per_sample * x.weight).mean() if rows is None else (per_sample * x.weight).sum() * share
 
@@ -713,18 +716,24 @@ class _Run:
                                          self.s.model.clip_skip)
         return self.encode_captions(captions)
 
-    def training_step(self, batch: dict) -> torch.Tensor:
-        c = self.components
+    def step_inputs(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The batch's latents and text conditioning on the device."""
         if "latents" in batch:
             latents = batch["latents"].to(self.device, non_blocking=True)
         else:
             with torch.no_grad():
-                latents = self.arch.encode_latents(c, batch["pixels"].to(self.device)).float()
+                latents = self.arch.encode_latents(self.components, batch["pixels"].to(self.device)).float()
         with self.accelerator.autocast():
             cond = self.batch_conditioning(batch["captions"])
+        return latents, cond
+
+    def batch_loss(self, latents: torch.Tensor, cond: dict, batch: dict, autocast=None) -> torch.Tensor:
         with self.setup.step_context():
-            return diffusion_loss(self.arch, c, latents, cond, batch, self.s, self.plan.weight_dtype,
-                                  self.accelerator.autocast, rows=self.peers.rows(latents.shape[0]))
+            return diffusion_loss(self.arch, self.components, latents, cond, batch, self.s, self.plan.weight_dtype,
+                                  autocast or self.accelerator.autocast, rows=self.peers.rows(latents.shape[0]))
+
+    def training_step(self, batch: dict) -> torch.Tensor:
+        return self.batch_loss(*self.step_inputs(batch), batch)
 
     def train_loop(self) -> TrainResult:
         s = self.s
@@ -753,6 +762,7 @@ class _Run:
             optimizer.after_step = self.setup.swapper.param_updated  # a swapped block's update goes back to RAM
         self.optimizer, self.lr_scheduler = acc.prepare(optimizer, lr_scheduler)
 
+        clipping = s.optimizer.max_grad_norm > 0 and not self.fused_backward
         self.global_step, start_epoch, skip_batches = 0, 0, 0
         self.saved_adapters: list[str] = []
         self.saved_states: list[str] = []
@@ -761,6 +771,8 @@ class _Run:
         self.output_stem = None
         if self.resume_dir is not None:
             start_epoch, skip_batches = self.load_state(self.resume_dir)
+        # after the resume: it replaces the learning rates, which a captured step keeps as device tensors
+        self.captured_step = TrainingStep(self, clipping) if self.plan.cuda_graphs else None
         if self.output_stem is None:
             # a rerun with the same output name never touches an earlier run's files (finished or not)
             self.output_stem = unused_stem(self.output_dir, s.saving.output_name, run=True)
@@ -768,7 +780,6 @@ class _Run:
         self.status(f"Training: {self.total_steps} steps, {self.total_epochs} epoch(s), {batches} batches per epoch")
 
         accumulation = s.schedule.gradient_accumulation_steps
-        clipping = s.optimizer.max_grad_norm > 0 and not self.fused_backward
         # fp16 loss scaling meets infinite gradients by design (the scaler skips those steps): only the loss counts
         guard_grad_norm = clipping and self.plan.mixed_precision != "fp16"
         self.guard = DivergenceGuard(self.device, self.global_step)
@@ -792,19 +803,23 @@ class _Run:
                     self.log(f"Stopped at step {self.global_step}; saving")
                     self.result.stopped = True
                     return self.finish()
-                group_size, steps_now = accumulation_group(batch_index, batches, accumulation)
-                with contextlib.nullcontext() if steps_now else acc.no_sync(self.network):
-                    loss = self.training_step(batch)
-                    acc.backward(loss / group_size)
-                losses.add(loss)
-                if not steps_now:
-                    continue
-                self.peers.sum_gradients(trainable, losses)
-                grad_norm = acc.clip_grad_norm_(self.network.parameters(), s.optimizer.max_grad_norm) \
-                    if clipping else None
-                self.optimizer.step()
+                if self.captured_step is not None:   # the whole step, replayed from a CUDA graph (one batch)
+                    loss, grad_norm = self.captured_step(batch)
+                    losses.add(loss)
+                else:
+                    group_size, steps_now = accumulation_group(batch_index, batches, accumulation)
+                    with contextlib.nullcontext() if steps_now else acc.no_sync(self.network):
+                        loss = self.training_step(batch)
+                        acc.backward(loss / group_size)
+                    losses.add(loss)
+                    if not steps_now:
+                        continue
+                    self.peers.sum_gradients(trainable, losses)
+                    grad_norm = acc.clip_grad_norm_(self.network.parameters(), s.optimizer.max_grad_norm) \
+                        if clipping else None
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
                 self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
                 losses.step()
                 self.guard.update(losses.total, grad_norm if guard_grad_norm else None)
                 self.global_step += 1
