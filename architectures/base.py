@@ -340,8 +340,6 @@ class Architecture:
     #: keys of the text conditioning that stay in host memory, also when cached: values the step reads on the
     #: host (FLUX.3's caption windows), which on the device would cost a synchronisation every step
     host_conditioning: tuple[str, ...] = ()
-    #: why this family's training step cannot be captured in a CUDA graph ("": it can; core.cuda_graph)
-    capture_blocker: str = ""
 
     def noisy_input_and_target(self, components: Components, latents: torch.Tensor, noise: torch.Tensor,
                                settings, input_noise: torch.Tensor | None = None,

@@ -7,19 +7,20 @@ from architectures.sd_unet import SDUNetFamily
 from core.speed import host_values
 
 
-def sdxl_time_ids(original_sizes, crop_coords, target_sizes, device) -> torch.Tensor:
-    """(B, 6): original (h, w), crop (top, left), target (h, w) — SDXL's micro-conditioning (from the batch's
-    host lists, copied without waiting)."""
-    return host_values([list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crop_coords, target_sizes)],
-                       device)
+def sdxl_time_ids(batch: dict, device) -> torch.Tensor:
+    """(B, 6): original (h, w), crop (top, left), target (h, w) — SDXL's micro-conditioning: the training batch's
+    ``size_conditioning`` tensor (built on the batch worker, so a captured step replays it as an input), else,
+    for a batch built by hand, from its host lists; both copied without waiting."""
+    if "size_conditioning" in batch:
+        return batch["size_conditioning"].to(device, non_blocking=True)
+    return host_values([list(o) + list(c) + list(t) for o, c, t in
+                        zip(batch["original_sizes"], batch["crop_coords"], batch["target_sizes"])], device)
 
 
 class SDXL(SDUNetFamily):
     id = "sdxl"
     label = "Stable Diffusion XL"
     short_label = "SDXL"
-    capture_blocker = ("SDXL's size conditioning (original size, crop, target size) is built from host values "
-                       "every step")
     checkpointing_below_gb = 16.0
     ss_base_model_version = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
@@ -46,7 +47,7 @@ class SDXL(SDUNetFamily):
         return {"encoder_hidden_states": torch.cat([h1, h2.to(h1.dtype)], dim=-1), "pooled": out2.text_embeds}
 
     def predict(self, components, noisy, timesteps, cond, batch) -> torch.Tensor:
-        time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_coords"], batch["target_sizes"], noisy.device)
+        time_ids = sdxl_time_ids(batch, noisy.device)
         added = {"text_embeds": cond["pooled"], "time_ids": time_ids.to(cond["pooled"].dtype)}
         hidden = cond["encoder_hidden_states"]
         control = self.control_residuals(components, noisy, timesteps, hidden, added, batch)

@@ -70,7 +70,9 @@ def make_inputs(arch_id: str, batch: int, resolution: int, device, dtype=torch.b
         pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
         cond["pooled"] = torch.randn(batch, pooled, device=device, generator=g, dtype=dtype)
     sizes = [(resolution, resolution)] * batch
-    meta = {"original_sizes": sizes, "crop_coords": [(0, 0)] * batch, "target_sizes": sizes}
+    meta = {"original_sizes": sizes, "crop_coords": [(0, 0)] * batch, "target_sizes": sizes,
+            # what the trainer's batches carry (core.dataset.TrainingDataset): SDXL reads no host lists per step
+            "size_conditioning": torch.tensor([[*o, 0, 0, *o] for o in sizes], dtype=torch.float32, device=device)}
     return latents, cond, meta
 
 

@@ -69,8 +69,7 @@ if [ "$MODE" = gpu ]; then
     tests/test_host_syncs.py tests/test_prefetch.py tests/test_quantize.py tests/test_block_swap.py \
     tests/test_cuda_graph.py
   wanted step && part step 300 "$PY" bench/bench_step.py "${STEP_FAMILIES[@]}" --steps 8 --warmup 3
-  # our UNet step replayed from a CUDA graph (SDXL's capture is expected to fall back: its size conditioning is
-  # copied from the host each step; the log says why)
+  # our UNet step replayed from a CUDA graph
   wanted step && part step-graphs 150 "$PY" bench/bench_step.py sd15 sdxl --steps 8 --warmup 3 --cuda-graphs \
     --skip-baseline
   wanted swap && part swap 90 "$PY" bench/bench_block_swap.py

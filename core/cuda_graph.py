@@ -90,8 +90,6 @@ def capture_blockers(settings, arch, plan) -> list[str]:
     if arch.host_conditioning:
         reasons.append(f"{arch.label} reads part of its conditioning on the host every step "
                        f"({', '.join(arch.host_conditioning)})")
-    if arch.capture_blocker:
-        reasons.append(arch.capture_blocker)
     return reasons
 
 

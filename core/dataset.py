@@ -788,7 +788,8 @@ class TrainingDataset:
     [-1, 1] when the cache mode is "off" (or no cache is given); ``captions`` (processed); ``original_sizes``
     [(h, w)]; ``crop_coords`` [(top, left)]; ``target_sizes`` [(h, w) of the bucket]; ``flips`` [bool];
     ``paths`` [Path]; ``loss_weights`` [float]: 1.0 for training images, ``ds.prior_loss_weight`` for
-    regularization images; ``masks`` (B, 1, h/8, w/8) with a :class:`MaskCache` (masked loss); ``conditioning``
+    regularization images; ``size_conditioning`` (B, 6) float: original size, crop and target size as SDXL
+    is conditioned on them (one tensor, so the step reads no host lists); ``masks`` (B, 1, h/8, w/8) with a :class:`MaskCache` (masked loss); ``conditioning``
     (B, 3, H, W) in [0, 1] with ``conditioning`` images (a ControlNet's: ``core.controlnet.ConditioningImages``).  Flip and caption augmentation follow each item's own options (its subset's;
     :func:`item_augment`) and are drawn from an RNG seeded by (seed, epoch, batch_index), so a resumed run gets
     the same batches.
@@ -840,6 +841,9 @@ class TrainingDataset:
             out["paths"].append(it.path)
             out["loss_weights"].append(prior_weight if it.is_reg else 1.0)
         out["latents" if use_cache else "pixels"] = torch.stack(tensors)
+        out["size_conditioning"] = torch.tensor(
+            [[*o, *c, *t] for o, c, t in zip(out["original_sizes"], out["crop_coords"], out["target_sizes"])],
+            dtype=torch.float32)
         if self.masks is not None:
             out["masks"] = torch.stack([self.masks.get(it, f) for it, f in zip(items, out["flips"])])
         if self.conditioning is not None:

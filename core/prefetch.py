@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import torch
 
 # the batch entries that are tensors the step copies to the device
-PINNED_KEYS = ("latents", "pixels", "masks", "conditioning")
+PINNED_KEYS = ("latents", "pixels", "masks", "conditioning", "size_conditioning")
 
 
 def pinned(batch: dict) -> dict:

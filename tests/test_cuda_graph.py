@@ -63,7 +63,6 @@ def test_a_plain_adamw_lora_step_on_cuda_can_be_captured():
     ({}, {"network__algorithm": "full_finetune"}, "sd15", "full fine-tuning"),
     ({}, {"schedule__multires_noise_iterations": 6}, "sd15", "schedule.multires_noise_iterations"),
     ({}, {"network__module_dropout": 0.1}, "sd15", "network.module_dropout"),
-    ({}, {}, "sdxl", "SDXL's size conditioning"),
 ])
 def test_each_blocker_is_named(plan_fields, values, arch_id, reason):
     reasons = capture_blockers(run_settings(**values), architectures.get(arch_id), cuda_plan(**plan_fields))
@@ -75,8 +74,10 @@ def test_each_blocker_is_named(plan_fields, values, arch_id, reason):
 def test_masked_loss_loss_weights_and_a_controlnet_do_not_block():
     s = run_settings(dataset__masked_loss=True, schedule__min_snr_gamma=5.0)
     assert capture_blockers(s, SD15, cuda_plan()) == []
-    # the conditioning images are one more static input (TrainingStep.inputs takes every batch tensor)
+    # the conditioning images are one more static input (TrainingStep.inputs takes every batch tensor), and so
+    # is SDXL's size conditioning (TrainingDataset's size_conditioning)
     assert capture_blockers(run_settings(network__algorithm="controlnet"), SD15, cuda_plan()) == []
+    assert capture_blockers(run_settings(), architectures.get("sdxl"), cuda_plan()) == []
 
 
 # -- the plan ----------------------------------------------------------------------------------------------

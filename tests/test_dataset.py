@@ -448,6 +448,9 @@ def test_training_dataset_batches(small_dataset):
                 assert batch["crop_coords"][k] == crop_geometry(items[j].width, items[j].height,
                                                                 items[j].bucket, flip)[2:]
                 assert torch.equal(batch["latents"][k], cache.get(items[j], flip))
+                # SDXL's micro-conditioning as one tensor: original size, crop, target size
+                assert batch["size_conditioning"][k].tolist() == [*batch["original_sizes"][k],
+                                                                  *batch["crop_coords"][k], bh, bw]
                 flips.append(flip)
             for j, cap in zip(idx, batch["captions"]):
                 assert cap.split(", ")[0] == items[j].caption.split(",")[0]
