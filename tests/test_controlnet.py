@@ -5,9 +5,6 @@ bad settings and bad conditioning folders refused before anything loads, the est
 exactly, and the product training a ControlNet in a fresh process whose files load in diffusers."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,9 +28,9 @@ from tests.tiny_models import (
     build_tiny_sd15,
     build_tiny_sdxl,
     tiny_train_settings,
+    train_in_fresh_process,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl}
 
 
@@ -251,29 +248,12 @@ def test_resume_continues_exactly(runs, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
 
 
-CHILD_SCRIPT = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import core
-from core.config import load_config
-events = []
-result = core.train(core.load_settings(sys.argv[2]), on_event=events.append, config=load_config(sys.argv[3]))
-print("RESULT " + json.dumps({"outputs": [str(p) for p in result.outputs], "steps": result.steps,
-                               "samples": [str(p) for p in result.samples], "validation": result.validation}))
-"""
-
-
 @pytest.mark.parametrize("arch", list(BUILDERS))
 def test_fresh_process_trains_a_controlnet_that_loads_in_diffusers(runs, tmp_path, arch):
     s, config = controlnet_settings(runs, arch, tmp_path, saving__save_diffusers_folder=True,
                                     dataset__flip_aug=True, dataset__validation_split=0.25,
                                     sampling__prompts="a red disc", sampling__sample_every_n_steps=3)
-    (tmp_path / "settings.json").write_text(json.dumps(s.to_dict()), encoding="utf-8")
-    (tmp_path / "config.json").write_text(config.model_dump_json(), encoding="utf-8")
-    out = subprocess.run([sys.executable, "-c", CHILD_SCRIPT, str(ROOT), str(tmp_path / "settings.json"),
-                          str(tmp_path / "config.json")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result = train_in_fresh_process(s, config, tmp_path)
     assert result["steps"] == 3 and len(result["samples"]) == 1 and len(result["validation"]) == 1
     single, folder = map(Path, result["outputs"])
     assert single.suffix == ".safetensors" and folder.name == single.stem + "_diffusers"

@@ -4,9 +4,6 @@ exactly as the trainer did, bad settings are refused before anything loads, a re
 the product trains an embedding in a fresh process."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -20,9 +17,14 @@ import core
 from core.export import tensor_data_sha256
 from core.settings import Settings, SettingsError, check_consistency, settings_from_dict
 from core.trainer import _Run
-from tests.tiny_models import build_tiny_dataset, build_tiny_sd15, build_tiny_sdxl, tiny_train_settings
+from tests.tiny_models import (
+    build_tiny_dataset,
+    build_tiny_sd15,
+    build_tiny_sdxl,
+    tiny_train_settings,
+    train_in_fresh_process,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl}
 TOKEN, INIT_WORD, VECTORS = "sks", "toy car", 2
 KEYS = {"sd15": ("emb_params",), "sdxl": ("clip_l", "clip_g")}
@@ -219,24 +221,9 @@ def test_resume_continues_exactly(tiny, tmp_path):
         core.train(s3, config=config3)
 
 
-CHILD_SCRIPT = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import core
-from core.config import load_config
-result = core.train(core.load_settings(sys.argv[2]), config=load_config(sys.argv[3]))
-print("RESULT " + json.dumps({"final": str(result.final), "steps": result.steps}))
-"""
-
-
 def test_fresh_process_trains_an_sdxl_embedding(tiny, tmp_path):
     s, config = settings(tiny, "sdxl", tmp_path, saving__save_precision="fp16")
-    (tmp_path / "settings.json").write_text(json.dumps(s.to_dict()), encoding="utf-8")
-    (tmp_path / "config.json").write_text(config.model_dump_json(), encoding="utf-8")
-    out = subprocess.run([sys.executable, "-c", CHILD_SCRIPT, str(ROOT), str(tmp_path / "settings.json"),
-                          str(tmp_path / "config.json")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result = train_in_fresh_process(s, config, tmp_path)
     assert result["steps"] == 3
     saved = load_file(result["final"])
     base = base_model(tiny, "sdxl")
@@ -299,27 +286,12 @@ def test_pivotal_resume_continues_exactly(tiny, tmp_path):
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
 
 
-PIVOTAL_CHILD = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import core
-from core.config import load_config
-result = core.train(core.load_settings(sys.argv[2]), config=load_config(sys.argv[3]))
-print("RESULT " + json.dumps({"outputs": [str(p) for p in result.outputs], "steps": result.steps}))
-"""
-
-
 def test_fresh_process_pivotal_tuning_saves_a_lora_with_its_embedding(tiny, tmp_path):
     """A LoRA and its token trained together in a fresh process: the LoRA file carries the embedding as
     bundle_emb entries (A1111 / Forge / ComfyUI), the _emb file is an embedding diffusers loads; with both loaded
     in diffusers the prompt encodes as the trained text encoder encodes it."""
     s, config = settings(tiny, "sd15", tmp_path, **pivotal(saving__save_precision="float"))
-    (tmp_path / "settings.json").write_text(json.dumps(s.to_dict()), encoding="utf-8")
-    (tmp_path / "config.json").write_text(config.model_dump_json(), encoding="utf-8")
-    out = subprocess.run([sys.executable, "-c", PIVOTAL_CHILD, str(ROOT), str(tmp_path / "settings.json"),
-                          str(tmp_path / "config.json")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result = train_in_fresh_process(s, config, tmp_path)
     lora_path, emb_path = map(Path, result["outputs"])
     assert emb_path.name == lora_path.stem + "_emb.safetensors"
     lora, emb = load_file(str(lora_path)), load_file(str(emb_path))

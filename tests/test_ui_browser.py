@@ -348,27 +348,29 @@ def _wait_for_final(page) -> Path:
                 f"{page.locator('#run-status').inner_text()}\n--- log ---\n{log}")
 
 
-def test_load_a_preset_then_stop_a_long_run(studio, page):
-    """A preset file loads into the controls; Stop ends a real run early and it still saves an adapter."""
+def load_preset(studio, page, name: str, **values) -> None:
+    """A preset of the tiny dataset at 64 px (training.json's defaults, ``values`` as ``section__name``) written
+    into the presets folder and loaded through the Presets box."""
     from core.settings import load_settings, save_settings
 
     s = load_settings(ROOT / "training.json")
-    s.dataset.path = str(studio["dataset"])
-    s.dataset.resolution = 64
-    s.dataset.enable_buckets = False
-    s.model.model_path = "tiny-sd15"
-    s.network.rank = 4
-    s.schedule.max_train_steps = 100_000
-    s.schedule.log_every_n_steps = 1
-    s.saving.output_name = "stopped_lora"
-    s.saving.save_every_n_epochs = 0
-    s.sampling.sample_every_n_steps = 0
-    save_settings(s, studio["presets"] / "long-run.json")
-
+    values = {"dataset__path": str(studio["dataset"]), "dataset__resolution": 64, "dataset__enable_buckets": False,
+              "schedule__log_every_n_steps": 1, "saving__save_every_n_epochs": 0, **values}
+    for dotted, value in values.items():
+        section, field = dotted.split("__")
+        setattr(getattr(s, section), field, value)
+    save_settings(s, studio["presets"] / f"{name}.json")
     name_box = page.locator("#preset-name input").first
-    name_box.fill("long-run")
+    name_box.fill(name)
     name_box.press("Enter")
     page.locator("#preset-load").click()
+
+
+def test_load_a_preset_then_stop_a_long_run(studio, page):
+    """A preset file loads into the controls; Stop ends a real run early and it still saves an adapter."""
+    load_preset(studio, page, "long-run", model__model_path="tiny-sd15", network__rank=4,
+                schedule__max_train_steps=100_000, saving__output_name="stopped_lora",
+                sampling__sample_every_n_steps=0)
     open_tab(page, "Saving & previews")
     page.wait_for_function(
         "document.querySelector('#setting-saving-output_name input').value === 'stopped_lora'")
@@ -425,26 +427,9 @@ def _second_tab_sees_the_run_and_cannot_stop_it_by_accident(studio, page) -> Non
 def test_train_a_tiny_controlnet_in_the_browser(studio, page):
     """ControlNet from the UI: the algorithm shows its own options (and hides the adapter's), the conditioning
     folder is asked for before Start, and the run saves the single file and the diffusers folder."""
-    from core.settings import load_settings, save_settings
-
-    s = load_settings(ROOT / "training.json")
-    s.dataset.path = str(studio["dataset"])
-    s.dataset.resolution = 64
-    s.dataset.enable_buckets = False
-    s.model.model_path = "tiny-sd15-cn"
-    s.schedule.max_train_steps = 4
-    s.schedule.log_every_n_steps = 1
-    s.saving.output_name = "browser_controlnet"
-    s.saving.save_every_n_epochs = 0
-    s.sampling.sample_every_n_steps = 4
-    s.sampling.prompts = "a red square"
-    s.sampling.steps = 2
-    s.sampling.width = s.sampling.height = 64
-    save_settings(s, studio["presets"] / "controlnet.json")
-    name_box = page.locator("#preset-name input").first
-    name_box.fill("controlnet")
-    name_box.press("Enter")
-    page.locator("#preset-load").click()
+    load_preset(studio, page, "controlnet", model__model_path="tiny-sd15-cn", schedule__max_train_steps=4,
+                saving__output_name="browser_controlnet", sampling__sample_every_n_steps=4,
+                sampling__prompts="a red square", sampling__steps=2, sampling__width=64, sampling__height=64)
 
     open_tab(page, "Model")
     page.wait_for_function("document.querySelector('#setting-model-model_path input').value === 'tiny-sd15-cn'")

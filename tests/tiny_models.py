@@ -296,3 +296,33 @@ def train_twice_with_disk_cache(arch_id: str, model_fields: dict, data: Path, tm
         result = core.train(s, on_event=events.append, config=config)
         runs.append(([e["message"] for e in events if e["type"] in ("log", "status")], load_file(str(result.final))))
     return runs
+
+
+_TRAIN_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import core
+from core.config import load_config
+result = core.train(core.load_settings(sys.argv[2]), config=load_config(sys.argv[3]))
+print("TRAIN_RESULT " + json.dumps({"final": str(result.final), "outputs": [str(p) for p in result.outputs],
+                                    "steps": result.steps, "samples": [str(p) for p in result.samples],
+                                    "validation": result.validation}))
+"""
+
+
+def train_in_fresh_process(settings, config, folder: Path) -> dict:
+    """``core.train`` as a user's script runs it: a new Python process that imported nothing before ``core``,
+    with ``settings`` and ``config`` written into ``folder``.  Returns the run's final file, outputs, steps,
+    samples and validation losses; a failed run fails the calling test with the child's stderr."""
+    import json
+    import subprocess
+    import sys
+
+    folder = Path(folder)
+    (folder / "settings.json").write_text(json.dumps(settings.to_dict()), encoding="utf-8")
+    (folder / "config.json").write_text(config.model_dump_json(), encoding="utf-8")
+    out = subprocess.run([sys.executable, "-c", _TRAIN_CHILD, str(Path(__file__).resolve().parent.parent),
+                          str(folder / "settings.json"), str(folder / "config.json")],
+                         capture_output=True, text=True, timeout=600, cwd=folder)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("TRAIN_RESULT "))[13:])
