@@ -185,36 +185,32 @@ class Architecture:
         naming the setting and what to choose.  The trainer refuses to start on any (``check_consistency``),
         and the Run tab's plan lists them."""
         n = settings.network
-        if n.algorithm == "textual_inversion":
+        # the modes without an adapter: the family must implement what each writes
+        capability = {"textual_inversion": (lambda c: bool(c.embedding_keys), "textual inversion",
+                                            "writes embeddings"),
+                      "controlnet": (lambda c: c.supports_controlnet, "ControlNet training", "trains ControlNets"),
+                      "full_finetune": (lambda c: c.supports_full_checkpoint, "full fine-tuning",
+                                        "writes whole checkpoints")}.get(n.algorithm)
+        if capability is not None:
+            able, what, does = capability
+            if not able(self):
+                from architectures import registry
+                families = ", ".join(c.short_label or c.label for c in registry().values() if able(c))
+                return [f"network.algorithm: {what} is not available for {self.label} (this trainer {does} of "
+                        f"{families}); choose an adapter algorithm such as LoRA"]
+            if n.algorithm != "textual_inversion":
+                return []
+        problems = []
+        if n.algorithm == "textual_inversion" or n.pivotal:  # a new token, alone or beside the adapter
             if not self.embedding_keys:
-                from architectures import registry
-                able = ", ".join(c.short_label or c.label for c in registry().values() if c.embedding_keys)
-                return [f"network.algorithm: textual inversion is not available for {self.label} (this trainer "
-                        f"writes embeddings of {able}); choose an adapter algorithm such as LoRA"]
-            from core.embeddings import known_token_problems
-            return known_token_problems(n, self.token_known)
-        if n.algorithm == "controlnet":
-            if not self.supports_controlnet:
-                from architectures import registry
-                able = ", ".join(c.short_label or c.label for c in registry().values() if c.supports_controlnet)
-                return [f"network.algorithm: ControlNet training is not available for {self.label} (this trainer "
-                        f"trains ControlNets of {able}); choose an adapter algorithm such as LoRA"]
-            return []
-        if n.algorithm == "full_finetune":
-            if not self.supports_full_checkpoint:
-                from architectures import registry
-                able = ", ".join(c.short_label or c.label for c in registry().values() if c.supports_full_checkpoint)
-                return [f"network.algorithm: full fine-tuning is not available for {self.label} (this trainer "
-                        f"writes whole checkpoints of {able}); choose an adapter algorithm such as LoRA"]
-            return []
-        if n.target not in self.adapter_presets:
-            return [f"network.target: {self.label} supports {', '.join(self.adapter_presets)}, not {n.target!r}"]
-        if n.pivotal:  # a new token beside the adapter
-            if not self.embedding_keys:
-                return [f"network.pivotal: {self.label} trains no embeddings; turn pivotal tuning off"]
-            from core.embeddings import known_token_problems
-            return known_token_problems(n, self.token_known)
-        return []
+                problems.append(f"network.pivotal: {self.label} trains no embeddings; turn pivotal tuning off")
+            else:
+                from core.embeddings import known_token_problems
+                problems += known_token_problems(n, self.token_known)
+        if n.algorithm != "textual_inversion" and n.target not in self.adapter_presets:
+            problems.append(f"network.target: {self.label} supports {', '.join(self.adapter_presets)}, not "
+                            f"{n.target!r}")
+        return problems
 
     # -- adapters --------------------------------------------------------------------------------------
     #: the target presets this family knows (``settings.network.target``)
