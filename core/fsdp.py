@@ -22,11 +22,11 @@ of a state of another strategy (the optimizer files differ).
 Not combined with FSDP (refused, :func:`fsdp_problems`): adapters (a few MB of weights: DDP is right), one
 process, EMA (its average would need sharding and gathering of its own), block swapping (it moves whole
 weights), the fused backward pass (refused for every several-process run), fp16 (its loss scaling does not
-handle sharded gradients).  Validation runs the same number of forward passes on every worker (the sharded forward is a collective); previews
-are rendered by every worker, and written by rank 0."""
-from __future__ import annotations
+handle sharded gradients), 8-bit optimizer state.  The plan turns compile off (not verified with FSDP).
 
-import math
+Validation runs the same number of forward passes on every worker (the sharded forward is a collective:
+``Peers.share_of(…, same_count=True)``); previews are rendered by every worker and written by rank 0."""
+from __future__ import annotations
 
 import torch
 from torch import nn
@@ -92,7 +92,7 @@ class ShardedFullFineTune(FullFineTune):
 
     def __init__(self, components, train_text_encoder: bool):
         super().__init__(components, train_text_encoder)
-        #: the full state dicts of the last :meth:`gather` (rank 0; empty on the others)
+        #: the full state dict of the last :meth:`gather` (rank 0; empty on the others and after the save)
         self.gathered: dict[str, torch.Tensor] = {}
 
     def shard(self, block_names: tuple[str, ...], device: torch.device, bf16: bool) -> int:
@@ -101,8 +101,10 @@ class ShardedFullFineTune(FullFineTune):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-            else MixedPrecisionPolicy()
+        # the inputs are left as they come (the timesteps in fp32, the blocks' residual stream as autocast
+        # leaves it): only the gathered weights are bf16, which autocast would cast them to anyway
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                      cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy()
         denoiser = self.parts["denoiser"]
         blocks = fsdp_blocks(denoiser, block_names)
         if not blocks:
@@ -148,6 +150,10 @@ class ShardedFullFineTune(FullFineTune):
             return None
         return get_optimizer_state_dict(self.modules(), _torch_optimizer(optimizer), options=full)
 
+    def release_gathered(self) -> None:
+        """After a save: the gathered copy (the whole model in rank 0's CPU memory) is not kept for the run."""
+        self.gathered = {}
+
     def module_state_dicts(self, ema=None) -> dict[str, dict[str, torch.Tensor]]:
         """Each part's full state dict from the last :meth:`gather` (rank 0)."""
         out: dict[str, dict[str, torch.Tensor]] = {part: {} for part in self.parts}
@@ -180,8 +186,3 @@ def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate's wrapper (the state-dict functions read its parameters)."""
     return getattr(optimizer, "optimizer", optimizer)
 
-
-def sharded_bytes(total_bytes: float, processes: int) -> float:
-    """What one of ``processes`` workers holds of state sharded over all of them (weights, gradients, optimizer
-    state): its share, rounded up as ``torch.chunk`` cuts."""
-    return math.ceil(total_bytes / processes)

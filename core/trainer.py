@@ -1023,6 +1023,8 @@ class _Run:
         except OSError as exc:
             self.save_failed(exc, what, needed)
         self.last_good_save = path
+        if self.sharded:
+            self.network.release_gathered()
         self.peers.saved()
         return path
 
