@@ -191,6 +191,11 @@ def make_plan(profile, settings, arch, config_dir=None) -> Plan:
     elif gpu is None and precision == "bf16" and not profile.cpu_bf16:
         reasons.append("precision bf16 as set, but this CPU lacks bf16 instructions (AVX512-BF16 / AMX): emulated "
                        "bf16 is far slower than fp32 here (memory.mixed_precision 'auto' or 'no' picks fp32)")
+    if precision == "fp16" and m.mixed_precision == "auto" and settings.distributed.strategy == "fsdp":
+        # (an explicit fp16 is refused by core.fsdp.fsdp_problems)
+        raise ValueError(f"{gpu.name} lacks bf16, and fp16's loss scaling does not handle FSDP's sharded gradients: "
+                         "set memory.mixed_precision to 'no' (fp32, Memory tab), or choose DDP (Distributed → "
+                         "Strategy)")
     tf32 = choose_tf32(profile, m.tf32)
     attention, why = choose_attention_backend(gpu, precision, m.attention)
     if why:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -313,14 +314,15 @@ def test_fsdp_resume_on_two_processes_continues_to_the_uninterrupted_weights(fsd
     diff = max_diff(a, b)
     print(f"FSDP 2-process resume from step 2 vs uninterrupted: max |diff| {diff:.2e}; wall {resumed['wall']:.1f} s")
     assert diff <= 1e-6
-    # the state records its strategy and process count; another count is refused before anything loads
-    s, config = resumed["settings"], resumed["config"]
-    s.distributed.num_processes = 3
+    # the state records its strategy and process count: another count, or DDP, is refused before loading
+    from core.trainer import check_resume
+    state, s = Path(resumed["settings"].saving.resume_from), resumed["settings"].model_copy(deep=True)
+    assert check_resume(state, s, 2)["processes"] == 2
     with pytest.raises(core.SettingsError, match="trained on 2 processes; this run has 3"):
-        core.train(s, config=config)
-    s.distributed.num_processes, s.distributed.strategy = 2, "ddp"
+        check_resume(state, s, 3)
+    s.distributed.strategy = "ddp"
     with pytest.raises(core.SettingsError, match="trained with distributed.strategy fsdp"):
-        core.train(s, config=config)
+        check_resume(state, s, 2)
     assert not multiprocessing.active_children()
 
 

@@ -323,3 +323,7 @@ def test_fsdp_shards_a_full_finetunes_weights_gradients_and_optimizer_state_per_
     assert fsdp.estimate.parts["activations"] == ddp.estimate.parts["activations"]
     assert "8 processes (FSDP) with a global batch of 8" in fsdp.summary()
     assert "sharded: 1/8 each" in fsdp.summary() and "(DDP)" in ddp.summary()
+    # a GPU without bf16 would train in fp16, whose loss scaling does not handle sharded gradients
+    eight.gpus = [GpuInfo.from_capability(i, "T4", 16, 16, TURING) for i in range(8)]
+    with pytest.raises(ValueError, match="T4 lacks bf16"):
+        full("fsdp")
