@@ -484,9 +484,11 @@ def _fit_memory(plan: Plan, profile, settings, arch, config_dir, budget, budget_
                  f"GB) + swapped blocks / offloaded activations (≈ {final.ram_gb:.1f} GB) exceed the "
                  f"{ram_free:.1f} GB that can be spared: free the text encoders after caching (previews then "
                  f"reload them)")
-    load_gb = loading_ram_gb(final, settings, arch, plan)
+    # every process reads the whole model at once (an FSDP run too: each shards it after reading)
+    load_gb = loading_ram_gb(final, settings, arch, plan) * plan.processes
     if load_gb > profile.ram_total_gb:
-        r.insert(0, f"CPU RAM is short for loading: the model's files are read into RAM whole (≈ "
+        each = f", by each of the {plan.processes} processes" if plan.processes > 1 else ""
+        r.insert(0, f"CPU RAM is short for loading: the model's files are read into RAM whole{each} (≈ "
                     f"{load_gb:.0f} GB in {plan.mixed_precision if plan.mixed_precision != 'no' else 'fp32'}, "
                     f"before any quantization) and this machine has {profile.ram_total_gb:.0f} GB; without enough "
                     f"swap space the system will stop the app while loading")

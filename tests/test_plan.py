@@ -306,7 +306,7 @@ def test_fsdp_shards_a_full_finetunes_weights_gradients_and_optimizer_state_per_
     gradients and AdamW's state (≈ 196 GB) does not fit with DDP; FSDP holds 1/8 of each per GPU (plus the
     gathered running blocks) and fits.  Activations are per GPU either way."""
     needs("flux1_dev")
-    eight = machine(80, HOPPER, ram_gb=512)
+    eight = machine(80, HOPPER, ram_gb=256)
     eight.gpus = [GpuInfo.from_capability(i, "H100", 80, 80, HOPPER) for i in range(8)]
 
     def full(strategy):
@@ -323,6 +323,8 @@ def test_fsdp_shards_a_full_finetunes_weights_gradients_and_optimizer_state_per_
     assert fsdp.estimate.parts["activations"] == ddp.estimate.parts["activations"]
     assert "8 processes (FSDP) with a global batch of 8" in fsdp.summary()
     assert "sharded: 1/8 each" in fsdp.summary() and "(DDP)" in ddp.summary()
+    # each of the 8 processes reads the fp32 model (≈ 60 GB with its text encoders) before sharding it
+    assert "read into RAM whole, by each of the 8 processes (≈ 4" in fsdp.reasons[0]
     # a GPU without bf16 would train in fp16, whose loss scaling does not handle sharded gradients
     eight.gpus = [GpuInfo.from_capability(i, "T4", 16, 16, TURING) for i in range(8)]
     with pytest.raises(ValueError, match="T4 lacks bf16"):
