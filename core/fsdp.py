@@ -2,13 +2,13 @@
 
 Each worker holds 1/N of the denoiser's fp32 master weights, of their gradients and of the optimizer state;
 a block's whole weights exist only while it runs (torch's FSDP2 ``fully_shard``: one unit per repeated block,
-the family's ``compile_blocks``, then the root for the rest).  In bf16 precision (the plan's choice on
-CUDA) the gathered weights are bf16 (``MixedPrecisionPolicy``) and gradients are reduced in fp32.  Everything else of a several-process run is DDP's
-(core.distributed): the same global batch and random streams on every worker, each worker's rows, its loss the
-sum of its rows' over the global row count.  The backward pass reduce-scatters each gradient as a sum (no
-division by N: :meth:`ShardedFullFineTune.shard`), so each worker ends with its shard of what one process with
-the whole batch computes; ``Peers.sum_gradients`` then sums only what is not sharded (trained text encoders,
-the step's loss).
+the family's ``compile_blocks``, then the root for the rest).  In bf16 precision (the plan's choice on CUDA)
+the gathered weights are bf16 (``MixedPrecisionPolicy``) and gradients are reduced in fp32.  Everything else
+of a several-process run is DDP's (core.distributed): the same global batch and random streams on every
+worker, each worker's rows, its loss the sum of its rows' over the global row count.  The backward pass
+reduce-scatters each gradient as a sum (no division by N: :meth:`ShardedFullFineTune.shard`), so each worker
+ends with its shard of what one process with the whole batch computes; ``Peers.sum_gradients`` then sums only
+what is not sharded (trained text encoders, the step's loss).
 
 Saving.  Gathering the weights is a collective: every worker calls :meth:`ShardedFullFineTune.gather` at every
 save, rank 0 receives the full state dicts in CPU memory and writes them exactly as a one-process run does
@@ -22,7 +22,9 @@ of a state of another strategy (the optimizer files differ).
 Not combined with FSDP (refused, :func:`fsdp_problems`): adapters (a few MB of weights: DDP is right), one
 process, EMA (its average would need sharding and gathering of its own), block swapping (it moves whole
 weights), the fused backward pass (refused for every several-process run), fp16 (its loss scaling does not
-handle sharded gradients; the plan refuses it where 'auto' would pick it), 8-bit optimizer state.  The plan turns compile off (not verified with FSDP).
+handle sharded gradients; the plan refuses it where 'auto' would pick it), 8-bit optimizer state.  The plan
+turns compile off (not verified with FSDP).  Every worker still reads the whole model into CPU memory before
+sharding it (the plan's loading RAM check counts them all).
 
 Validation runs the same number of forward passes on every worker (the sharded forward is a collective:
 ``Peers.share_of(…, same_count=True)``); previews are rendered by every worker and written by rank 0."""

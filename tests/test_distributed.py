@@ -255,14 +255,15 @@ def test_two_processes_sum_every_gradient_through_bounded_buckets(tmp_path):
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
-    """A tiny FLUX.1 full fine-tune on two processes with FSDP (batch 1 each, a state saved at step 2), the same
-    on one process with the doubled batch, and a two-process FSDP run resumed from that state.  6 images, 3 held
-    out for the validation loss: one worker measures two, the other one and a repeat at weight 0."""
+    """A tiny FLUX.1 full fine-tune of 3 steps on two processes with FSDP (batch 1 each), stopped after its first
+    reported step and resumed from the state the stop saved; and the same on one process with the doubled batch,
+    saving every step.  6 images, 3 held out for the validation loss: one worker measures two, the other one and a
+    repeat at weight 0."""
     root = tmp_path_factory.mktemp("fsdp")
     paths = build_tiny_dit("flux1_dev", root / "flux1_dev", "diffusers")
     build_tiny_dataset(root / "data", n=6)
 
-    def run(out, processes, batch, **overrides):
+    def run(out, processes, batch, stop=None, **overrides):
         s, config = tiny_train_settings(
             "flux1_dev", {**settings_paths(paths), "model.t5_max_length": 24}, root / "data", root / out,
             network__algorithm="full_finetune", schedule__timestep_sampling="flux_shift", model__guidance=3.5,
@@ -270,60 +271,69 @@ def fsdp_runs(tmp_path_factory):
             saving__save_precision="float", dataset__validation_split=0.5, schedule__validate_every_n_steps=3,
             optimizer__max_grad_norm=0.05, memory__gradient_checkpointing="off", **overrides)
         events = []
+
+        def on_event(event):
+            events.append(event)
+            if stop is not None and event["type"] == "progress" and event["step"] == 1:
+                stop.set()
         t0 = time.time()
-        result = core.train(s, on_event=events.append, config=config)
-        return {"result": result, "events": events, "wall": time.time() - t0, "settings": s, "config": config}
+        result = core.train(s, on_event=on_event, stop_event=stop, config=config)
+        return {"result": result, "events": events, "wall": time.time() - t0, "settings": s}
 
     fsdp = dict(distributed__strategy="fsdp")
-    two = run("two", 2, 1, saving__save_every_n_steps=2, saving__save_state=True,
-              sampling__sample_every_n_steps=3, sampling__prompts="a blue circle", **fsdp)
-    one = run("one", 1, 2)
-    state = two["result"].final.parent / "tiny_flux1_dev-state-000002"
-    resumed = run("resumed", 2, 1, saving__resume_from=str(state), **fsdp)
-    return {"two": two, "one": one, "resumed": resumed}
+    stopped = run("two", 2, 1, stop=threading.Event(), **fsdp)
+    resumed = run("two", 2, 1, saving__resume_from=str(stopped["result"].state_dir),
+                  sampling__sample_every_n_steps=3, sampling__prompts="a blue circle", **fsdp)
+    one = run("one", 1, 2, saving__save_every_n_steps=1)
+    return {"stopped": stopped, "resumed": resumed, "one": one}
 
 
-def test_fsdp_two_processes_train_the_checkpoint_of_one_with_the_doubled_batch(fsdp_runs):
-    two, one = fsdp_runs["two"], fsdp_runs["one"]
-    a, b = load_file(str(one["result"].final)), load_file(str(two["result"].final))
-    # a full fine-tune's file holds every weight: each is finite and the run moved them
-    assert all(torch.isfinite(v).all() for v in b.values())
-    at_2 = load_file(str(two["result"].final.with_name("tiny_flux1_dev-step000002.safetensors")))
-    assert max_diff(at_2, b) > 1e-4
-    diff = max_diff(a, b)
-    print(f"FLUX.1 full fine-tune FSDP 2 processes x batch 1 vs 1 process x batch 2, 3 steps: max |diff| "
-          f"{diff:.2e}; wall {two['wall']:.1f} s vs {one['wall']:.1f} s")
-    assert diff <= 1e-5
+def test_fsdp_two_processes_train_the_checkpoint_of_one_with_the_doubled_batch_across_a_stop(fsdp_runs):
+    stopped, resumed, one = fsdp_runs["stopped"], fsdp_runs["resumed"], fsdp_runs["one"]
+    k = stopped["result"].steps
+    assert stopped["result"].stopped and 1 <= k < 3
+    # the stop saved once, written by rank 0: the checkpoint and its state
+    assert [(e["kind"], e["step"]) for e in stopped["events"] if e["type"] == "saved"] == [("checkpoint", k),
+                                                                                          ("state", k)]
+    assert [e["step"] for e in resumed["events"] if e["type"] == "progress"] == list(range(k + 1, 4))
+    single = one["result"].final   # its last step; each earlier one saved beside it
+    for step, two in ((k, stopped["result"].final), (3, resumed["result"].final)):
+        a = load_file(str(single if step == 3 else single.with_name(f"tiny_flux1_dev-step{step:06d}.safetensors")))
+        b = load_file(str(two))
+        # a full fine-tune's file holds every weight: each is finite
+        assert all(torch.isfinite(v).all() for v in b.values())
+        diff = max_diff(a, b)
+        print(f"FLUX.1 full fine-tune FSDP 2 processes x batch 1 (stopped at {k}, resumed) vs 1 process x batch 2, "
+              f"step {step}: max |diff| {diff:.2e}")
+        assert diff <= 1e-5
+    print(f"wall: FSDP {stopped['wall']:.1f} s + {resumed['wall']:.1f} s (resumed), one process {one['wall']:.1f} s")
+    # the resumed steps moved the weights (a lost optimizer state would not match one process's to 1e-5)
+    assert max_diff(load_file(str(stopped["result"].final)), load_file(str(resumed["result"].final))) > 1e-4
     losses = lambda run: [e["loss"] for e in run["events"] if e["type"] == "progress"]
-    torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(losses(stopped) + losses(resumed)), torch.tensor(losses(one)),
+                               rtol=1e-5, atol=1e-6)
     # the validation loss of 3 held-out images split 2 + 1 (+ 1 at weight 0) equals one process's
-    (step_two, val_two), = two["result"].validation
+    (step_two, val_two), = resumed["result"].validation
     (step_one, val_one), = one["result"].validation
     assert step_two == step_one == 3 and abs(val_two - val_one) <= 1e-5 * abs(val_one)
     # every worker rendered the preview (the sharded forward is a collective); rank 0 wrote it once
-    assert [p.name for p in two["result"].samples] == ["tiny_flux1_dev-step000003-0.png"]
-    plan = next(e for e in two["events"] if e["type"] == "plan")["summary"]
-    assert "2 processes (FSDP)" in plan
+    assert [p.name for p in resumed["result"].samples] == ["tiny_flux1_dev-step000003-0.png"]
+    plan = next(e for e in stopped["events"] if e["type"] == "plan")["summary"]
+    assert "2 processes (FSDP)" in plan and "sharded: 1/2 each" in plan
     assert not multiprocessing.active_children()
 
 
-def test_fsdp_resume_on_two_processes_continues_to_the_uninterrupted_weights(fsdp_runs):
-    two, resumed = fsdp_runs["two"], fsdp_runs["resumed"]
-    assert [e["step"] for e in resumed["events"] if e["type"] == "progress"] == [3]
-    a, b = load_file(str(two["result"].final)), load_file(str(resumed["result"].final))
-    diff = max_diff(a, b)
-    print(f"FSDP 2-process resume from step 2 vs uninterrupted: max |diff| {diff:.2e}; wall {resumed['wall']:.1f} s")
-    assert diff <= 1e-6
-    # the state records its strategy and process count: another count, or DDP, is refused before loading
+def test_fsdp_states_resume_only_with_their_strategy_and_process_count(fsdp_runs):
+    """The state records its strategy and process count: another count, or DDP, is refused before loading."""
     from core.trainer import check_resume
-    state, s = Path(resumed["settings"].saving.resume_from), resumed["settings"].model_copy(deep=True)
+    s = fsdp_runs["resumed"]["settings"].model_copy(deep=True)
+    state = Path(s.saving.resume_from)
     assert check_resume(state, s, 2)["processes"] == 2
     with pytest.raises(core.SettingsError, match="trained on 2 processes; this run has 3"):
         check_resume(state, s, 3)
     s.distributed.strategy = "ddp"
     with pytest.raises(core.SettingsError, match="trained with distributed.strategy fsdp"):
         check_resume(state, s, 2)
-    assert not multiprocessing.active_children()
 
 
 def test_fsdp_is_refused_where_it_cannot_shard(tiny):
