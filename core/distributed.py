@@ -34,7 +34,11 @@ that is right for every cache mode: one encoder pass, no second copy on disk.  W
 instead of blocking in a collective, so a long caching pass or save never runs into a timeout.  Stop: before
 training rank 0 decides and the others follow its announcement in the store; during training all workers agree at
 every report interval (an all-reduce of the stop flag), then all save once (rank 0 writes) and return.  A resume
-loads the state on every worker: rank 0's saved random state is every worker's."""
+loads the state on every worker: rank 0's saved random state is every worker's.
+
+Strategies.  ``distributed.strategy`` ddp is the above: every worker holds the whole model.  fsdp (a full
+fine-tune only) shards the denoiser over the workers and changes what needs all of them: the gradient
+reduction, saves, validation and previews (``core.fsdp``)."""
 from __future__ import annotations
 
 import contextlib
