@@ -34,7 +34,11 @@ that is right for every cache mode: one encoder pass, no second copy on disk.  W
 instead of blocking in a collective, so a long caching pass or save never runs into a timeout.  Stop: before
 training rank 0 decides and the others follow its announcement in the store; during training all workers agree at
 every report interval (an all-reduce of the stop flag), then all save once (rank 0 writes) and return.  A resume
-loads the state on every worker: rank 0's saved random state is every worker's."""
+loads the state on every worker: rank 0's saved random state is every worker's.
+
+Strategies.  ``distributed.strategy`` ddp is the above: every worker holds the whole model.  fsdp (a full
+fine-tune only) shards the denoiser over the workers and changes what needs all of them: the gradient
+reduction, saves, validation and previews (``core.fsdp``)."""
 from __future__ import annotations
 
 import contextlib
@@ -72,6 +76,10 @@ def process_count(settings: Settings, cuda_gpus: int | None = None) -> int:
     if cuda_gpus is None:
         cuda_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if wanted == 0:
+        if cuda_gpus <= 1 and settings.distributed.strategy == "fsdp":
+            raise SettingsError("distributed.strategy fsdp shards the model over several GPUs, but distributed."
+                                "num_processes 0 (one per GPU) gives one process here: choose DDP (Distributed → "
+                                "Strategy), or set distributed.num_processes to 2 or more.")
         return max(1, cuda_gpus)
     if cuda_gpus and wanted > cuda_gpus:
         raise SettingsError(f"distributed.num_processes is {wanted}, but this machine has {cuda_gpus} usable CUDA "
@@ -80,9 +88,12 @@ def process_count(settings: Settings, cuda_gpus: int | None = None) -> int:
 
 
 def distributed_problems(settings: Settings, processes: int) -> list[str]:
-    """What cannot be trained exactly on ``processes`` processes (empty for one)."""
+    """What cannot be trained exactly on ``processes`` processes (0: one per GPU, not known yet), or with the
+    chosen strategy (``core.fsdp``)."""
+    from core.fsdp import fsdp_problems
+    strategy = fsdp_problems(settings, processes)
     if processes <= 1:
-        return []
+        return strategy
     n, o = settings.network, settings.optimizer
     out = []
     why = (f"which cannot be split over {processes} processes exactly: set it to 0, or train on one process "
@@ -96,7 +107,7 @@ def distributed_problems(settings: Settings, processes: int) -> list[str]:
         out.append(f"optimizer.fused_backward_pass steps each weight inside the backward pass, before the "
                    f"gradients of the {processes} processes could be summed: turn it off, or train on one process "
                    "(distributed.num_processes 1)")
-    return out
+    return strategy + out
 
 
 def take_rows(arch, components, noised, cond: dict, batch: dict, start: int, stop: int):
@@ -130,9 +141,11 @@ class Solo:
     def sum_gradients(self, params: list[torch.nn.Parameter], losses) -> None:
         pass
 
-    def share_of(self, items: list) -> list:
-        """This worker's part of work that is split by item (the validation images)."""
-        return items
+    def share_of(self, items: list, same_count: bool = False) -> list[tuple[object, float]]:
+        """This worker's part of work that is split by item (the validation images), each with the weight its
+        result counts with.  ``same_count``: every worker gets as many (a sharded model's forward pass is a
+        collective of all): the short ones repeat the last item at weight 0."""
+        return [(item, 1.0) for item in items]
 
     def total(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over the workers."""
@@ -216,10 +229,12 @@ class Peers(Solo):
         """Every gradient and the step's loss summed over the workers, one all-reduce per bucket of at most
         :data:`BUCKET_BYTES` (:func:`gradient_buckets`), so the extra memory is one bucket, not a second copy of
         every gradient (a full fine-tune's are gigabytes).  The parameters with a gradient are the same on every
-        worker (the same layers ran)."""
+        worker (the same layers ran).  A sharded parameter's gradient (FSDP: a DTensor) was summed into this
+        worker's shard in the backward pass already."""
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+        from torch.distributed.tensor import DTensor
         step_loss = losses.current.detach().reshape(1).float().clone()
-        tensors = [p.grad for p in params if p.grad is not None] + [step_loss]
+        tensors = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)] + [step_loss]
         for bucket in gradient_buckets(tensors, BUCKET_BYTES):
             if len(bucket) == 1:
                 torch.distributed.all_reduce(bucket[0])
@@ -230,8 +245,10 @@ class Peers(Solo):
                 tensor.copy_(summed)
         losses.use_step_total(step_loss[0])
 
-    def share_of(self, items: list) -> list:
-        return items[self.rank::self.world]
+    def share_of(self, items: list, same_count: bool = False) -> list[tuple[object, float]]:
+        own = [(item, 1.0) for item in items[self.rank::self.world]]
+        padding = math.ceil(len(items) / self.world) - len(own) if same_count and items else 0
+        return own + [(items[-1], 0.0)] * padding
 
     def total(self, value: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_reduce(value)

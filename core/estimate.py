@@ -639,6 +639,7 @@ class EstimateInputs:
     cache_text_encoder_outputs: bool = True
     train_text_encoder: bool = False
     fused_backward: bool = False              # each weight stepped in backward: no full set of gradients
+    shards: int = 1                           # FSDP: a full fine-tune's denoiser sharded over this many GPUs
     network_json: str = ""                    # settings.network as JSON ("" → defaults)
     config_dir: str = ""                      # "" → the shipped full-size config
 
@@ -724,6 +725,12 @@ def _estimate(arch_id: str, x: EstimateInputs) -> Estimate:
         "optimizer state": trainable * per_state / GIB,
         "activations": (activations + 2 * act.output) / GIB,
     }
+    if full and x.shards > 1:
+        # FSDP (core.fsdp): each GPU holds 1/N of the denoiser's fp32 weights, their gradients and the optimizer
+        # state, plus the whole weights of the running block and of the next one, gathered in the compute dtype
+        for part in ("denoiser weights", "gradients", "optimizer state"):
+            parts[part] /= x.shards
+        parts["gathered blocks"] = 2 * max((b.nbytes(elem) for b in stats.blocks), default=0) / GIB
     if network.ema and not network.ema_on_cpu:
         parts["EMA weights"] = trainable * 4 / GIB
     notes = []

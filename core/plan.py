@@ -59,6 +59,7 @@ class Plan:
     budget_gb: float = 0.0           # what the estimate is compared with (VRAM, or RAM on the CPU)
     swappable_blocks: int = 0
     processes: int = 1               # core.distributed: each process runs this plan with the batch size
+    strategy: str = "ddp"            # "ddp" | "fsdp" (core.fsdp: the full fine-tune's state sharded)
     global_batch: int = 0            # what one optimizer step takes over all processes
 
     @property
@@ -103,8 +104,10 @@ class Plan:
         else:
             first += f", {self.cpu_threads} CPU threads"
         if self.processes > 1:
-            first += (f", {self.processes} processes (DDP) with a global batch of {self.global_batch} "
-                      f"({self.global_batch // self.processes} per process; memory per process)")
+            first += (f", {self.processes} processes ({self.strategy.upper()}) with a global batch of "
+                      f"{self.global_batch} ({self.global_batch // self.processes} per process; memory per process"
+                      + ("; weights, gradients and optimizer state sharded: 1/"
+                         f"{self.processes} each)" if self.strategy == "fsdp" else ")"))
         lines = [first]
         if self.estimate is not None:
             where = "VRAM" if self.device == "cuda" else "RAM"
@@ -193,6 +196,11 @@ def make_plan(profile, settings, arch, config_dir=None) -> Plan:
     elif gpu is None and precision == "bf16" and not profile.cpu_bf16:
         reasons.append("precision bf16 as set, but this CPU lacks bf16 instructions (AVX512-BF16 / AMX): emulated "
                        "bf16 is far slower than fp32 here (memory.mixed_precision 'auto' or 'no' picks fp32)")
+    if precision == "fp16" and m.mixed_precision == "auto" and settings.distributed.strategy == "fsdp":
+        # (an explicit fp16 is refused by core.fsdp.fsdp_problems)
+        raise ValueError(f"{gpu.name} lacks bf16, and fp16's loss scaling does not handle FSDP's sharded gradients: "
+                         "set memory.mixed_precision to 'no' (fp32, Memory tab), or choose DDP (Distributed → "
+                         "Strategy)")
     tf32 = choose_tf32(profile, m.tf32)
     attention, why = choose_attention_backend(gpu, precision, m.attention)
     if why:
@@ -291,7 +299,8 @@ def make_plan(profile, settings, arch, config_dir=None) -> Plan:
                 else m.quantize_text_encoder, activation_offload=m.activation_offload == "on",
                 optimizer_8bit=optimizer == "AdamW8bit" or m.optimizer_8bit == "on", channels_last=channels_last,
                 cpu_threads=cpu_threads, budget_gb=budget, swappable_blocks=int(swappable or 0),
-                processes=processes, global_batch=processes * settings.schedule.train_batch_size)
+                processes=processes, global_batch=processes * settings.schedule.train_batch_size,
+                strategy=settings.distributed.strategy if processes > 1 else "ddp")
     try:
         _fit_memory(plan, profile, settings, arch, config_dir, budget, budget_text, margin)
     except PlanRefusal:
@@ -302,6 +311,9 @@ def make_plan(profile, settings, arch, config_dir=None) -> Plan:
             plan.gradient_checkpointing = cuda and gpu.total_vram_gb < arch.checkpointing_below_gb
         reasons.append(f"memory estimate unavailable ({exc.__class__.__name__}: {exc}); gradient checkpointing "
                        f"{'on' if plan.gradient_checkpointing else 'off'} by the family's rule of thumb")
+    if m.compile == "auto" and plan.compile != "off" and plan.strategy == "fsdp":
+        plan.compile = "off"
+        reasons.append("compile off: not yet verified on GPUs together with FSDP (set it to 'regional' to try)")
     if m.compile == "auto" and plan.compile != "off" and (plan.quantize_base != "none" or plan.blocks_to_swap):
         # both run and compile on the CPU in the tests, but neither has been checked under inductor on a GPU
         plan.compile = "off"
@@ -358,6 +370,7 @@ def _fit_memory(plan: Plan, profile, settings, arch, config_dir, budget, budget_
         precision=plan.mixed_precision, device=plan.device, attention=plan.attention, optimizer=optimizer,
         cache_text_encoder_outputs=plan.cache_text_encoder_outputs,
         train_text_encoder=bool(settings.network.train_text_encoder), fused_backward=steps_in_backward(settings),
+        shards=plan.processes if plan.strategy == "fsdp" else 1,
         network_json=settings.network.model_dump_json(), config_dir=str(config_dir or ""))
     ram_free = max(profile.ram_available_gb - RAM_RESERVE_GB, 0.0)
     limit = budget - margin
@@ -368,7 +381,8 @@ def _fit_memory(plan: Plan, profile, settings, arch, config_dir, budget, budget_
 
     # the ladder, fastest first; explicit choices replace the ladder's value on every rung
     q8 = "qfloat8" if cuda and gpu.compute_capability >= (8, 9) else "qint8"
-    can_opt8 = cuda and optimizer in EIGHT_BIT_OPTIMIZERS
+    # bitsandbytes' 8-bit state is not made for FSDP's sharded parameters (core.fsdp refuses it when asked)
+    can_opt8 = cuda and optimizer in EIGHT_BIT_OPTIMIZERS and plan.strategy != "fsdp"
     can_quant = cuda and not full_ft
     # a full fine-tune's blocks can be swapped only when each weight is updated while its block is on the GPU
     swappable = plan.swappable_blocks if cuda and (not full_ft or steps_in_backward(settings)) else 0
@@ -495,9 +509,11 @@ def _fit_memory(plan: Plan, profile, settings, arch, config_dir, budget, budget_
                  f"GB) + swapped blocks / offloaded activations (≈ {final.ram_gb:.1f} GB) exceed the "
                  f"{ram_free:.1f} GB that can be spared: free the text encoders after caching (previews then "
                  f"reload them)")
-    load_gb = loading_ram_gb(final, settings, arch, plan)
+    # every process reads the whole model at once (an FSDP run too: each shards it after reading)
+    load_gb = loading_ram_gb(final, settings, arch, plan) * plan.processes
     if load_gb > profile.ram_total_gb:
-        r.insert(0, f"CPU RAM is short for loading: the model's files are read into RAM whole (≈ "
+        each = f", by each of the {plan.processes} processes" if plan.processes > 1 else ""
+        r.insert(0, f"CPU RAM is short for loading: the model's files are read into RAM whole{each} (≈ "
                     f"{load_gb:.0f} GB in {plan.mixed_precision if plan.mixed_precision != 'no' else 'fp32'}, "
                     f"before any quantization) and this machine has {profile.ram_total_gb:.0f} GB; without enough "
                     f"swap space the system will stop the app while loading")

@@ -684,10 +684,13 @@ class DistributedSettings(Section):
                                  "times the processes, exactly as one process with the larger batch would. 0: one "
                                  "per usable NVIDIA GPU (1 without one). On the CPU, the processes share its cores.",
                                  ge=0, le=64)
-    strategy: Literal["ddp"] = setting(
+    strategy: Literal["ddp", "fsdp"] = setting(
         "ddp", "Strategy", "DDP: every process holds the whole model and the gradients are summed after each "
-        "backward pass, so the memory plan is per GPU. Sharding the model over the GPUs (FSDP) is not available "
-        "yet.", choices=("ddp",), choice_labels={"ddp": "DDP (data parallel)"}, advanced=True)
+        "backward pass, so the memory plan is per GPU. FSDP (full fine-tuning only): the model's weights, "
+        "gradients and optimizer state are sharded over the processes, each holding 1/N of them, for models "
+        "whose full fine-tune does not fit one GPU (SD3.5 Large, FLUX.1, FLUX.2); the blocks' weights are "
+        "gathered as they run, which costs transfers between the GPUs.", choices=("ddp", "fsdp"),
+        choice_labels={"ddp": "DDP (data parallel)", "fsdp": "FSDP (sharded, full fine-tune)"}, advanced=True)
 
 
 SECTIONS: dict[str, type[Section]] = {

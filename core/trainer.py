@@ -28,6 +28,7 @@ from core.events import RunFailed, SaveFailed, TrainingDiverged, emit
 from core.full_finetune import EMA, FULL_FINETUNE, FullFineTune
 from core.controlnet import (CONTROLNET, ConditioningImages, ControlNetTrainable, controlnet_metadata,
                              match_conditioning_images, save_controlnet_folder)
+from core.fsdp import FSDP, ShardedFullFineTune, resume_problems
 from core.embeddings import (EMBEDDING_FILE_SUFFIX, TEXTUAL_INVERSION, PivotalTuning, TextualInversion,
                              check_token_in_captions, embedding_metadata)
 from core.export import SAVE_DTYPES, adapter_metadata, save_adapter_files, tag_frequency
@@ -193,9 +194,10 @@ def total_steps_and_epochs(settings: Settings, batches_per_epoch: int) -> tuple[
     return total, math.ceil(total / per_epoch)
 
 
-def check_resume(state_dir: Path, settings: Settings) -> dict:
+def check_resume(state_dir: Path, settings: Settings, processes: int = 1) -> dict:
     """The state folder's ``train_state.json`` after checking, before anything loads, that this run can
-    continue it: the same architecture and the same value for every network setting (a difference is named)."""
+    continue it: the same architecture, the same value for every network setting (a difference is named) and a
+    strategy and process count it can continue with (``core.fsdp.resume_problems``)."""
     info_path = state_dir / "train_state.json"
     if not info_path.is_file():
         raise SettingsError(f"saving.resume_from: {state_dir} is not a state folder written by this trainer "
@@ -212,6 +214,9 @@ def check_resume(state_dir: Path, settings: Settings) -> dict:
     if differ:
         raise SettingsError("saving.resume_from: a run can only continue with the network it was trained with: "
                             + "; ".join(differ) + ". Set them back, or start a new run without resuming.")
+    problems = resume_problems(info, settings, processes)
+    if problems:
+        raise SettingsError(problems[0])
     return info
 
 
@@ -376,12 +381,14 @@ class _Run:
         self.on_event = lambda event: (run_log(event), caller is not None and caller(event))
         self.arch = architectures.get(s.model.architecture)
         self.full_ft = s.network.algorithm == FULL_FINETUNE
+        # the checks allow FSDP only for a full fine-tune on several processes
+        self.sharded = s.distributed.strategy == FSDP
         self.textual_inversion = s.network.algorithm == TEXTUAL_INVERSION
         self.pivotal = s.applies("network.pivotal") and s.network.pivotal  # a new token beside the adapter
         self.controlnet = s.network.algorithm == CONTROLNET
         self.resume_dir = self.config.resolve(s.saving.resume_from, "outputs_dir", "saving.resume_from") \
             if s.saving.resume_from else None
-        self.resume_info = check_resume(self.resume_dir, s) if self.resume_dir else None
+        self.resume_info = check_resume(self.resume_dir, s, self.peers.world) if self.resume_dir else None
         self.check_stop()
 
         self.status("Reading the dataset")
@@ -547,8 +554,10 @@ class _Run:
             c.vae.to("cpu")
 
     def wants_previews(self) -> bool:
-        # rank 0 renders them alone: the other workers keep no text encoders or VAE on the device for them
-        return self.peers.writes and self.s.sampling.sample_every_n_steps > 0 and bool(self.prompts())
+        # rank 0 renders them alone (the other workers keep no text encoders or VAE on the device for them),
+        # unless the model is sharded: then its forward pass is a collective, every worker renders, rank 0 writes
+        return (self.peers.writes or self.sharded) and self.s.sampling.sample_every_n_steps > 0 \
+            and bool(self.prompts())
 
     def prompts(self) -> list[str]:
         return parse_prompts(self.s.sampling.prompts)
@@ -662,10 +671,14 @@ class _Run:
         self.ema = None
         full = None
         if self.full_ft:
-            full = FullFineTune(c, s.network.train_text_encoder)
+            full = (ShardedFullFineTune if self.sharded else FullFineTune)(c, s.network.train_text_encoder)
             n_params = sum(p.numel() for p in full.parameters())
             self.log(f"Full fine-tune of {', '.join(full.parts)}: {n_params / 1e6:.2f} M trainable "
                      f"parameters (fp32)")
+            if self.sharded:  # from CPU memory: each block reaches the device as its shards only
+                blocks = full.shard(self.arch.compile_blocks, self.device, self.plan.mixed_precision == "bf16")
+                self.log(f"FSDP: the denoiser's weights, gradients and optimizer state sharded over "
+                         f"{self.peers.world} processes ({blocks} blocks gathered as they run)")
         trainable = full
         # the new token's vectors, alone (textual inversion) or beside the adapter (pivotal tuning)
         self.embedding = TextualInversion(c, self.arch.embedding_keys, s.network) \
@@ -815,8 +828,10 @@ class _Run:
                     if not steps_now:
                         continue
                     self.peers.sum_gradients(trainable, losses)
-                    grad_norm = acc.clip_grad_norm_(self.network.parameters(), s.optimizer.max_grad_norm) \
-                        if clipping else None
+                    grad_norm = None
+                    if clipping:
+                        grad_norm = self.network.clip_gradients(s.optimizer.max_grad_norm) if self.sharded else \
+                            acc.clip_grad_norm_(self.network.parameters(), s.optimizer.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 self.lr_scheduler.step()
@@ -908,7 +923,7 @@ class _Run:
         self.network.eval()
         try:
             with torch.no_grad():
-                for n, item in self.peers.share_of(list(enumerate(self.val_items))):
+                for (n, item), weight in self.peers.share_of(list(enumerate(self.val_items)), self.sharded):
                     if use_cache:
                         latents = self.latent_cache.get(item, False)[None].to(self.device)
                     else:
@@ -925,9 +940,9 @@ class _Run:
                     for level in levels:
                         noise = torch.randn(latents.shape, generator=gen).to(self.device)
                         with self.setup.step_context():
-                            total += diffusion_loss(self.arch, c, latents, cond, batch, s, self.plan.weight_dtype,
-                                                    self.accelerator.autocast,
-                                                    fixed=(noise, torch.tensor([level], device=self.device)))
+                            total += weight * diffusion_loss(
+                                self.arch, c, latents, cond, batch, s, self.plan.weight_dtype,
+                                self.accelerator.autocast, fixed=(noise, torch.tensor([level], device=self.device)))
         finally:
             c.denoiser.train()
             self.network.train()
@@ -960,7 +975,7 @@ class _Run:
                 stack.enter_context(self.text_encoders_on_device())
                 images = []
                 for i, p in enumerate(prompts):  # one at a time: Stop skips the prompts still to render
-                    if self.stop_event.is_set():
+                    if self.stop_event.is_set() and not self.sharded:  # (sharded: the workers render together)
                         break
                     # the seed render_each gives prompt i, unless the line sets one; then the line's options
                     sampling = s.sampling.model_copy(update={"seed": s.sampling.seed + i, **p.overrides})
@@ -975,6 +990,8 @@ class _Run:
         finally:
             c.denoiser.train()
             self.network.train()
+        if not self.peers.writes:
+            return
         paths = []
         for i, image in enumerate(images):
             path = self.output_dir / "samples" / f"{self.output_stem}-step{self.global_step:06d}-{i}.png"
@@ -1030,15 +1047,19 @@ class _Run:
         if not final and self.saved_step == self.global_step:
             return self.last_good_save  # the step rule and the epoch rule both asked for this step
         self.check_finite()
+        with_state = self.s.saving.save_state and self.state_step != self.global_step
+        # a sharded model's weights and optimizer state come to rank 0 in a collective of every worker
+        optimizer_state = self.network.gather(self.optimizer, with_state) if self.sharded else \
+            self.optimizer.state_dict() if with_state and self.peers.writes else None
         if not self.peers.writes:
             self.peers.wait_for_save()  # rank 0 writes; no worker runs ahead of it
             self.saved_step = self.global_step
+            if with_state:
+                self.state_step = self.global_step
             return None
-        with_state = self.s.saving.save_state and self.state_step != self.global_step
         what = ("checkpoint" if self.full_ft else "embedding" if self.textual_inversion else
                 "ControlNet" if self.controlnet else "adapter") + (
             " and the resumable state" if with_state else "")
-        optimizer_state = self.optimizer.state_dict() if with_state else None
         needed = self.save_bytes(optimizer_state)
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -1053,6 +1074,8 @@ class _Run:
         except OSError as exc:
             self.save_failed(exc, what, needed)
         self.last_good_save = path
+        if self.sharded:
+            self.network.release_gathered()
         self.peers.saved()
         return path
 
@@ -1197,6 +1220,7 @@ class _Run:
                 "output_stem": self.output_stem, "saved_adapters": self.saved_adapters,
                 "saved_states": [*self.saved_states, name],
                 "architecture": self.arch.id, "network": self.s.network.model_dump(mode="json"),
+                "strategy": self.s.distributed.strategy, "processes": self.peers.world,
                 "validation": self.validation_history})
             os.replace(tmp, final_dir)
         except BaseException:
@@ -1212,15 +1236,20 @@ class _Run:
         """Continue the run that wrote ``state_dir`` (checked by ``check_resume`` before loading)."""
         from safetensors.torch import load_file
         info = self.resume_info
+        # a sharded run reads the full state into CPU memory; each worker moves its shards to the device
+        device = torch.device("cpu") if self.sharded else self.device
         if self.full_ft:
             self.network.load_training_state_dict(load_file(str(state_dir / "model.safetensors"),
-                                                            device=str(self.device)))
+                                                            device=str(device)))
             if self.ema is not None:
                 self.ema.load_state_dict(load_file(str(state_dir / "ema.safetensors")))
         else:
             self.network.load_export_state_dict(load_file(str(state_dir / "adapter.safetensors")))
-        self.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True,
-                                                  map_location=self.device))
+        optimizer_state = torch.load(state_dir / "optimizer.pt", weights_only=True, map_location=device)
+        if self.sharded:  # every worker keeps its shard of the full state
+            self.network.load_optimizer_state_dict(self.optimizer, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         self.lr_scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=True))
         self.apply_learning_rates()
         self.result.state_dir = state_dir

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +249,123 @@ def test_two_processes_sum_every_gradient_through_bounded_buckets(tmp_path):
         for i in range(len(sizes)):
             torch.testing.assert_close(got["grads"][i], draws[0][i] + draws[1][i], rtol=0, atol=1e-6)
         assert got["loss"] == 3.0
+
+
+# -- FSDP: a full fine-tune sharded over the workers (core.fsdp) -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """A tiny FLUX.1 full fine-tune of 3 steps on two processes with FSDP (batch 1 each), stopped after its first
+    reported step and resumed from the state the stop saved; and the same on one process with the doubled batch,
+    saving every step.  6 images, 3 held out for the validation loss: one worker measures two, the other one and a
+    repeat at weight 0."""
+    root = tmp_path_factory.mktemp("fsdp")
+    paths = build_tiny_dit("flux1_dev", root / "flux1_dev", "diffusers")
+    build_tiny_dataset(root / "data", n=6)
+
+    def run(out, processes, batch, stop=None, **overrides):
+        s, config = tiny_train_settings(
+            "flux1_dev", {**settings_paths(paths), "model.t5_max_length": 24}, root / "data", root / out,
+            network__algorithm="full_finetune", schedule__timestep_sampling="flux_shift", model__guidance=3.5,
+            schedule__max_train_steps=3, schedule__train_batch_size=batch, distributed__num_processes=processes,
+            saving__save_precision="float", dataset__validation_split=0.5, schedule__validate_every_n_steps=3,
+            optimizer__max_grad_norm=0.05, memory__gradient_checkpointing="off", **overrides)
+        events = []
+
+        def on_event(event):
+            events.append(event)
+            if stop is not None and event["type"] == "progress" and event["step"] == 1:
+                stop.set()
+        t0 = time.time()
+        result = core.train(s, on_event=on_event, stop_event=stop, config=config)
+        return {"result": result, "events": events, "wall": time.time() - t0, "settings": s}
+
+    fsdp = dict(distributed__strategy="fsdp")
+    stopped = run("two", 2, 1, stop=threading.Event(), **fsdp)
+    resumed = run("two", 2, 1, saving__resume_from=str(stopped["result"].state_dir),
+                  sampling__sample_every_n_steps=3, sampling__prompts="a blue circle", **fsdp)
+    one = run("one", 1, 2, saving__save_every_n_steps=1)
+    return {"stopped": stopped, "resumed": resumed, "one": one}
+
+
+def test_fsdp_two_processes_train_the_checkpoint_of_one_with_the_doubled_batch_across_a_stop(fsdp_runs):
+    stopped, resumed, one = fsdp_runs["stopped"], fsdp_runs["resumed"], fsdp_runs["one"]
+    k = stopped["result"].steps
+    assert stopped["result"].stopped and 1 <= k < 3
+    # the stop saved once, written by rank 0: the checkpoint and its state
+    assert [(e["kind"], e["step"]) for e in stopped["events"] if e["type"] == "saved"] == [("checkpoint", k),
+                                                                                          ("state", k)]
+    assert [e["step"] for e in resumed["events"] if e["type"] == "progress"] == list(range(k + 1, 4))
+    single = one["result"].final   # its last step; each earlier one saved beside it
+    for step, two in ((k, stopped["result"].final), (3, resumed["result"].final)):
+        a = load_file(str(single if step == 3 else single.with_name(f"tiny_flux1_dev-step{step:06d}.safetensors")))
+        b = load_file(str(two))
+        # a full fine-tune's file holds every weight: each is finite
+        assert all(torch.isfinite(v).all() for v in b.values())
+        diff = max_diff(a, b)
+        print(f"FLUX.1 full fine-tune FSDP 2 processes x batch 1 (stopped at {k}, resumed) vs 1 process x batch 2, "
+              f"step {step}: max |diff| {diff:.2e}")
+        assert diff <= 1e-5
+    print(f"wall: FSDP {stopped['wall']:.1f} s + {resumed['wall']:.1f} s (resumed), one process {one['wall']:.1f} s")
+    # the resumed steps moved the weights (a lost optimizer state would not match one process's to 1e-5)
+    assert max_diff(load_file(str(stopped["result"].final)), load_file(str(resumed["result"].final))) > 1e-4
+    losses = lambda run: [e["loss"] for e in run["events"] if e["type"] == "progress"]
+    torch.testing.assert_close(torch.tensor(losses(stopped) + losses(resumed)), torch.tensor(losses(one)),
+                               rtol=1e-5, atol=1e-6)
+    # the validation loss of 3 held-out images split 2 + 1 (+ 1 at weight 0) equals one process's
+    (step_two, val_two), = resumed["result"].validation
+    (step_one, val_one), = one["result"].validation
+    assert step_two == step_one == 3 and abs(val_two - val_one) <= 1e-5 * abs(val_one)
+    # every worker rendered the preview (the sharded forward is a collective); rank 0 wrote it once
+    assert [p.name for p in resumed["result"].samples] == ["tiny_flux1_dev-step000003-0.png"]
+    plan = next(e for e in stopped["events"] if e["type"] == "plan")["summary"]
+    assert "2 processes (FSDP)" in plan and "sharded: 1/2 each" in plan
+    assert not multiprocessing.active_children()
+
+
+def test_fsdp_states_resume_only_with_their_strategy_and_process_count(fsdp_runs):
+    """The state records its strategy and process count: another count, or DDP, is refused before loading."""
+    from core.trainer import check_resume
+    s = fsdp_runs["resumed"]["settings"].model_copy(deep=True)
+    state = Path(s.saving.resume_from)
+    assert check_resume(state, s, 2)["processes"] == 2
+    with pytest.raises(core.SettingsError, match="trained on 2 processes; this run has 3"):
+        check_resume(state, s, 3)
+    s.distributed.strategy = "ddp"
+    with pytest.raises(core.SettingsError, match="trained with distributed.strategy fsdp"):
+        check_resume(state, s, 2)
+
+
+def test_fsdp_is_refused_where_it_cannot_shard(tiny):
+    """FSDP shards a full fine-tune over several processes: adapters (DDP is right for them), one process, EMA,
+    block swapping and fp16 are refused with the setting to change."""
+    from core.distributed import distributed_problems, process_count
+    s, _ = sd15_settings(tiny, "fsdp_refused", 2, 1, distributed__strategy="fsdp")
+    problems = core.settings.check_consistency(s)
+    assert any("network.algorithm is lora" in p and "choose DDP (Distributed → Strategy)" in p for p in problems)
+    s.network.algorithm = "full_finetune"
+    assert not [p for p in core.settings.check_consistency(s) if "strategy" in p]
+    s.distributed.num_processes = 1
+    assert any("this run has one" in p for p in core.settings.check_consistency(s))
+    s.distributed.num_processes = 0   # one per GPU: refused where that is one process
+    with pytest.raises(core.SettingsError, match="gives one process here"):
+        process_count(s, cuda_gpus=1)
+    assert process_count(s, cuda_gpus=4) == 4
+    s.network.ema, s.memory.blocks_to_swap, s.memory.mixed_precision = True, 4, "fp16"
+    problems = distributed_problems(s, 2)
+    assert [p.split(" ", 1)[0] for p in problems] == ["network.ema", "memory.blocks_to_swap",
+                                                      "memory.mixed_precision"]
+    s.distributed.strategy = "ddp"
+    assert not distributed_problems(s, 2)
+
+
+def test_validation_shares_keep_every_worker_at_the_same_count():
+    """A sharded model's forward pass is a collective: with ``same_count`` the short workers repeat the last
+    item at weight 0, so every worker runs as many and the weights still count each item once."""
+    from core.distributed import SOLO, Peers
+    items = list("abc")
+    shares = [Peers(r, 2, None, torch.device("cpu")).share_of(items, same_count=True) for r in (0, 1)]
+    assert shares == [[("a", 1.0), ("c", 1.0)], [("b", 1.0), ("c", 0.0)]]
+    assert Peers(1, 2, None, torch.device("cpu")).share_of(items) == [("b", 1.0)]
+    assert [len(Peers(r, 4, None, torch.device("cpu")).share_of(items, True)) for r in range(4)] == [1] * 4
+    assert SOLO.share_of(items, True) == [(i, 1.0) for i in items]

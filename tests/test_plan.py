@@ -299,3 +299,33 @@ def test_full_finetune_swaps_blocks_only_when_the_optimizer_steps_in_backward():
     assert "fused_backward_pass" in stuck.reasons[0]
     with pytest.raises(ValueError, match="fused_backward_pass on"):
         full(False, blocks_to_swap=10)
+
+
+def test_fsdp_shards_a_full_finetunes_weights_gradients_and_optimizer_state_per_gpu():
+    """FLUX.1 dev full fine-tune with AdamW at 1024 px on 8 × 80 GB: every GPU holding the fp32 weights, their
+    gradients and AdamW's state (≈ 196 GB) does not fit with DDP; FSDP holds 1/8 of each per GPU (plus the
+    gathered running blocks) and fits.  Activations are per GPU either way."""
+    needs("flux1_dev")
+    eight = machine(80, HOPPER, ram_gb=256)
+    eight.gpus = [GpuInfo.from_capability(i, "H100", 80, 80, HOPPER) for i in range(8)]
+
+    def full(strategy):
+        s = settings("flux1_dev", 1024, gradient_checkpointing="on", optimizer_8bit="off", activation_offload="off")
+        s.network.algorithm, s.distributed.strategy = "full_finetune", strategy
+        return make_plan(eight, s, architectures.get("flux1_dev"))
+
+    ddp, fsdp = full("ddp"), full("fsdp")
+    print(row(ddp), "\n", row(fsdp))
+    assert not ddp.fits and fsdp.fits and fsdp.processes == 8
+    for part in ("denoiser weights", "gradients", "optimizer state"):
+        assert fsdp.estimate.parts[part] == pytest.approx(ddp.estimate.parts[part] / 8, rel=1e-3)
+    assert 0 < fsdp.estimate.parts["gathered blocks"] < 2
+    assert fsdp.estimate.parts["activations"] == ddp.estimate.parts["activations"]
+    assert "8 processes (FSDP) with a global batch of 8" in fsdp.summary()
+    assert "sharded: 1/8 each" in fsdp.summary() and "(DDP)" in ddp.summary()
+    # each of the 8 processes reads the fp32 model (≈ 60 GB with its text encoders) before sharding it
+    assert "read into RAM whole, by each of the 8 processes (≈ 4" in fsdp.reasons[0]
+    # a GPU without bf16 would train in fp16, whose loss scaling does not handle sharded gradients
+    eight.gpus = [GpuInfo.from_capability(i, "T4", 16, 16, TURING) for i in range(8)]
+    with pytest.raises(ValueError, match="T4 lacks bf16"):
+        full("fsdp")
