@@ -69,13 +69,15 @@ def fsdp_problems(settings, processes: int) -> list[str]:
 
 def resume_problems(info: dict, settings, processes: int) -> list[str]:
     """Why the state described by ``info`` (its train_state.json) cannot be continued with this strategy on
-    ``processes`` processes.  States written before the strategy was recorded are DDP states."""
+    ``processes`` processes.  States written before the strategy was recorded are DDP states; those written
+    before the process count was recorded continue on any count (as they did).  A state's position counts
+    global batches (batch size × processes), so a DDP state too continues only on its own count."""
     saved = info.get("strategy", "ddp")
     ours = settings.distributed.strategy
     if saved != ours:
         return [f"saving.resume_from: that state was trained with distributed.strategy {saved}, whose optimizer "
                 f"state differs from {ours}'s: choose {saved} (Distributed → Strategy), or start a new run"]
-    if ours == FSDP and info.get("processes", processes) != processes:
+    if info.get("processes", processes) != processes:
         return [f"saving.resume_from: that state was trained on {info['processes']} processes; this run has "
                 f"{processes}, which would change the global batch the state's position counts: set "
                 f"distributed.num_processes to {info['processes']} (Distributed tab), or start a new run"]

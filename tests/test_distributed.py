@@ -334,6 +334,12 @@ def test_fsdp_states_resume_only_with_their_strategy_and_process_count(fsdp_runs
     s.distributed.strategy = "ddp"
     with pytest.raises(core.SettingsError, match="trained with distributed.strategy fsdp"):
         check_resume(state, s, 2)
+    # a DDP state's position counts global batches too: only its own process count continues it; a state from
+    # before the count was recorded continues on any
+    from core.fsdp import resume_problems
+    assert resume_problems({"strategy": "ddp", "processes": 2}, s, 2) == []
+    assert "trained on 2 processes; this run has 1" in resume_problems({"strategy": "ddp", "processes": 2}, s, 1)[0]
+    assert resume_problems({"strategy": "ddp"}, s, 3) == []
 
 
 def test_fsdp_is_refused_where_it_cannot_shard(tiny):
