@@ -23,8 +23,13 @@ Not combined with FSDP (refused, :func:`fsdp_problems`): adapters (a few MB of w
 process, EMA (its average would need sharding and gathering of its own), block swapping (it moves whole
 weights), the fused backward pass (refused for every several-process run), fp16 (its loss scaling does not
 handle sharded gradients; the plan refuses it where 'auto' would pick it), 8-bit optimizer state.  The plan
-turns compile off (not verified with FSDP).  Every worker still reads the whole model into CPU memory before
-sharding it (the plan's loading RAM check counts them all).
+turns compile off (not verified with FSDP).
+
+Loading.  Rank 0 alone reads the denoiser's weights; in families that can load without it
+(``Architecture.loads_without_text_encoders``: SD3, FLUX.1, FLUX.2) the other workers build it empty on the meta
+device from its config and receive their shards from rank 0 (``broadcast_from_rank0``), so the fp32 model is in
+one process's RAM, not N.  A resume reads the saved weights and optimizer state on rank 0 and broadcasts them the
+same way.
 
 Validation runs the same number of forward passes on every worker (the sharded forward is a collective:
 ``Peers.share_of(…, same_count=True)``); previews are rendered by every worker and written by rank 0."""
@@ -99,9 +104,13 @@ class ShardedFullFineTune(FullFineTune):
         #: the full state dict of the last :meth:`gather` (rank 0; empty on the others and after the save)
         self.gathered: dict[str, torch.Tensor] = {}
 
-    def shard(self, block_names: tuple[str, ...], device: torch.device, bf16: bool) -> int:
+    def shard(self, block_names: tuple[str, ...], device: torch.device, bf16: bool,
+              weights: dict[str, torch.Tensor] | None) -> int:
         """Shard the denoiser over every worker of the process group, block by block, from CPU memory (each
-        block reaches the device as shards).  Returns the number of blocks."""
+        block reaches the device as shards), with ``weights`` (rank 0: the denoiser's full state dict; None on
+        the others, whose denoiser may be an empty one on the meta device) as every worker's shards.  Returns
+        the number of blocks."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
@@ -119,6 +128,10 @@ class ShardedFullFineTune(FullFineTune):
             # divide factor of 1 with sum-only collectives, which gloo supports too)
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
+        if any(p.is_meta for p in denoiser.parameters()):
+            denoiser.to_empty(device="cpu")
+        set_model_state_dict(denoiser, weights or {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return len(blocks)
 
     def modules(self) -> nn.ModuleDict:
@@ -170,20 +183,23 @@ class ShardedFullFineTune(FullFineTune):
         names = {name for name, _ in self.named_parameters()}
         return {k: v.contiguous() for k, v in self.gathered.items() if k in names}
 
-    def load_training_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Every worker reads the full weights and keeps its shards."""
+    def load_training_state_dict(self, sd: dict[str, torch.Tensor] | None) -> None:
+        """Rank 0 reads the full weights (``sd``; None on the others) and every worker receives its shards."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        names = {name for name, _ in self.named_parameters()}
-        missing, unexpected = names - sd.keys(), sd.keys() - names
-        if missing or unexpected:
-            raise ValueError(f"saved model weights do not fit this model: {len(missing)} missing, "
-                             f"{len(unexpected)} unexpected (e.g. {sorted(missing | unexpected)[:3]})")
-        set_model_state_dict(self.modules(), sd, options=StateDictOptions(full_state_dict=True, strict=False))
+        if sd is not None:
+            names = {name for name, _ in self.named_parameters()}
+            missing, unexpected = names - sd.keys(), sd.keys() - names
+            if missing or unexpected:
+                raise ValueError(f"saved model weights do not fit this model: {len(missing)} missing, "
+                                 f"{len(unexpected)} unexpected (e.g. {sorted(missing | unexpected)[:3]})")
+        set_model_state_dict(self.modules(), sd or {},
+                             options=StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=True))
 
-    def load_optimizer_state_dict(self, optimizer, state: dict) -> None:
+    def load_optimizer_state_dict(self, optimizer, state: dict | None) -> None:
+        """Rank 0 reads the full optimizer state (``state``; None on the others), every worker keeps its shard."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(self.modules(), _torch_optimizer(optimizer), state,
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(self.modules(), _torch_optimizer(optimizer), state or {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def _torch_optimizer(optimizer) -> torch.optim.Optimizer:

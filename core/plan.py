@@ -509,10 +509,14 @@ def _fit_memory(plan: Plan, profile, settings, arch, config_dir, budget, budget_
                  f"GB) + swapped blocks / offloaded activations (≈ {final.ram_gb:.1f} GB) exceed the "
                  f"{ram_free:.1f} GB that can be spared: free the text encoders after caching (previews then "
                  f"reload them)")
-    # every process reads the whole model at once (an FSDP run too: each shards it after reading)
-    load_gb = loading_ram_gb(final, settings, arch, plan) * plan.processes
+    # every process reads the model at once; an FSDP run's other workers read no denoiser where the family can
+    # load without it (rank 0 sends them their shards: core.fsdp), only the text encoders
+    load_gb = loading_ram_gb(final, settings, arch, plan)
+    rank0_only = settings.distributed.strategy == "fsdp" and arch.loads_without_text_encoders
+    load_gb += (plan.processes - 1) * (final.load_text_encoders_gb if rank0_only else load_gb)
     if load_gb > profile.ram_total_gb:
-        each = f", by each of the {plan.processes} processes" if plan.processes > 1 else ""
+        each = f", by each of the {plan.processes} processes" if plan.processes > 1 and not rank0_only else \
+            f" (the denoiser by the first of the {plan.processes} processes only)" if plan.processes > 1 else ""
         r.insert(0, f"CPU RAM is short for loading: the model's files are read into RAM whole{each} (≈ "
                     f"{load_gb:.0f} GB in {plan.mixed_precision if plan.mixed_precision != 'no' else 'fp32'}, "
                     f"before any quantization) and this machine has {profile.ram_total_gb:.0f} GB; without enough "

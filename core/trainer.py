@@ -479,8 +479,14 @@ class _Run:
             skip_te = True
         self.check_stop()
         self.status(f"Loading {self.arch.label} from {self.model_path}")
+        # a sharded run's other workers read no denoiser: they build it empty and rank 0 sends their shards
+        empty_denoiser = self.sharded and not self.peers.writes and self.arch.loads_without_text_encoders
         self.components = self.arch.load(self.model_path, self.config_dir, load_dtype, **self.load_options,
-                                         **({"text_encoders": False} if skip_te else {}))
+                                         **({"text_encoders": False} if skip_te else {}),
+                                         **({"denoiser": False} if empty_denoiser else {}))
+        if empty_denoiser:
+            self.components.denoiser = self.arch.build_denoiser_on_meta(
+                estimate_config_dir(self.model_path, self.config_dir))
         self.check_stop()
         self.arch.configure_objective(self.components, s)
         c = self.components
@@ -676,9 +682,14 @@ class _Run:
             self.log(f"Full fine-tune of {', '.join(full.parts)}: {n_params / 1e6:.2f} M trainable "
                      f"parameters (fp32)")
             if self.sharded:  # from CPU memory: each block reaches the device as its shards only
-                blocks = full.shard(self.arch.compile_blocks, self.device, self.plan.mixed_precision == "bf16")
+                weights = dict(c.denoiser.state_dict()) if self.peers.writes else None   # rank 0's, broadcast
+                blocks = full.shard(self.arch.compile_blocks, self.device, self.plan.mixed_precision == "bf16",
+                                    weights)
+                del weights
                 self.log(f"FSDP: the denoiser's weights, gradients and optimizer state sharded over "
-                         f"{self.peers.world} processes ({blocks} blocks gathered as they run)")
+                         f"{self.peers.world} processes ({blocks} blocks gathered as they run)"
+                         + ("; only this process read the denoiser, the others received their shards"
+                            if self.arch.loads_without_text_encoders else ""))
         trainable = full
         # the new token's vectors, alone (textual inversion) or beside the adapter (pivotal tuning)
         self.embedding = TextualInversion(c, self.arch.embedding_keys, s.network) \
@@ -1236,16 +1247,18 @@ class _Run:
         """Continue the run that wrote ``state_dir`` (checked by ``check_resume`` before loading)."""
         from safetensors.torch import load_file
         info = self.resume_info
-        # a sharded run reads the full state into CPU memory; each worker moves its shards to the device
+        # a sharded run reads the full state on rank 0 into CPU memory and sends each worker its shards
         device = torch.device("cpu") if self.sharded else self.device
+        reads = not self.sharded or self.peers.writes
         if self.full_ft:
             self.network.load_training_state_dict(load_file(str(state_dir / "model.safetensors"),
-                                                            device=str(device)))
+                                                            device=str(device)) if reads else None)
             if self.ema is not None:
                 self.ema.load_state_dict(load_file(str(state_dir / "ema.safetensors")))
         else:
             self.network.load_export_state_dict(load_file(str(state_dir / "adapter.safetensors")))
-        optimizer_state = torch.load(state_dir / "optimizer.pt", weights_only=True, map_location=device)
+        optimizer_state = torch.load(state_dir / "optimizer.pt", weights_only=True, map_location=device) \
+            if reads else None
         if self.sharded:  # every worker keeps its shard of the full state
             self.network.load_optimizer_state_dict(self.optimizer, optimizer_state)
         else:

@@ -296,6 +296,9 @@ def test_fsdp_two_processes_train_the_checkpoint_of_one_with_the_doubled_batch_a
     assert [(e["kind"], e["step"]) for e in stopped["events"] if e["type"] == "saved"] == [("checkpoint", k),
                                                                                           ("state", k)]
     assert [e["step"] for e in resumed["events"] if e["type"] == "progress"] == list(range(k + 1, 4))
+    # rank 0 alone read the fp32 denoiser (at the start and from the state): the other worker got its shards
+    assert any("only this process read the denoiser, the others received their shards" in e.get("message", "")
+               for e in stopped["events"] if e["type"] == "log")
     single = one["result"].final   # its last step; each earlier one saved beside it
     for step, two in ((k, stopped["result"].final), (3, resumed["result"].final)):
         a = load_file(str(single if step == 3 else single.with_name(f"tiny_flux1_dev-step{step:06d}.safetensors")))

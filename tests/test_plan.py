@@ -323,8 +323,13 @@ def test_fsdp_shards_a_full_finetunes_weights_gradients_and_optimizer_state_per_
     assert fsdp.estimate.parts["activations"] == ddp.estimate.parts["activations"]
     assert "8 processes (FSDP) with a global batch of 8" in fsdp.summary()
     assert "sharded: 1/8 each" in fsdp.summary() and "(DDP)" in ddp.summary()
-    # each of the 8 processes reads the fp32 model (≈ 60 GB with its text encoders) before sharding it
-    assert "read into RAM whole, by each of the 8 processes (≈ 4" in fsdp.reasons[0]
+    # loading: rank 0 alone reads the fp32 denoiser (the others receive their shards), every process its text
+    # encoders: ≈ 60 GB + 7 × ≈ 10 GB fits 256 GB of RAM, where 8 full copies (DDP's loading) would not
+    assert not any("short for loading" in r for r in fsdp.reasons)
+    assert any("read into RAM whole, by each of the 8 processes" in r for r in ddp.reasons)
+    eight.ram_total_gb = eight.ram_available_gb = 96
+    short = full("fsdp").reasons[0]
+    assert "(the denoiser by the first of the 8 processes only) (≈ 1" in short, short
     # a GPU without bf16 would train in fp16, whose loss scaling does not handle sharded gradients
     eight.gpus = [GpuInfo.from_capability(i, "T4", 16, 16, TURING) for i in range(8)]
     with pytest.raises(ValueError, match="T4 lacks bf16"):
