@@ -364,6 +364,10 @@ def test_fsdp_is_refused_where_it_cannot_shard(tiny):
     problems = distributed_problems(s, 2)
     assert [p.split(" ", 1)[0] for p in problems] == ["network.ema", "memory.blocks_to_swap",
                                                       "memory.mixed_precision"]
+    s.network.ema, s.memory.blocks_to_swap, s.memory.mixed_precision = False, 0, "no"
+    for optimizer in ("Adafactor", "CAME"):   # their factored statistics cannot be sharded
+        s.optimizer.optimizer_type = optimizer
+        assert [p.split(" ", 2)[:2] for p in distributed_problems(s, 2)] == [["optimizer.optimizer_type", optimizer]]
     s.distributed.strategy = "ddp"
     assert not distributed_problems(s, 2)
 
