@@ -22,8 +22,8 @@ of a state of another strategy (the optimizer files differ).
 Not combined with FSDP (refused, :func:`fsdp_problems`): adapters (a few MB of weights: DDP is right), one
 process, EMA (its average would need sharding and gathering of its own), block swapping (it moves whole
 weights), the fused backward pass (refused for every several-process run), fp16 (its loss scaling does not
-handle sharded gradients; the plan refuses it where 'auto' would pick it), 8-bit optimizer state, Adafactor and CAME (factored statistics).  The plan
-turns compile off (not verified with FSDP).
+handle sharded gradients; the plan refuses it where 'auto' would pick it), 8-bit optimizer state, Adafactor and
+CAME (factored statistics).  The plan turns compile off (not verified with FSDP).
 
 Loading.  Rank 0 alone reads the denoiser's weights; in families that can load without it
 (``Architecture.loads_without_text_encoders``: SD3, FLUX.1, FLUX.2) the other workers build it empty on the meta
