@@ -789,10 +789,11 @@ class TrainingDataset:
     [(h, w)]; ``crop_coords`` [(top, left)]; ``target_sizes`` [(h, w) of the bucket]; ``flips`` [bool];
     ``paths`` [Path]; ``loss_weights`` [float]: 1.0 for training images, ``ds.prior_loss_weight`` for
     regularization images; ``size_conditioning`` (B, 6) float: original size, crop and target size as SDXL
-    is conditioned on them (one tensor, so the step reads no host lists); ``masks`` (B, 1, h/8, w/8) with a :class:`MaskCache` (masked loss); ``conditioning``
-    (B, 3, H, W) in [0, 1] with ``conditioning`` images (a ControlNet's: ``core.controlnet.ConditioningImages``).  Flip and caption augmentation follow each item's own options (its subset's;
-    :func:`item_augment`) and are drawn from an RNG seeded by (seed, epoch, batch_index), so a resumed run gets
-    the same batches.
+    is conditioned on them (one tensor, so the step reads no host lists); ``masks`` (B, 1, h/8, w/8) with a
+    :class:`MaskCache` (masked loss); ``conditioning`` (B, 3, H, W) in [0, 1] with ``conditioning`` images (a
+    ControlNet's: ``core.controlnet.ConditioningImages``).  Flip and caption augmentation follow each item's own
+    options (its subset's; :func:`item_augment`) and are drawn from an RNG seeded by (seed, epoch, batch_index),
+    so a resumed run gets the same batches.
     """
 
     def __init__(self, items: Sequence[ImageItem], ds, cache: LatentCache | None, seed: int,
