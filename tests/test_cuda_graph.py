@@ -20,7 +20,14 @@ from core.optim import build_scheduler
 from core.plan import Plan, make_plan
 from core.settings import Settings
 from tests.test_plan import machine
-from tests.tiny_models import build_tiny_dataset, build_tiny_sd15, tiny_train_settings
+from tests.tiny_models import (
+    build_conditioning_folder,
+    build_tiny_controlnet_base,
+    build_tiny_dataset,
+    build_tiny_sd15,
+    build_tiny_sdxl,
+    tiny_train_settings,
+)
 
 SD15 = architectures.get("sd15")
 
@@ -227,13 +234,14 @@ def tiny(tmp_path_factory):
     return model, data
 
 
-def trained_weights(tiny, tmp_path, monkeypatch, captured: bool, graphs=None) -> dict[str, torch.Tensor]:
+def trained_weights(tiny, tmp_path, monkeypatch, captured: bool, graphs=None, arch: str = "sd15",
+                    **overrides) -> dict[str, torch.Tensor]:
     """The adapter after STEPS steps of a fresh run; ``captured``: the plan says cuda_graphs (which it cannot on the
     CPU, so that one decision is forced), and ``graphs`` stands in for the capture."""
     model, data = tiny
-    s, config = tiny_train_settings("sd15", {"model.model_path": str(model)}, data, tmp_path,
+    s, config = tiny_train_settings(arch, {"model.model_path": str(model)}, data, tmp_path,
                                     schedule__max_train_steps=STEPS, optimizer__lr_scheduler="linear",
-                                    optimizer__max_grad_norm=0.01, dataset__shuffle_caption=True)
+                                    optimizer__max_grad_norm=0.01, dataset__shuffle_caption=True, **overrides)
     with monkeypatch.context() as patch:
         if captured:
             real = trainer.make_plan
@@ -283,6 +291,36 @@ def test_a_stale_buffer_would_be_caught(tiny, usual, tmp_path, monkeypatch):
     fake = FakeGraphs()
     weights = trained_weights(tiny, tmp_path, monkeypatch, captured=True, graphs=fake)
     assert not same(weights, usual)
+
+
+@pytest.fixture(scope="module")
+def controlnet_tiny(tmp_path_factory):
+    """Tiny SDXL and SD1.5 models whose VAE downsamples 8× (a ControlNet's conditioning needs it) and the
+    dataset's conditioning images."""
+    root = tmp_path_factory.mktemp("tiny_cuda_graph_inputs")
+    data = build_tiny_dataset(root / "data", n=4)
+    return {"sdxl": build_tiny_sdxl(root / "sdxl", "diffusers"), "sd15": build_tiny_controlnet_base("sd15", root / "cn"),
+            "data": data, "conditioning": build_conditioning_folder(data, root / "cond")}
+
+
+@pytest.mark.parametrize("case", ["sdxl", "controlnet"])
+def test_replays_read_sdxl_sizes_and_conditioning_images_from_static_buffers(controlnet_tiny, case, tmp_path,
+                                                                              monkeypatch):
+    """The other per-batch tensors replay as inputs too: SDXL's size conditioning (a 64×96 image's crop and
+    sizes differ from a square one's) and a ControlNet's conditioning images (the gradient ramp, flipped with
+    its image)."""
+    t = controlnet_tiny
+    arch, extra = ("sdxl", {}) if case == "sdxl" else ("sd15", {
+        "network__algorithm": "controlnet", "dataset__conditioning_path": str(t["conditioning"]),
+        "dataset__flip_aug": True})
+    tiny = (t[arch], t["data"])
+    usual_weights = trained_weights(tiny, tmp_path / "usual", monkeypatch, captured=False, arch=arch,
+                                    dataset__enable_buckets=True, **extra)
+    fake = FakeGraphs()
+    weights = trained_weights(tiny, tmp_path / "captured", monkeypatch, captured=True, graphs=fake, arch=arch,
+                              dataset__enable_buckets=True, **extra)
+    assert fake.captured and fake.replays > 0
+    assert same(weights, usual_weights)
 
 
 # -- a real capture (GPU only) -----------------------------------------------------------------------------
