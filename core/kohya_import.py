@@ -87,6 +87,9 @@ DIRECT = {
     "guidance_scale": "model.guidance", "t5xxl_max_token_length": "model.t5_max_length",
     "apply_t5_attn_mask": "model.apply_t5_attention_mask", "zero_terminal_snr": "model.zero_terminal_snr",
     "sample_every_n_steps": "sampling.sample_every_n_steps", "train_blocks": "network.flux_blocks",
+    # train_textual_inversion.py's token
+    "token_string": "network.ti_token", "init_word": "network.ti_init_word",
+    "num_vectors_per_token": "network.ti_num_vectors",
 }
 # paths: key → (setting, the app folder a relative path is read in)
 PATHS = {
@@ -94,7 +97,12 @@ PATHS = {
     "t5xxl": ("model.t5xxl_path", "models_dir"), "ae": ("model.ae_path", "models_dir"),
     "train_data_dir": ("dataset.path", "datasets_dir"), "reg_data_dir": ("dataset.reg_path", "datasets_dir"),
     "output_dir": ("saving.output_dir", "outputs_dir"), "resume": ("saving.resume_from", "outputs_dir"),
+    # train_controlnet.py's conditioning folder and starting ControlNet
+    "conditioning_data_dir": ("dataset.conditioning_path", "datasets_dir"),
+    "controlnet_model_name_or_path": ("network.controlnet_init", "models_dir"),
 }
+# the sd-scripts script a TOML is for, known by a key only it reads → the algorithm (no network_module there)
+SCRIPT_KEYS = {"conditioning_data_dir": "controlnet", "token_string": "textual_inversion"}
 # the kohya_ss GUI's LoRA_type → our algorithm (None: no equivalent here)
 GUI_LORA_TYPES = {
     "Standard": "lora", "Kohya LoCon": "locon", "LoCon": "locon", "LyCORIS/LoCon": "locon", "LyCORIS/LoHa": "loha",
@@ -303,6 +311,9 @@ def network_algorithm(data: dict, args: dict) -> tuple[str | None, Any, str | No
     """(the key that names the adapter, its kohya value, our algorithm or None when we lack it); (None, …)
     when the config names none.  ``args``: the parsed network_args."""
     module = str(data.get("network_module") or "")
+    script_key = next((k for k in SCRIPT_KEYS if not _empty(data.get(k))), None)
+    if script_key is not None and not module:
+        return script_key, data[script_key], SCRIPT_KEYS[script_key]
     if "LoRA_type" in data:
         return "LoRA_type", data["LoRA_type"], GUI_LORA_TYPES.get(data["LoRA_type"])
     if module in LORA_MODULES:  # kohya's LoRA with conv_dim is LoCon

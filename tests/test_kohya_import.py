@@ -241,6 +241,25 @@ def test_an_unknown_optimizer_and_a_missing_lycoris_algo_are_reported(config, tm
     assert any(k == "LoRA_type" and "not available" in why for k, _, why in report.ignored)
 
 
+def test_controlnet_and_textual_inversion_tomls_choose_their_algorithm(config, tmp_path):
+    """train_controlnet.py and train_textual_inversion.py TOMLs have no network_module: the key only that script
+    reads says which it is, and their folders and token map to the ControlNet / embedding settings."""
+    (tmp_path / "datasets" / "edges").mkdir()
+    (tmp_path / "models" / "cn.safetensors").write_bytes(b"")
+    cn, report = core.import_kohya(write(tmp_path / "presets" / "cn.toml",
+                                         'conditioning_data_dir = "edges"\ncontrolnet_model_name_or_path = '
+                                         '"cn.safetensors"\nlearning_rate = 1e-5\n'), "sd15", config=config)
+    assert cn.network.algorithm == "controlnet"
+    # inside the app's folders: kept relative to them, as the UI's pickers keep them
+    assert (cn.dataset.conditioning_path, cn.network.controlnet_init) == ("edges", "cn.safetensors")
+    assert ("conditioning_data_dir", "network.algorithm", "controlnet") in report.mapped
+    ti, _ = core.import_kohya(write(tmp_path / "presets" / "ti.toml",
+                                    'token_string = "sks"\ninit_word = "dog"\nnum_vectors_per_token = 4\n'),
+                              "sdxl", config=config)
+    assert (ti.network.algorithm, ti.network.ti_token, ti.network.ti_init_word, ti.network.ti_num_vectors) == (
+        "textual_inversion", "sks", "dog", 4)
+
+
 def test_the_architecture_is_the_configs_choice(config, tmp_path):
     flux = write(tmp_path / "presets" / "f.json", json.dumps({"LoRA_type": "Flux1", "flux1_checkbox": True,
                                                               "sdxl": False, "network_dim": 4}))
