@@ -209,22 +209,42 @@ class SDUNetFamily(Architecture):
         """diffusers' ``ControlNetModel`` shaped like the loaded UNet (SDXL's carries the UNet's
         ``addition_embed_type``, so it takes the same ``added_cond_kwargs``).  Without ``init_path`` it starts
         as a copy of the UNet's encoder with zeroed output convs (``ControlNetModel.from_unet``); a file is read
-        in either key layout, the original one through :mod:`architectures.controlnet_keys`."""
+        in either key layout, the original one through :mod:`architectures.controlnet_keys`; a diffusers folder
+        keeps its own layout (e.g. a smaller SDXL ControlNet).  One made for another model is refused, naming
+        the setting."""
         from diffusers import ControlNetModel
 
-        if init_path is not None and Path(init_path).is_dir():
-            return ControlNetModel.from_pretrained(init_path, local_files_only=True, torch_dtype=torch.float32)
-        # nn.Module.to: diffusers' override warns about fp32 modules even when its list of them is empty
-        controlnet = nn.Module.to(ControlNetModel.from_unet(components.denoiser), torch.float32)
-        if init_path is not None:
+        def from_unet() -> nn.Module:
+            # nn.Module.to: diffusers' override warns about fp32 modules even when its list of them is empty
+            return nn.Module.to(ControlNetModel.from_unet(components.denoiser), torch.float32)
+
+        if init_path is None:
+            return from_unet()
+        unet = components.denoiser.config
+        try:
+            if Path(init_path).is_dir():
+                controlnet = ControlNetModel.from_pretrained(init_path, local_files_only=True,
+                                                             torch_dtype=torch.float32)
+                differ = [f"{k} {controlnet.config.get(k)} (the UNet's {unet.get(k)})"
+                          for k in ("cross_attention_dim", "addition_embed_type", "in_channels")
+                          if controlnet.config.get(k) != unet.get(k)]
+                if differ:
+                    raise ValueError("its " + ", ".join(differ))
+                return controlnet
             from safetensors.torch import load_file
 
             from architectures.controlnet_keys import controlnet_state_dict_from_original
+            controlnet = from_unet()
             state = load_file(str(init_path))
             if "controlnet_cond_embedding.conv_in.weight" not in state:
                 state = controlnet_state_dict_from_original(state, controlnet.config)
+            # strict, with shapes: a ControlNet of another family (or model size) does not fit this UNet's copy
             controlnet.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
-        return controlnet
+            return controlnet
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ValueError(f"network.controlnet_init: {init_path} is not a ControlNet for this {self.label} "
+                             f"model ({str(exc).splitlines()[0][:300]}); pick one made for it, or clear the "
+                             f"setting to start from the UNet") from exc
 
     def export_controlnet(self, controlnet: nn.Module) -> dict[str, torch.Tensor]:
         from architectures.controlnet_keys import controlnet_state_dict_to_original

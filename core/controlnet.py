@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 
 from core.dataset import IMAGE_EXTENSIONS, Bucket, DatasetError, ImageItem, _name_list, crop_geometry
 from core.io import atomic_save_safetensors
+from core.settings import SettingsError
 
 #: network.algorithm's value for ControlNet training
 CONTROLNET = "controlnet"
@@ -51,6 +52,33 @@ def _conditioning_file(item: ImageItem, image_root: Path, conditioning_root: Pat
         if candidate.is_file():
             return candidate
     return None
+
+
+def check_controlnet_source(path: Path) -> None:
+    """``network.controlnet_init`` before anything loads: a ``.safetensors`` ControlNet in either key layout
+    (original ``control_model.*`` or diffusers') or a diffusers ControlNet folder.  Whether it fits the chosen
+    family is known only when the model is loaded (``Architecture.build_controlnet`` says so then)."""
+    where = "network.controlnet_init"
+    if not path.exists():
+        raise SettingsError(f"{where}: {path} does not exist; pick a ControlNet file or folder, or clear it to "
+                           "start from the model's UNet")
+    if path.is_dir():
+        config = path / "config.json"
+        import json
+        name = json.loads(config.read_text(encoding="utf-8")).get("_class_name") if config.is_file() else None
+        if name != "ControlNetModel":
+            raise SettingsError(f"{where}: {path} is not a diffusers ControlNet folder (its config.json names "
+                               f"{name or 'nothing'}, not ControlNetModel)")
+        return
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:
+        raise SettingsError(f"{where}: {path} cannot be read as a .safetensors file ({exc})") from exc
+    if not any(k.startswith(("control_model.", "controlnet_cond_embedding.")) for k in keys):
+        raise SettingsError(f"{where}: {path} holds no ControlNet (no control_model.* or controlnet_cond_embedding.* "
+                           f"tensors; its first keys: {', '.join(keys[:3]) or 'none'})")
 
 
 def match_conditioning_images(items: Sequence[ImageItem], image_root: Path,
@@ -233,6 +261,7 @@ def save_controlnet_folder(controlnet: torch.nn.Module, folder: Path, dtype: tor
     return folder
 
 
-__all__ = ["CONTROLNET", "CONDITIONING_SETTING", "settings_problems", "match_conditioning_images",
+__all__ = ["CONTROLNET", "CONDITIONING_SETTING", "settings_problems", "check_controlnet_source",
+           "match_conditioning_images",
            "fitted_conditioning", "load_conditioning", "ConditioningImages", "ControlNetTrainable",
            "controlnet_metadata", "save_controlnet_folder"]

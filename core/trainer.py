@@ -26,8 +26,8 @@ from core.cuda_graph import TrainingStep
 from core.distributed import SOLO, Solo, process_count, take_rows, train_on_processes
 from core.events import RunFailed, SaveFailed, TrainingDiverged, emit
 from core.full_finetune import EMA, FULL_FINETUNE, FullFineTune
-from core.controlnet import (CONTROLNET, ConditioningImages, ControlNetTrainable, controlnet_metadata,
-                             match_conditioning_images, save_controlnet_folder)
+from core.controlnet import (CONTROLNET, ConditioningImages, ControlNetTrainable, check_controlnet_source,
+                             controlnet_metadata, match_conditioning_images, save_controlnet_folder)
 from core.fsdp import FSDP, ShardedFullFineTune, resume_problems
 from core.embeddings import (EMBEDDING_FILE_SUFFIX, TEXTUAL_INVERSION, PivotalTuning, TextualInversion,
                              check_token_in_captions, embedding_metadata)
@@ -412,6 +412,11 @@ class _Run:
             folder = self.config.resolve(s.dataset.conditioning_path, "datasets_dir", "dataset.conditioning_path")
             self.conditioning = ConditioningImages(
                 match_conditioning_images(self.items + self.val_items, self.dataset_root, folder))
+            init = s.network.controlnet_init.strip()
+            self.controlnet_init = self.config.resolve(init, "models_dir", "network.controlnet_init") \
+                if init else None
+            if self.controlnet_init is not None:
+                check_controlnet_source(self.controlnet_init)
 
         from core.hardware import detect_hardware
         self.profile = detect_hardware()
@@ -697,8 +702,7 @@ class _Run:
         if self.textual_inversion:
             trainable = self.embedding
         elif self.controlnet:
-            init = s.network.controlnet_init.strip()
-            init_path = self.config.resolve(init, "models_dir", "network.controlnet_init") if init else None
+            init_path = self.controlnet_init
             self.status("Building the ControlNet" + (f" from {init_path}" if init_path else " from the UNet"))
             trainable = ControlNetTrainable(self.arch, c, self.arch.build_controlnet(c, init_path), self.device,
                                             self.plan.gradient_checkpointing)

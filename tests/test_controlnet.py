@@ -96,7 +96,8 @@ def test_single_file_and_folder_reload_with_equal_outputs(tiny, arch, tmp_path):
 
     expected = _controlnet_outputs(controlnet, components)
     loaded_models = [ControlNetModel.from_pretrained(folder, local_files_only=True),
-                     family.build_controlnet(components, single)]  # "from an existing ControlNet file"
+                     family.build_controlnet(components, single),   # "from an existing ControlNet file"
+                     family.build_controlnet(components, folder)]   # … or folder
     if arch == "sd15":
         # diffusers' convert_controlnet_checkpoint (0.42) maps no label_emb -> add_embedding, so it cannot read
         # any SDXL ControlNet in the original layout (ComfyUI's cldm can); SD1.5 it reads completely.
@@ -213,6 +214,28 @@ def test_conditioning_problems_stop_the_run_before_anything_loads(runs, tmp_path
         with pytest.raises(DatasetError, match=message):
             core.train(s, on_event=events.append, config=config)
         assert _loaded_nothing(events)
+
+
+def test_a_starting_controlnet_that_cannot_work_is_refused_naming_the_setting(runs, tmp_path):
+    """network.controlnet_init: a missing path or a file without ControlNet tensors stops the run before anything
+    loads; a ControlNet made for another family stops it when the model is there to compare with."""
+    not_controlnet = atomic_save_safetensors(tmp_path / "lora.safetensors", {"lora_unet_x.lora_down.weight":
+                                                                             torch.zeros(2, 2)})
+    for init, message in [(tmp_path / "missing.safetensors", "does not exist"),
+                          (not_controlnet, "holds no ControlNet")]:
+        s, config = controlnet_settings(runs, "sd15", tmp_path, network__controlnet_init=str(init))
+        events = []
+        with pytest.raises(core.SettingsError, match=rf"network\.controlnet_init: .*{message}"):
+            core.train(s, on_event=events.append, config=config)
+        assert _loaded_nothing(events)
+    sdxl = architectures.get("sdxl")
+    components = sdxl.load(runs["models"]["sdxl"], None, torch.float32)
+    other = atomic_save_safetensors(tmp_path / "sdxl_cn.safetensors",
+                                    sdxl.export_controlnet(sdxl.build_controlnet(components, None)))
+    s, config = controlnet_settings(runs, "sd15", tmp_path, network__controlnet_init=str(other))
+    with pytest.raises(ValueError, match=r"network\.controlnet_init: .* is not a ControlNet for this Stable "
+                                         r"Diffusion 1\.5 model"):
+        core.train(s, config=config)
 
 
 def test_the_estimate_counts_the_controlnet_and_its_activations():
