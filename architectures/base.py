@@ -200,13 +200,8 @@ class Architecture:
                         f"{families}); choose an adapter algorithm such as LoRA"]
             if n.algorithm != "textual_inversion":
                 return []
-        problems = []
-        if n.algorithm == "textual_inversion" or n.pivotal:  # a new token, alone or beside the adapter
-            if not self.embedding_keys:
-                problems.append(f"network.pivotal: {self.label} trains no embeddings; turn pivotal tuning off")
-            else:
-                from core.embeddings import known_token_problems
-                problems += known_token_problems(n, self.token_known)
+        from core.embeddings import known_token_problems, trains_new_token
+        problems = known_token_problems(n, self.token_known) if trains_new_token(n, self) else []
         if n.algorithm != "textual_inversion" and n.target not in self.adapter_presets:
             problems.append(f"network.target: {self.label} supports {', '.join(self.adapter_presets)}, not "
                             f"{n.target!r}")

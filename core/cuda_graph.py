@@ -78,8 +78,8 @@ def capture_blockers(settings, arch, plan) -> list[str]:
                        "(memory.mixed_precision)")
     if s.network.algorithm == "full_finetune":
         reasons.append("full fine-tuning has not been checked under capture (network.algorithm)")
-    if s.network.algorithm == "textual_inversion" or s.network.train_text_encoder or (
-            s.applies("network.pivotal") and s.network.pivotal):
+    from core.embeddings import trains_new_token
+    if trains_new_token(s.network, arch) or s.network.train_text_encoder:
         reasons.append("the text encoder trains: captions are tokenized and encoded on the host in every step "
                        "(network.train_text_encoder)")
     if s.schedule.multires_noise_iterations > 0:

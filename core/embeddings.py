@@ -21,6 +21,15 @@ from core.settings import SettingsError
 TEXTUAL_INVERSION = "textual_inversion"
 
 
+def trains_new_token(network, arch) -> bool:
+    """Whether a run trains a new token's embedding: textual inversion, or pivotal tuning beside an adapter.
+    ``network.pivotal`` applies only to an adapter of a family that trains embeddings (elsewhere the UI hides it
+    and the run ignores it, as ``Settings.applies`` says)."""
+    from core.settings import ADAPTER_ALGORITHMS
+    return network.algorithm == TEXTUAL_INVERSION or (
+        network.pivotal and network.algorithm in ADAPTER_ALGORITHMS and bool(arch.embedding_keys))
+
+
 def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
     """The token and its extra vectors' names: ``sks``, ``sks1`` … ``sks<N-1>`` (sd-scripts' naming)."""
     return [token] + [f"{token}{i}" for i in range(1, num_vectors)]

@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.embeddings import trains_new_token
+
 GIB = 1024 ** 3
 #: what CUDA, cuBLAS and cuDNN take before the first tensor (measured 0.5–0.8 GB on recent drivers)
 CUDA_CONTEXT_GB = 0.7
@@ -545,7 +547,7 @@ def _adapter_params(arch_id: str, config_key: str, network_json: str) -> int:
         rows = network.ti_num_vectors * sum(
             _meta_module(Path(config_key) / sub).get_input_embeddings().embedding_dim
             for sub, _ in text_encoder_params(arch, Path(config_key))) \
-            if network.algorithm == "textual_inversion" or network.pivotal else 0
+            if trains_new_token(network, arch) else 0
         if network.algorithm == "textual_inversion":
             return rows
         net = _build_adapter(arch, model, network)
@@ -589,7 +591,7 @@ def _trace_run(arch, model, network, resolution, batch_size, precision) -> Activ
     components = Components(denoiser=model, vae=None, text_encoders=[], tokenizers=[], noise_scheduler=None,
                             network=network)
     noisy, timesteps, cond, batch = arch.probe_inputs(model, resolution, batch_size, weight_dtype)
-    if network.algorithm == "textual_inversion" or network.pivotal:  # the embedding's gradient passes the conditioning
+    if trains_new_token(network, arch):  # the embedding's gradient passes the conditioning
         cond = {k: v.requires_grad_() if v.is_floating_point() else v for k, v in cond.items()}
     trained = list(net.parameters()) if net is not None else []
     if network.algorithm == "controlnet":  # its activations count too; its fp32 weights are what trains

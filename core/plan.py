@@ -130,10 +130,11 @@ def estimate_config_dir(model_path, config_path):
 def text_cache_blockers(settings) -> list[str]:
     """Why text-encoder outputs cannot be cached for this run (empty when they can)."""
     out = []
-    if settings.network.algorithm == "textual_inversion":
-        out.append("textual inversion trains the token's embedding")
-    elif settings.applies("network.pivotal") and settings.network.pivotal:
-        out.append("pivotal tuning trains the token's embedding")
+    import architectures
+    from core.embeddings import TEXTUAL_INVERSION, trains_new_token
+    if trains_new_token(settings.network, architectures.get(settings.model.architecture)):
+        out.append(("textual inversion" if settings.network.algorithm == TEXTUAL_INVERSION else "pivotal tuning")
+                   + " trains the token's embedding")
     elif settings.network.train_text_encoder:
         out.append("the text encoder is trained")
     if settings.dataset.uses("shuffle_caption"):  # in any subset

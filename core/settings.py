@@ -865,7 +865,9 @@ def check_consistency(settings: Settings) -> list[str]:
     if n.target == "full" and n.algorithm == "lora":
         problems.append("network.target 'full' includes 3x3 convolutions, which plain LoRA cannot adapt: choose "
                         "LoCon (or another algorithm), or the target 'full-lin'")
-    if n.algorithm == "textual_inversion" or settings.applies("network.pivotal") and n.pivotal:
+    import architectures
+    from core.embeddings import trains_new_token
+    if trains_new_token(n, architectures.get(settings.model.architecture)):
         from core.embeddings import settings_problems
         problems += settings_problems(n)
     if n.algorithm == "controlnet":
@@ -880,7 +882,6 @@ def check_consistency(settings: Settings) -> list[str]:
         problems.append(str(exc))
     from core.distributed import distributed_problems
     problems += distributed_problems(settings, settings.distributed.num_processes)
-    import architectures
     return problems + architectures.get(settings.model.architecture).check_settings(settings)
 
 

@@ -30,7 +30,7 @@ from core.controlnet import (CONTROLNET, ConditioningImages, ControlNetTrainable
                              controlnet_metadata, match_conditioning_images, save_controlnet_folder)
 from core.fsdp import FSDP, ShardedFullFineTune, resume_problems
 from core.embeddings import (EMBEDDING_FILE_SUFFIX, TEXTUAL_INVERSION, PivotalTuning, TextualInversion,
-                             check_token_in_captions, embedding_metadata)
+                             check_token_in_captions, embedding_metadata, trains_new_token)
 from core.export import SAVE_DTYPES, adapter_metadata, save_adapter_files, tag_frequency
 from core.memory_setup import run_context, setup_denoiser, text_encoder_on_device, torch_switches
 from core.loss import conditional_loss, huber_threshold, multires_noise, timestep_range
@@ -384,7 +384,7 @@ class _Run:
         # the checks allow FSDP only for a full fine-tune on several processes
         self.sharded = s.distributed.strategy == FSDP
         self.textual_inversion = s.network.algorithm == TEXTUAL_INVERSION
-        self.pivotal = s.applies("network.pivotal") and s.network.pivotal  # a new token beside the adapter
+        self.pivotal = trains_new_token(s.network, self.arch) and not self.textual_inversion  # beside the adapter
         self.controlnet = s.network.algorithm == CONTROLNET
         self.resume_dir = self.config.resolve(s.saving.resume_from, "outputs_dir", "saving.resume_from") \
             if s.saving.resume_from else None
