@@ -164,9 +164,10 @@ class ConditioningImages:
 
     def preview_images(self, items: Sequence[ImageItem], count: int) -> list[Image.Image]:
         """``count`` conditioning images for the preview prompts: those of ``items`` in order, cycled, each
-        fitted to its image's bucket as in training."""
+        fitted to its image's bucket as in training (from the kept bytes: no file is read again)."""
         chosen = [items[i % len(items)] for i in range(count)] if items else []
-        return [fitted_conditioning(self.matched[it.path], it, it.bucket) for it in chosen]
+        return [Image.fromarray((self.get(it, False) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+                for it in chosen]
 
 
 class ControlNetTrainable:
@@ -233,8 +234,8 @@ class ControlNetTrainable:
 def controlnet_metadata(adapter_md: Mapping[str, str], arch) -> dict[str, str]:
     """A ControlNet file's metadata: the run's ``ss_*`` / ``modelspec.*`` entries without those that describe an
     adapter network, and the family's architecture with modelspec's ``/controlnet`` suffix."""
-    md = {k: v for k, v in adapter_md.items()
-          if not k.startswith("ss_network_") and k not in ("ss_unet_lr", "ss_text_encoder_lr")}
+    from core.export import without_network_entries
+    md = without_network_entries(adapter_md)
     md["modelspec.architecture"] = arch.modelspec_architecture.removesuffix("/lora") + "/controlnet"
     return md
 

@@ -255,8 +255,8 @@ def embedding_metadata(adapter_md: dict[str, str], arch, settings) -> dict[str, 
     """An embedding file's metadata: the run's ``ss_*`` / ``modelspec.*`` entries without those that describe an
     adapter network, the family's textual-inversion architecture (sd-scripts' ``…/textual-inversion``), and the
     token as the trigger phrase unless one is set."""
-    md = {k: v for k, v in adapter_md.items()
-          if not k.startswith("ss_network_") and k not in ("ss_unet_lr", "ss_text_encoder_lr")}
+    from core.export import without_network_entries
+    md = without_network_entries(adapter_md)
     md["modelspec.architecture"] = arch.modelspec_embedding_architecture
     md.setdefault("modelspec.trigger_phrase", settings.network.ti_token)
     return md

@@ -35,6 +35,13 @@ def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[st
     return out
 
 
+def without_network_entries(adapter_md) -> dict[str, str]:
+    """:func:`adapter_metadata` without the entries that describe an adapter network (``ss_network_*``, the
+    learning rates of its parts): the base of a file that is not an adapter (an embedding, a ControlNet)."""
+    return {k: v for k, v in adapter_md.items()
+            if not k.startswith("ss_network_") and k not in ("ss_unet_lr", "ss_text_encoder_lr")}
+
+
 def adapter_metadata(arch, settings, *, steps: int, epoch: int, num_images: int, tag_freq: dict,
                      model_name: str, started_at: float, mixed_precision: str, resolution: tuple[int, int],
                      tensors_hash: str) -> dict[str, str]:

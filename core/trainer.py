@@ -977,8 +977,8 @@ class _Run:
         s, c = self.s, self.components
         prompts = self.prompts()
         # a ControlNet's previews: the held-out images' conditioning images, else the training images'
-        control = self.conditioning.preview_images(self.val_items or [i for i in self.items if not i.is_reg],
-                                                   len(prompts)) if self.conditioning is not None else None
+        control = self.conditioning.preview_images(self.val_items or self.items, len(prompts)) \
+            if self.conditioning is not None else None
         self.check_finite()
         c.denoiser.eval()
         self.network.eval()  # no adapter dropout in previews
